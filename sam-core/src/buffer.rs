@@ -1,0 +1,304 @@
+//! The storage abstraction: [`ParamBuffer`] and the specifications of its fused passes.
+//!
+//! A buffer is the storage of one parameter group: its weights `w`, its gradient `g` (written by
+//! the framework's backward pass) and the optimizer's per-element slots, laid out as the backend
+//! likes (one flat slice, many tensors, device memory …). The core never touches elements: each
+//! optimizer step is a handful of passes, each one sweep over memory, described by a small
+//! `Copy` specification of host scalars. A backend implements each pass as one loop (CPU) or one
+//! kernel launch per group (GPU), calling the element functions of [`kernel`](crate::kernel) so
+//! that the math exists once.
+//!
+//! Slots ([`SlotSpec`]), in this order: the backup of `w` (exact copy taken by the perturb pass),
+//! the stash (a copy of the clean gradient, for variants that combine two gradients), the base
+//! rule's state (`buf` for SGD momentum; `m, v[, vmax]` for Adam), and the weight averages.
+//! State and average slots must start at zero; backup and stash need no initial value.
+
+use crate::base::BaseStep;
+
+/// Most running weight averages one buffer can hold.
+pub const MAX_AVERAGES: usize = 4;
+
+/// Which per-element slots a group needs. Returned by the optimizers; a backend allocates (or,
+/// for caller-provided memory, checks) them in [`ParamBuffer::prepare`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct SlotSpec {
+    /// A backup of the weights (every SAM-family step).
+    pub backup: bool,
+    /// A stash of the clean gradient (GSAM, WSAM).
+    pub stash: bool,
+    /// Number of base-rule state slots (0–3; see [`BaseRule::state_slots`](crate::BaseRule::state_slots)).
+    pub state: u8,
+    /// Number of running weight averages (0–[`MAX_AVERAGES`]; WASAM).
+    pub averages: u8,
+}
+
+/// The role of one slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Slot {
+    /// The backup of the weights.
+    Backup,
+    /// The stashed clean gradient.
+    Stash,
+    /// Base-rule state number `k` (SGD: 0 = momentum buffer; Adam: 0 = m, 1 = v, 2 = vmax).
+    State(u8),
+    /// Running average number `k`.
+    Average(u8),
+}
+
+impl SlotSpec {
+    /// Total number of slots, i.e. values stored per parameter element.
+    pub fn count(&self) -> usize {
+        usize::from(self.backup)
+            + usize::from(self.stash)
+            + usize::from(self.state)
+            + usize::from(self.averages)
+    }
+
+    /// The position of a slot in the order backup, stash, states, averages, if the spec has it.
+    pub fn index(&self, slot: Slot) -> Option<usize> {
+        let b = usize::from(self.backup);
+        let s = usize::from(self.stash);
+        match slot {
+            Slot::Backup => self.backup.then_some(0),
+            Slot::Stash => self.stash.then_some(b),
+            Slot::State(k) => (k < self.state).then(|| b + s + usize::from(k)),
+            Slot::Average(k) => {
+                (k < self.averages).then(|| b + s + usize::from(self.state) + usize::from(k))
+            }
+        }
+    }
+}
+
+/// How the perturbation scales the gradient per element: `T = 1` or `T = |w| + η` (ASAM).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Weighting {
+    /// `T = 1` (SAM).
+    Plain,
+    /// `T = |w| + eta` (ASAM; `eta = 0` is davda54's form).
+    Adaptive {
+        /// The offset η ≥ 0.
+        eta: f64,
+    },
+}
+
+/// What a reduce pass computes. All quantities are accumulated in `f64` in the canonical order
+/// of [`kernel::reduce_block`](crate::kernel::reduce_block) / [`kernel::pairwise`](crate::kernel::pairwise).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReduceSpec {
+    /// Compute `Σ (s_p·T⊙g)²` and `max |T⊙g|` with this weighting.
+    pub perturb: Option<Weighting>,
+    /// Compute `Σ (s_g·g)²` and `max |g|`.
+    pub grad: bool,
+    /// Compute `Σ (s_s·stash)²` and `max |stash|`.
+    pub stash: bool,
+    /// Compute `Σ (s_g·g)·(s_s·stash)`.
+    pub dot: bool,
+    /// Scale `s_p` (a power of two; `1` on the first try, see [`crate::kernel`]).
+    pub scale_perturb: f64,
+    /// Scale `s_g`.
+    pub scale_grad: f64,
+    /// Scale `s_s`.
+    pub scale_stash: f64,
+}
+
+impl ReduceSpec {
+    /// A spec that computes nothing but still reads the gradient for the finiteness check.
+    pub const FINITE_ONLY: ReduceSpec = ReduceSpec {
+        perturb: None,
+        grad: false,
+        stash: false,
+        dot: false,
+        scale_perturb: 1.0,
+        scale_grad: 1.0,
+        scale_stash: 1.0,
+    };
+
+    /// Whether the pass reads the stash slot.
+    pub fn reads_stash(&self) -> bool {
+        self.stash || self.dot
+    }
+
+    /// Whether the pass reads the weights.
+    pub fn reads_weights(&self) -> bool {
+        matches!(self.perturb, Some(Weighting::Adaptive { .. }))
+    }
+}
+
+/// The result of a reduce pass (or the combination of several).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reduction {
+    /// `Σ (s_p·T⊙g)²`.
+    pub perturb_sq: f64,
+    /// `Σ (s_g·g)²`.
+    pub grad_sq: f64,
+    /// `Σ (s_s·stash)²`.
+    pub stash_sq: f64,
+    /// `Σ (s_g·g)(s_s·stash)`.
+    pub dot: f64,
+    /// `max |T⊙g|` (unscaled).
+    pub perturb_max: f64,
+    /// `max |g|` (unscaled).
+    pub grad_max: f64,
+    /// `max |stash|` (unscaled).
+    pub stash_max: f64,
+    /// Whether every value read (the gradient; the stash when read; `T⊙g` when adaptive) was
+    /// finite.
+    pub finite: bool,
+}
+
+impl Reduction {
+    /// The identity of [`combine`](Self::combine) (what an empty group returns).
+    pub const ZERO: Reduction = Reduction {
+        perturb_sq: 0.0,
+        grad_sq: 0.0,
+        stash_sq: 0.0,
+        dot: 0.0,
+        perturb_max: 0.0,
+        grad_max: 0.0,
+        stash_max: 0.0,
+        finite: true,
+    };
+
+    /// Combines two partial results: `self` covers elements before `right`'s. Sums are added
+    /// (left + right, the canonical order), maxima taken, finiteness and-ed.
+    #[inline]
+    pub fn combine(self, right: Reduction) -> Reduction {
+        Reduction {
+            perturb_sq: self.perturb_sq + right.perturb_sq,
+            grad_sq: self.grad_sq + right.grad_sq,
+            stash_sq: self.stash_sq + right.stash_sq,
+            dot: self.dot + right.dot,
+            perturb_max: max(self.perturb_max, right.perturb_max),
+            grad_max: max(self.grad_max, right.grad_max),
+            stash_max: max(self.stash_max, right.stash_max),
+            finite: self.finite & right.finite,
+        }
+    }
+}
+
+#[inline(always)]
+pub(crate) fn max(a: f64, b: f64) -> f64 {
+    if b > a { b } else { a }
+}
+
+/// The perturb pass: back up `w` exactly, optionally stash `g`, then `w ← w + T·((T·g)·c)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PerturbSpec {
+    /// Copy `g` into the stash slot.
+    pub stash: bool,
+    /// The per-element weighting `T`.
+    pub weighting: Weighting,
+    /// The coefficient `c = ρ/(‖T⊙g‖ + ε)` (already unscaled; `0` for a zero gradient).
+    pub coeff: f64,
+}
+
+/// The final gradient fed to the base rule: `d = g` or `d = a·g + b·stash`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GradMix {
+    /// `d = g` (the stash is not read).
+    Current,
+    /// `d = a·g + b·stash`.
+    Mix {
+        /// Coefficient of the current gradient.
+        a: f64,
+        /// Coefficient of the stashed clean gradient.
+        b: f64,
+    },
+}
+
+/// A correction applied after the base rule: `w ← w + (a·g + b·stash)` (decoupled WSAM).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PostMix {
+    /// Coefficient of the current gradient.
+    pub a: f64,
+    /// Coefficient of the stashed clean gradient.
+    pub b: f64,
+}
+
+/// Folding the new weights into running averages: `avg_k ← avg_k + (w − avg_k)·weight_k`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct AverageFold {
+    /// `Some(1/(n_k + 1))` for each average slot `k` that takes this step's weights.
+    pub weights: [Option<f64>; MAX_AVERAGES],
+}
+
+impl AverageFold {
+    /// No averaging.
+    pub const NONE: AverageFold = AverageFold { weights: [None; MAX_AVERAGES] };
+
+    /// Whether any average is folded.
+    pub fn any(&self) -> bool {
+        self.weights.iter().any(Option::is_some)
+    }
+}
+
+/// The restore-and-step pass: restore `w` from the backup (copy), form the final gradient, apply
+/// the base rule, apply the post-correction, fold into averages.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpdateSpec {
+    /// Start from the backup (`true` after a perturbation) instead of the current `w`.
+    pub restore: bool,
+    /// The final gradient.
+    pub grad: GradMix,
+    /// The base rule (or [`BaseStep::External`]: write the final gradient into `g`).
+    pub base: BaseStep,
+    /// Optional post-correction.
+    pub post: Option<PostMix>,
+    /// Averages to fold the new weights into.
+    pub average: AverageFold,
+}
+
+/// The storage of one parameter group, with its fused passes.
+///
+/// Contract for implementors:
+/// - every pass covers all [`len`](Self::len) elements and computes exactly what the matching
+///   element function of [`kernel`](crate::kernel) computes (same operations, same rounding
+///   points); reductions follow the canonical order of [`kernel::pairwise`](crate::kernel::pairwise)
+///   over [`kernel::reduce_block`](crate::kernel::reduce_block) if the backend promises bit
+///   identity with the reference backend, or document their order and tolerance otherwise;
+/// - [`prepare`](Self::prepare) is called before any other pass of a step; it may allocate
+///   (only when the spec changes) but never changes weights, gradients or existing slot values;
+/// - a pass that returns `Err` should leave the buffer unchanged where it can; the core restores
+///   weights from the backup after a failed write pass.
+///
+/// See `examples/custom_buffer.rs` for a complete user-defined implementation.
+pub trait ParamBuffer {
+    /// The element type.
+    type Scalar: crate::Real;
+    /// The backend's error type.
+    type Error: core::fmt::Debug + core::fmt::Display;
+
+    /// Number of parameter elements in the group.
+    fn len(&self) -> usize;
+
+    /// Whether the group has no elements.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Makes sure the slots of `spec` exist (allocating zeroed state/average slots if needed,
+    /// keeping existing ones). Called at the start of every step; must be cheap when nothing
+    /// changes.
+    fn prepare(&mut self, spec: &SlotSpec) -> Result<(), Self::Error>;
+
+    /// Read-only reduction over the group (see [`ReduceSpec`]).
+    fn reduce(&mut self, spec: &ReduceSpec) -> Result<Reduction, Self::Error>;
+
+    /// Backs up `w`, optionally stashes `g`, and perturbs `w` (see [`PerturbSpec`] and
+    /// [`kernel::perturb`](crate::kernel::perturb)).
+    fn perturb(&mut self, spec: &PerturbSpec) -> Result<(), Self::Error>;
+
+    /// Copies the backup back into `w` (bit-exact).
+    fn restore(&mut self) -> Result<(), Self::Error>;
+
+    /// The fused restore-and-step pass (see [`UpdateSpec`] and [`kernel::update`](crate::kernel::update)).
+    fn update(&mut self, spec: &UpdateSpec) -> Result<(), Self::Error>;
+
+    /// Folds the current weights into averages (for a bring-your-own base optimizer, after it
+    /// stepped): `avg_k ← avg_k + (w − avg_k)·weight_k`.
+    fn fold_averages(&mut self, fold: &AverageFold) -> Result<(), Self::Error>;
+
+    /// Exchanges the weights with average slot `k` (bit-exact; twice is the identity).
+    fn swap_average(&mut self, k: u8) -> Result<(), Self::Error>;
+}

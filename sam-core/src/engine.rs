@@ -1,0 +1,215 @@
+//! Machinery shared by every variant: phase tracking, group checks, robust global reductions,
+//! and the passes applied to all groups with rollback.
+
+use core::fmt;
+
+use crate::buffer::{ParamBuffer, PerturbSpec, ReduceSpec, Reduction, SlotSpec, UpdateSpec};
+use crate::error::Error;
+use crate::group::{Group, GroupOptions};
+use crate::kernel;
+
+/// The phase of an optimizer between calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum Phase {
+    /// Weights are the live weights; a step may start, state may be saved.
+    Idle,
+    /// Weights are perturbed (between the two gradient evaluations of a step).
+    Perturbed,
+    /// Weights are swapped with a running average (for evaluation).
+    Swapped,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Idle => "idle",
+            Phase::Perturbed => "perturbed (between the two gradients of a step)",
+            Phase::Swapped => "swapped to averaged weights",
+        })
+    }
+}
+
+/// What an optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepStatus {
+    /// The step was applied.
+    Applied,
+    /// The step was skipped; every buffer is exactly as before the step.
+    Skipped(SkipReason),
+}
+
+/// Why a step was skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// The clean gradient contained NaN or ±∞ (detected before any write).
+    NonFiniteClean,
+    /// The gradient at the perturbed weights contained NaN or ±∞ (weights restored exactly).
+    NonFiniteSecond,
+}
+
+/// The result of a closure-driven step: the clean loss and what happened.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport<L> {
+    /// The loss the closure returned at the unperturbed weights.
+    pub loss: L,
+    /// Whether the step was applied.
+    pub status: StepStatus,
+}
+
+/// Norms of a step's gradients, computed overflow- and underflow-safely and unscaled.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[doc(hidden)]
+pub struct Norms {
+    pub perturb: f64,
+    pub grad: f64,
+    pub stash: f64,
+    pub dot: f64,
+    pub finite: bool,
+}
+
+/// Host-side state shared by every variant (internal; unnameable outside the crate).
+#[derive(Debug, Clone, PartialEq)]
+#[doc(hidden)]
+pub struct Engine {
+    pub phase: Phase,
+    pub steps: u64,
+    shape: Option<(usize, usize)>,
+}
+
+impl Engine {
+    pub const fn new() -> Self {
+        Engine { phase: Phase::Idle, steps: 0, shape: None }
+    }
+
+    pub fn expect<E>(&self, expected: Phase) -> Result<(), Error<E>> {
+        if self.phase != expected {
+            return Err(Error::WrongPhase { expected, found: self.phase });
+        }
+        Ok(())
+    }
+
+    /// Checks the phase and the group shape, and prepares every buffer's slots.
+    pub fn begin<B: ParamBuffer>(
+        &mut self,
+        groups: &mut [Group<B>],
+        slots: impl Fn(&GroupOptions) -> SlotSpec,
+    ) -> Result<(), Error<B::Error>> {
+        self.expect(Phase::Idle)?;
+        let total = groups.iter().fold(0usize, |acc, g| acc.saturating_add(g.buffer.len()));
+        let shape = (groups.len(), total);
+        match self.shape {
+            Some(s) if s != shape => {
+                return Err(Error::InvalidGroups {
+                    message: "the number of groups or of elements differs from earlier steps \
+                              (pass the same groups to every step, or make a new optimizer)",
+                });
+            }
+            _ => {}
+        }
+        for g in groups.iter_mut() {
+            let spec = slots(&g.options);
+            g.buffer.prepare(&spec).map_err(Error::Backend)?;
+        }
+        self.shape = Some(shape);
+        Ok(())
+    }
+
+    /// One reduce pass over all groups (combined in group order).
+    fn reduce_once<B: ParamBuffer>(
+        groups: &mut [Group<B>],
+        spec: &impl Fn(&GroupOptions, [f64; 3]) -> ReduceSpec,
+        scales: [f64; 3],
+    ) -> Result<Reduction, Error<B::Error>> {
+        let mut total = Reduction::ZERO;
+        for g in groups.iter_mut() {
+            let s = spec(&g.options, scales);
+            let r = g.buffer.reduce(&s).map_err(Error::Backend)?;
+            total = total.combine(r);
+        }
+        Ok(total)
+    }
+
+    /// Global norms with the rescaling fallback of [`kernel::needs_rescale`].
+    /// `spec(options, [s_p, s_g, s_s])` builds each group's reduce spec with these scales.
+    pub fn norms<B: ParamBuffer>(
+        groups: &mut [Group<B>],
+        spec: impl Fn(&GroupOptions, [f64; 3]) -> ReduceSpec,
+    ) -> Result<Norms, Error<B::Error>> {
+        let mut r = Self::reduce_once(groups, &spec, [1.0; 3])?;
+        let mut scales = [1.0; 3];
+        if r.finite
+            && (kernel::needs_rescale(r.perturb_sq, r.perturb_max)
+                || kernel::needs_rescale(r.grad_sq, r.grad_max)
+                || kernel::needs_rescale(r.stash_sq, r.stash_max)
+                || !r.dot.is_finite())
+        {
+            scales = [
+                kernel::scale_for(r.perturb_max),
+                kernel::scale_for(r.grad_max),
+                kernel::scale_for(r.stash_max),
+            ];
+            r = Self::reduce_once(groups, &spec, scales)?;
+        }
+        Ok(Norms {
+            perturb: libm::sqrt(r.perturb_sq) / scales[0],
+            grad: libm::sqrt(r.grad_sq) / scales[1],
+            stash: libm::sqrt(r.stash_sq) / scales[2],
+            dot: r.dot / scales[1] / scales[2],
+            finite: r.finite,
+        })
+    }
+
+    /// Perturbs every group; if a backend fails, restores the groups already perturbed.
+    pub fn perturb_all<B: ParamBuffer>(
+        groups: &mut [Group<B>],
+        spec: impl Fn(&GroupOptions) -> PerturbSpec,
+    ) -> Result<(), Error<B::Error>> {
+        for i in 0..groups.len() {
+            let s = spec(&groups[i].options);
+            if let Err(e) = groups[i].buffer.perturb(&s) {
+                // The failed group may be half-written: its backup is complete up to where it
+                // failed, so restore it too, then the earlier ones.
+                for g in groups[..=i].iter_mut() {
+                    let _ = g.buffer.restore();
+                }
+                return Err(Error::Backend(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Restores every group from its backup; reports the first failure but tries them all.
+    pub fn restore_all<B: ParamBuffer>(groups: &mut [Group<B>]) -> Result<(), Error<B::Error>> {
+        let mut first = Ok(());
+        for g in groups.iter_mut() {
+            if let Err(e) = g.buffer.restore() {
+                if first.is_ok() {
+                    first = Err(Error::Backend(e));
+                }
+            }
+        }
+        first
+    }
+
+    /// Runs the restore-and-step pass on every group.
+    pub fn update_all<B: ParamBuffer>(
+        groups: &mut [Group<B>],
+        spec: impl Fn(usize, &GroupOptions) -> UpdateSpec,
+    ) -> Result<(), Error<B::Error>> {
+        for (i, g) in groups.iter_mut().enumerate() {
+            let s = spec(i, &g.options);
+            g.buffer.update(&s).map_err(Error::Backend)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checkpointable host-side state of an optimizer. Per-element state lives in the buffers;
+/// together they are a complete checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct OptimizerState {
+    /// Number of base steps applied so far.
+    pub steps: u64,
+}

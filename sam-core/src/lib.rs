@@ -1,0 +1,91 @@
+//! `sam-core`: the Sharpness-Aware Minimization family of optimizers, `#![no_std]`.
+//!
+//! This crate defines the math of every variant once, over an abstract storage trait,
+//! [`ParamBuffer`], whose methods are fused passes over memory (reduce, perturb,
+//! restore-and-step). Backends supply the storage: [`reference::SliceBuffer`] here (plain
+//! slices, caller-provided memory, the executable specification), `sam-ndarray` (CPU) and
+//! `sam-cuda` (GPU) in their own crates, or your framework's tensors through the trait alone
+//! (see `examples/custom_buffer.rs`).
+//!
+//! ```
+//! use sam_core::{AdamConfig, BaseRule, Group, Sam, SamConfig, StepStatus, reference::SliceBuffer};
+//!
+//! // Minimise L(w) = Σ (w_i − i)² with ASAM around Adam.
+//! let mut w = [0.0_f32; 4];
+//! let mut g = [0.0_f32; 4];
+//! let mut slots = [0.0_f32; 3 * 4]; // backup, m, v
+//! let base = BaseRule::adam(AdamConfig { lr: 0.1, ..Default::default() })?;
+//! let mut groups = [Group::new(SliceBuffer::new(&mut w, &mut g, &mut slots)?, base)];
+//! let mut asam = Sam::new(SamConfig { rho: 0.5, adaptive: true, eta: 0.01, ..Default::default() })?;
+//! for _ in 0..300 {
+//!     let report = asam.step(&mut groups, |gs| {
+//!         let (w, g) = gs[0].buffer.weights_and_grad();
+//!         let mut loss = 0.0;
+//!         for (i, (wi, gi)) in w.iter().zip(g.iter_mut()).enumerate() {
+//!             *gi = 2.0 * (wi - i as f32);
+//!             loss += (wi - i as f32).powi(2);
+//!         }
+//!         Ok::<_, sam_core::Error<_>>(loss)
+//!     })?;
+//!     assert_eq!(report.status, StepStatus::Applied);
+//! }
+//! let w = groups[0].buffer.weights();
+//! assert!(w.iter().enumerate().all(|(i, wi)| (wi - i as f32).abs() < 0.05), "{w:?}");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Features
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `serde` | no | `Serialize`/`Deserialize` for configurations and optimizer state (checkpoints) |
+//!
+//! # Variants
+//!
+//! | type | paper |
+//! |---|---|
+//! | [`Sam`] (SAM, and ASAM with `adaptive`) | Foret et al. 2021, <https://arxiv.org/abs/2010.01412>; Kwon et al. 2021, <https://arxiv.org/abs/2102.11600> |
+//! | [`BaseOptimizer`] | plain SGD / Adam / AdamW with torch semantics (the baseline) |
+//!
+//! # Guarantees
+//!
+//! - **Exact restore**: weights are restored from a copy, bit for bit; a step with `lr = 0` is
+//!   the identity.
+//! - **Safe norms**: accumulated in `f64` (with exact power-of-two rescaling for `f64` storage),
+//!   so per-element gradients from 1e-30 to 1e30 give an accurate norm, never 0 or ∞.
+//! - **Deterministic**: a fixed reduction order (see [`kernel`]), the same bits whatever the
+//!   thread count of a backend that follows it.
+//! - **Nothing half-done**: a NaN/∞ in the clean gradient is detected before any write
+//!   ([`Error::NonFiniteGradient`]); a NaN/∞ in the second gradient restores the weights and
+//!   skips the step ([`StepStatus::Skipped`]); every `Err` leaves every buffer as it was.
+//! - **Phases**: the perturbed phase is a guard ([`Perturbed`]) that borrows the optimizer and
+//!   the groups; dropping it restores the weights.
+
+#![no_std]
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod base;
+mod buffer;
+mod engine;
+mod error;
+mod group;
+mod guard;
+pub mod kernel;
+mod plain;
+mod real;
+pub mod reference;
+mod sam;
+
+pub use base::{AdamConfig, AdamStep, BaseRule, BaseStep, SgdConfig, SgdStep, lerp};
+pub use buffer::{
+    AverageFold, GradMix, MAX_AVERAGES, ParamBuffer, PerturbSpec, PostMix, ReduceSpec, Reduction,
+    Slot, SlotSpec, UpdateSpec, Weighting,
+};
+pub use engine::{OptimizerState, Phase, SkipReason, StepReport, StepStatus};
+pub use error::Error;
+pub use group::{Group, GroupOptions};
+pub use guard::{Perturbed, SamFamily};
+pub use plain::BaseOptimizer;
+pub use real::Real;
+pub use sam::{Sam, SamConfig};

@@ -1,0 +1,224 @@
+//! The reference backend: [`SliceBuffer`], a [`ParamBuffer`] over plain slices.
+//!
+//! It is the executable specification: each pass is the simplest loop around the element
+//! functions of [`kernel`](crate::kernel), in the canonical order. Every other backend is tested
+//! against it. It allocates nothing: the caller provides the slot memory (`spec.count() · len`
+//! values, zero-initialised, laid out slot after slot).
+//!
+//! ```
+//! use sam_core::{reference::SliceBuffer, SlotSpec};
+//! let mut w = [1.0_f32, 2.0];
+//! let mut g = [0.0_f32; 2];
+//! let mut slots = [0.0_f32; 4]; // room for 2 slots (e.g. backup + momentum) of 2 elements
+//! let buf = SliceBuffer::new(&mut w, &mut g, &mut slots).unwrap();
+//! assert_eq!(buf.weights(), &[1.0, 2.0]);
+//! ```
+
+use core::fmt;
+
+use crate::buffer::{AverageFold, ParamBuffer, PerturbSpec, ReduceSpec, Reduction, Slot, SlotSpec, UpdateSpec};
+use crate::kernel;
+use crate::{BaseStep, GradMix, Real};
+
+/// Errors of the reference backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SliceError {
+    /// The weights and the gradient have different lengths.
+    LengthMismatch {
+        /// Number of weights.
+        weights: usize,
+        /// Number of gradient values.
+        grads: usize,
+    },
+    /// The slot memory is too small for the slots the optimizer needs.
+    SlotsTooSmall {
+        /// Values needed (`slots · len`).
+        needed: usize,
+        /// Values provided.
+        provided: usize,
+    },
+    /// A pass ran before [`ParamBuffer::prepare`], or needs a slot the prepared spec lacks.
+    MissingSlot,
+}
+
+impl fmt::Display for SliceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SliceError::LengthMismatch { weights, grads } => {
+                write!(f, "{weights} weights but {grads} gradient values")
+            }
+            SliceError::SlotsTooSmall { needed, provided } => {
+                write!(f, "slot memory holds {provided} values but {needed} are needed")
+            }
+            SliceError::MissingSlot => f.write_str("a pass needs a slot that was not prepared"),
+        }
+    }
+}
+
+impl core::error::Error for SliceError {}
+
+/// A parameter group stored in caller-provided slices.
+#[derive(Debug)]
+pub struct SliceBuffer<'a, T: Real> {
+    w: &'a mut [T],
+    g: &'a mut [T],
+    slots: &'a mut [T],
+    spec: Option<SlotSpec>,
+}
+
+impl<'a, T: Real> SliceBuffer<'a, T> {
+    /// Wraps weights, gradient and slot memory. The gradient must be as long as the weights;
+    /// the slot memory is checked when the optimizer says which slots it needs.
+    pub fn new(w: &'a mut [T], g: &'a mut [T], slots: &'a mut [T]) -> Result<Self, SliceError> {
+        if w.len() != g.len() {
+            return Err(SliceError::LengthMismatch { weights: w.len(), grads: g.len() });
+        }
+        Ok(SliceBuffer { w, g, slots, spec: None })
+    }
+
+    /// The weights.
+    pub fn weights(&self) -> &[T] {
+        self.w
+    }
+
+    /// The weights, mutably (to initialise them; not during a step).
+    pub fn weights_mut(&mut self) -> &mut [T] {
+        self.w
+    }
+
+    /// The gradient.
+    pub fn grad(&self) -> &[T] {
+        self.g
+    }
+
+    /// The gradient, mutably: the framework writes `∇L(w)` here.
+    pub fn grad_mut(&mut self) -> &mut [T] {
+        self.g
+    }
+
+    /// Weights (read) and gradient (write) at once, for a backward pass.
+    pub fn weights_and_grad(&mut self) -> (&[T], &mut [T]) {
+        (self.w, self.g)
+    }
+
+    /// The values of one slot, if prepared (`Slot::Average(0)` holds the first average, …).
+    pub fn slot(&self, slot: Slot) -> Option<&[T]> {
+        let n = self.w.len();
+        let k = self.spec?.index(slot)?;
+        self.slots.get(k * n..(k + 1) * n)
+    }
+
+    fn range(&self, slot: Slot) -> Result<core::ops::Range<usize>, SliceError> {
+        let n = self.w.len();
+        let k = self.spec.and_then(|s| s.index(slot)).ok_or(SliceError::MissingSlot)?;
+        Ok(k * n..(k + 1) * n)
+    }
+}
+
+impl<T: Real> ParamBuffer for SliceBuffer<'_, T> {
+    type Scalar = T;
+    type Error = SliceError;
+
+    fn len(&self) -> usize {
+        self.w.len()
+    }
+
+    fn prepare(&mut self, spec: &SlotSpec) -> Result<(), SliceError> {
+        let needed = spec.count().saturating_mul(self.w.len());
+        if self.slots.len() < needed {
+            return Err(SliceError::SlotsTooSmall { needed, provided: self.slots.len() });
+        }
+        self.spec = Some(*spec);
+        Ok(())
+    }
+
+    fn reduce(&mut self, spec: &ReduceSpec) -> Result<Reduction, SliceError> {
+        let stash = if spec.reads_stash() { Some(self.range(Slot::Stash)?) } else { None };
+        let (w, g, slots) = (&*self.w, &*self.g, &*self.slots);
+        Ok(kernel::reduce_flat(w.len(), spec, |i| {
+            let s = stash.as_ref().map_or(0.0, |r| slots[r.start + i].to_f64());
+            (w[i].to_f64(), g[i].to_f64(), s)
+        }))
+    }
+
+    fn perturb(&mut self, spec: &PerturbSpec) -> Result<(), SliceError> {
+        let backup = self.range(Slot::Backup)?;
+        let stash = if spec.stash { Some(self.range(Slot::Stash)?) } else { None };
+        for i in 0..self.w.len() {
+            let w = self.w[i];
+            let g = self.g[i];
+            self.slots[backup.start + i] = w;
+            if let Some(r) = &stash {
+                self.slots[r.start + i] = g;
+            }
+            self.w[i] = T::from_f64(kernel::perturb(spec, w.to_f64(), g.to_f64()));
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self) -> Result<(), SliceError> {
+        let backup = self.range(Slot::Backup)?;
+        self.w.copy_from_slice(&self.slots[backup]);
+        Ok(())
+    }
+
+    fn update(&mut self, spec: &UpdateSpec) -> Result<(), SliceError> {
+        let n = self.w.len();
+        let backup = if spec.restore { Some(self.range(Slot::Backup)?) } else { None };
+        let reads_stash = matches!(spec.grad, GradMix::Mix { .. }) || spec.post.is_some();
+        let stash = if reads_stash { Some(self.range(Slot::Stash)?) } else { None };
+        let n_state = spec.base.state_slots();
+        let mut state_at = [0usize; 3];
+        for (k, at) in state_at.iter_mut().enumerate().take(n_state) {
+            *at = self.range(Slot::State(k as u8))?.start;
+        }
+        let mut avg_at = [None; crate::buffer::MAX_AVERAGES];
+        for (k, wgt) in spec.average.weights.iter().enumerate() {
+            if let Some(wgt) = wgt {
+                avg_at[k] = Some((self.range(Slot::Average(k as u8))?.start, *wgt));
+            }
+        }
+        let external = matches!(spec.base, BaseStep::External);
+        for i in 0..n {
+            let b = backup.as_ref().map_or(0.0, |r| self.slots[r.start + i].to_f64());
+            let s = stash.as_ref().map_or(0.0, |r| self.slots[r.start + i].to_f64());
+            let mut st = [0.0; 3];
+            for k in 0..n_state {
+                st[k] = self.slots[state_at[k] + i].to_f64();
+            }
+            let out = kernel::update(spec, self.w[i].to_f64(), b, self.g[i].to_f64(), s, &mut st);
+            let w_new = T::from_f64(out.w);
+            self.w[i] = w_new;
+            if external {
+                self.g[i] = T::from_f64(out.d);
+            }
+            for k in 0..n_state {
+                self.slots[state_at[k] + i] = T::from_f64(st[k]);
+            }
+            for (at, wgt) in avg_at.iter().flatten() {
+                let a = self.slots[at + i].to_f64();
+                self.slots[at + i] = T::from_f64(kernel::fold(a, w_new.to_f64(), *wgt));
+            }
+        }
+        Ok(())
+    }
+
+    fn fold_averages(&mut self, fold: &AverageFold) -> Result<(), SliceError> {
+        for (k, wgt) in fold.weights.iter().enumerate() {
+            if let Some(wgt) = wgt {
+                let r = self.range(Slot::Average(k as u8))?;
+                for (a, w) in self.slots[r].iter_mut().zip(self.w.iter()) {
+                    *a = T::from_f64(kernel::fold(a.to_f64(), w.to_f64(), *wgt));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn swap_average(&mut self, k: u8) -> Result<(), SliceError> {
+        let r = self.range(Slot::Average(k))?;
+        self.w.swap_with_slice(&mut self.slots[r]);
+        Ok(())
+    }
+}
