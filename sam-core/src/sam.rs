@@ -86,7 +86,7 @@ impl SamConfig {
 /// let base = BaseRule::sgd(SgdConfig { lr: 0.1, momentum: 0.9, ..Default::default() })?;
 /// let mut groups = [Group::new(SliceBuffer::new(&mut w, &mut g, &mut slots)?, base)];
 /// let mut sam = Sam::new(SamConfig { rho: 0.05, ..Default::default() })?;
-/// for _ in 0..50 {
+/// for _ in 0..200 {
 ///     sam.step(&mut groups, |gs| {
 ///         let (w, g) = gs[0].buffer.weights_and_grad();
 ///         g.copy_from_slice(w);

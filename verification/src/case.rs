@@ -732,12 +732,12 @@ fn parse_params(list: &[Json], dtype: Dtype) -> Result<Vec<Param>> {
 
 /// In f32 cases, data and initial values must be exactly representable in f32 (SCHEMA §1).
 fn check_f32(values: &[f64], path: &str, dtype: Dtype) -> Result<()> {
-    if dtype == Dtype::F32 {
-        if let Some((i, v)) = values.iter().enumerate().find(|&(_, &v)| f64::from(v as f32) != v) {
-            return Err(CaseError::new(&idx(path, i), format!("{v} is not exactly representable in f32")));
+    match values.iter().enumerate().find(|&(_, &v)| f64::from(v as f32) != v) {
+        Some((i, v)) if dtype == Dtype::F32 => {
+            Err(CaseError::new(&idx(path, i), format!("{v} is not exactly representable in f32")))
         }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 fn parse_objective(o: &Obj<'_>, params: &[Param], dtype: Dtype) -> Result<Objective> {
@@ -754,18 +754,12 @@ fn parse_objective(o: &Obj<'_>, params: &[Param], dtype: Dtype) -> Result<Object
                     format!("quadratic has n = {n} but the params have {n_elements} elements"),
                 ));
             }
-            let a = matrix(o.req("a")?, &o.at("a"), n, n)?.concat();
-            for i in 0..n {
-                for j in 0..i {
-                    let (x, y) = (a.get(i * n + j), a.get(j * n + i));
-                    if x != y {
-                        return Err(CaseError::new(
-                            &o.at("a"),
-                            format!("not symmetric: a[{i}][{j}] != a[{j}][{i}]"),
-                        ));
-                    }
-                }
+            let rows = matrix(o.req("a")?, &o.at("a"), n, n)?;
+            let at = |i: usize, j: usize| rows.get(i).and_then(|r| r.get(j));
+            if let Some((i, j)) = (0..n).flat_map(|i| (0..i).map(move |j| (i, j))).find(|&(i, j)| at(i, j) != at(j, i)) {
+                return Err(CaseError::new(&o.at("a"), format!("not symmetric: a[{i}][{j}] != a[{j}][{i}]")));
             }
+            let a = rows.concat();
             let b = numbers(o.req("b")?, &o.at("b"), Some(n))?;
             check_f32(&a, &o.at("a"), dtype)?;
             check_f32(&b, &o.at("b"), dtype)?;
