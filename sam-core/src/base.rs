@@ -52,7 +52,8 @@ pub struct AdamConfig {
     pub beta1: f64,
     /// Second-moment decay, `0 ≤ beta2 < 1`. Default `0.999`.
     pub beta2: f64,
-    /// Denominator term, `eps ≥ 0` (finite). Default `1e-8`.
+    /// Denominator term, `eps > 0` (finite; torch also accepts 0, which can divide by zero).
+    /// Default `1e-8`.
     pub eps: f64,
     /// Weight decay, `≥ 0` (finite): L2 on the gradient for Adam, decoupled `p ·= 1 − lr·wd` for
     /// AdamW. Default `0` (pass `1e-2` for torch's AdamW default).
@@ -146,8 +147,10 @@ impl BaseRule {
         if !(c.beta2 >= 0.0 && c.beta2 < 1.0) {
             return Err(invalid("beta2", "beta2 must be in [0, 1)"));
         }
-        if !(c.eps >= 0.0 && c.eps.is_finite()) {
-            return Err(invalid("eps", "eps must be finite and >= 0"));
+        if !(c.eps > 0.0 && c.eps.is_finite()) {
+            // torch accepts 0, but then a zero (or underflowed) second moment divides by zero
+            // and turns finite input into NaN: we require eps > 0.
+            return Err(invalid("eps", "eps must be finite and > 0"));
         }
         Ok(())
     }
@@ -275,7 +278,7 @@ impl SgdStep {
             b = if self.first { d } else { b * self.momentum + self.one_minus_dampening * d };
             d = if self.nesterov { d + self.momentum * b } else { b };
         }
-        (p + self.neg_lr * d, b)
+        (add(p, self.neg_lr * d), b)
     }
 }
 
@@ -327,8 +330,15 @@ impl AdamStep {
             *v
         };
         let denom = libm::sqrt(vhat) / self.bc2_sqrt + self.eps;
-        p + self.neg_step_size * *m / denom
+        add(p, self.neg_step_size * *m / denom)
     }
+}
+
+/// `p + delta`, except that a zero `delta` leaves `p` bit-identical (so `-0.0` stays `-0.0`
+/// and a step with `lr = 0`, or with a zero update, is exactly the identity).
+#[inline(always)]
+pub fn add(p: f64, delta: f64) -> f64 {
+    if delta == 0.0 { p } else { p + delta }
 }
 
 /// torch's `lerp` (CPU kernel): `a + w·(b − a)` for `|w| < ½`, else `b − (b − a)·(1 − w)`.
@@ -377,7 +387,7 @@ mod tests {
 
     #[test]
     fn adam_first_step_is_sign_step() {
-        let a = BaseRule::adam(AdamConfig { lr: 0.5, eps: 0.0, ..Default::default() }).unwrap();
+        let a = BaseRule::adam(AdamConfig { lr: 0.5, eps: 1e-300, ..Default::default() }).unwrap();
         let BaseStep::Adam(k) = a.step_coefficients(1, 0.5) else { panic!() };
         let mut st = [0.0; 3];
         // m = 0.1*g, v = 0.001*g^2; bias-corrected m/sqrt(v) = sign(g) (up to rounding), so
@@ -390,7 +400,7 @@ mod tests {
 
     #[test]
     fn adamw_decays_before_moments_and_amsgrad_keeps_max() {
-        let c = AdamConfig { lr: 0.5, weight_decay: 0.5, amsgrad: true, eps: 0.0, ..Default::default() };
+        let c = AdamConfig { lr: 0.5, weight_decay: 0.5, amsgrad: true, ..Default::default() };
         let BaseStep::Adam(k) = BaseRule::adamw(c).unwrap().step_coefficients(3, 0.5) else {
             panic!()
         };
@@ -426,6 +436,7 @@ mod tests {
             AdamConfig { beta1: 1.0, ..Default::default() },
             AdamConfig { beta2: f64::NAN, ..Default::default() },
             AdamConfig { eps: -1.0, ..Default::default() },
+            AdamConfig { eps: 0.0, ..Default::default() },
             AdamConfig { lr: f64::INFINITY, ..Default::default() },
         ];
         for c in bad {

@@ -21,7 +21,7 @@
 //! so small that its square would be subnormal, the pass is repeated with each quantity scaled
 //! by a power of two ([`scale_for`]), which is exact, and the norm is unscaled afterwards.
 
-use crate::base::BaseStep;
+use crate::base::{BaseStep, add};
 use crate::buffer::{GradMix, PerturbSpec, ReduceSpec, Reduction, UpdateSpec, Weighting, max};
 
 /// Elements per reduction block.
@@ -170,7 +170,8 @@ pub fn needs_rescale(sum_sq: f64, max_abs: f64) -> bool {
     (!sum_sq.is_finite() && max_abs.is_finite()) || (max_abs > 0.0 && max_abs < TINY)
 }
 
-/// One element of the perturb pass: returns the perturbed weight `w + T·((T·g)·c)`.
+/// One element of the perturb pass: returns the perturbed weight `w + T·((T·g)·c)` (bit-identical
+/// `w` when the perturbation is zero).
 ///
 /// `T = 1` (plain) or `|w| + η` (adaptive). With `c = ρ/(n + ε)` and `n ≥ |T·g|`, the inner
 /// product `(T·g)·c` is at most ρ in magnitude, so no intermediate overflows.
@@ -183,7 +184,7 @@ pub fn perturb(spec: &PerturbSpec, w: f64, g: f64) -> f64 {
             t * ((t * g) * spec.coeff)
         }
     };
-    w + e
+    add(w, e)
 }
 
 /// The final gradient `d` of [`GradMix`].
@@ -224,7 +225,7 @@ pub fn update(spec: &UpdateSpec, w: f64, backup: f64, g: f64, stash: f64, state:
         BaseStep::Adam(k) => k.apply(p, d, state),
     };
     if let Some(post) = spec.post {
-        p += post.a * g + post.b * stash;
+        p = add(p, post.a * g + post.b * stash);
     }
     Updated { w: p, d }
 }

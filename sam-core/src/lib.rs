@@ -77,7 +77,7 @@ mod real;
 pub mod reference;
 mod sam;
 
-pub use base::{AdamConfig, AdamStep, BaseRule, BaseStep, SgdConfig, SgdStep, lerp};
+pub use base::{AdamConfig, AdamStep, BaseRule, BaseStep, SgdConfig, SgdStep, add, lerp};
 pub use buffer::{
     AverageFold, GradMix, MAX_AVERAGES, ParamBuffer, PerturbSpec, PostMix, ReduceSpec, Reduction,
     Slot, SlotSpec, UpdateSpec, Weighting,
