@@ -182,14 +182,20 @@ pub(crate) fn max(a: f64, b: f64) -> f64 {
     if b > a { b } else { a }
 }
 
-/// The perturb pass: back up `w` exactly, optionally stash `g`, then `w ← w + T·((T·g)·c)`.
+/// The perturb pass: back up `w` exactly, optionally stash `g`, then
+/// `w ← w + T·(((T·g)·s)·c)`.
+///
+/// With the norm computed at scale `s` (a power of two, `1` except for extreme `f64` input),
+/// `c = ρ/(‖s·T⊙g‖ + ε·s)`, so that `((T·g)·s)·c` never overflows even when `ρ/‖T⊙g‖` would.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PerturbSpec {
     /// Copy `g` into the stash slot.
     pub stash: bool,
     /// The per-element weighting `T`.
     pub weighting: Weighting,
-    /// The coefficient `c = ρ/(‖T⊙g‖ + ε)` (already unscaled; `0` for a zero gradient).
+    /// The scale `s` the norm was computed at.
+    pub scale: f64,
+    /// The coefficient `c` (`0` for a zero gradient).
     pub coeff: f64,
 }
 

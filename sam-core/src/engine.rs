@@ -61,6 +61,10 @@ pub struct StepReport<L> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[doc(hidden)]
 pub struct Norms {
+    /// `‖s_p·T⊙g‖`, the perturbation norm at scale `s_p` (see [`PerturbSpec`](crate::PerturbSpec)).
+    pub perturb_scaled: f64,
+    /// The scale `s_p`.
+    pub perturb_scale: f64,
     pub perturb: f64,
     pub grad: f64,
     pub stash: f64,
@@ -152,6 +156,8 @@ impl Engine {
             r = Self::reduce_once(groups, &spec, scales)?;
         }
         Ok(Norms {
+            perturb_scaled: libm::sqrt(r.perturb_sq),
+            perturb_scale: scales[0],
             perturb: libm::sqrt(r.perturb_sq) / scales[0],
             grad: libm::sqrt(r.grad_sq) / scales[1],
             stash: libm::sqrt(r.stash_sq) / scales[2],

@@ -170,18 +170,18 @@ pub fn needs_rescale(sum_sq: f64, max_abs: f64) -> bool {
     (!sum_sq.is_finite() && max_abs.is_finite()) || (max_abs > 0.0 && max_abs < TINY)
 }
 
-/// One element of the perturb pass: returns the perturbed weight `w + T·((T·g)·c)` (bit-identical
-/// `w` when the perturbation is zero).
+/// One element of the perturb pass: returns the perturbed weight `w + T·(((T·g)·s)·c)`
+/// (bit-identical `w` when the perturbation is zero).
 ///
-/// `T = 1` (plain) or `|w| + η` (adaptive). With `c = ρ/(n + ε)` and `n ≥ |T·g|`, the inner
-/// product `(T·g)·c` is at most ρ in magnitude, so no intermediate overflows.
+/// `T = 1` (plain) or `|w| + η` (adaptive). With `c = ρ/(n_s + ε·s)` and the scaled norm
+/// `n_s ≥ |s·T·g|`, the factor `((T·g)·s)·c` is at most ρ in magnitude: nothing overflows.
 #[inline(always)]
 pub fn perturb(spec: &PerturbSpec, w: f64, g: f64) -> f64 {
     let e = match spec.weighting {
-        Weighting::Plain => g * spec.coeff,
+        Weighting::Plain => (g * spec.scale) * spec.coeff,
         Weighting::Adaptive { eta } => {
             let t = libm::fabs(w) + eta;
-            t * ((t * g) * spec.coeff)
+            t * (((t * g) * spec.scale) * spec.coeff)
         }
     };
     add(w, e)

@@ -1,7 +1,7 @@
 //! SAM and ASAM.
 
 use crate::buffer::{AverageFold, GradMix, ParamBuffer, PerturbSpec, ReduceSpec, SlotSpec, UpdateSpec, Weighting};
-use crate::engine::{Engine, OptimizerState, Phase, SkipReason, StepReport, StepStatus};
+use crate::engine::{Engine, Norms, OptimizerState, Phase, SkipReason, StepReport, StepStatus};
 use crate::error::{Error, invalid};
 use crate::group::{Group, GroupOptions};
 use crate::guard::{Finish, Perturbed, SamFamily, closure_step, private};
@@ -56,9 +56,9 @@ impl SamConfig {
         }
     }
 
-    /// The perturbation coefficient of a group for the global norm `n`.
-    pub(crate) fn coeff(&self, o: &GroupOptions, n: f64) -> f64 {
-        if n > 0.0 { o.rho().unwrap_or(self.rho) / (n + self.eps) } else { 0.0 }
+    /// The perturb spec of a group for the global norm `n_s` computed at scale `s`.
+    pub(crate) fn perturb_spec(&self, o: &GroupOptions, norms: &Norms, stash: bool) -> PerturbSpec {
+        perturb_spec(self.weighting(o), o.rho().unwrap_or(self.rho), self.eps, norms, stash)
     }
 }
 
@@ -160,14 +160,7 @@ impl Sam {
         if !norms.finite {
             return Err(Error::NonFiniteGradient);
         }
-        if !norms.perturb.is_finite() {
-            return Err(Error::NormOverflow);
-        }
-        Engine::perturb_all(groups, |o| PerturbSpec {
-            stash: false,
-            weighting: cfg.weighting(o),
-            coeff: cfg.coeff(o, norms.perturb),
-        })?;
+        Engine::perturb_all(groups, |o| cfg.perturb_spec(o, &norms, false))?;
         Ok(Perturbed::new(self, groups))
     }
 
@@ -192,6 +185,15 @@ impl Sam {
         }
         Ok(())
     }
+}
+
+/// `c = ρ/(n_s + ε·s)` at the norm's scale (`0` for a zero gradient; a scaled ε that overflows
+/// makes `c = 0`, which is right: then ε dwarfs the norm).
+pub(crate) fn perturb_spec(weighting: Weighting, rho: f64, eps: f64, norms: &Norms, stash: bool) -> PerturbSpec {
+    let s = norms.perturb_scale;
+    let n = norms.perturb_scaled;
+    let coeff = if n > 0.0 { rho / (n + eps * s) } else { 0.0 };
+    PerturbSpec { stash, weighting, scale: s, coeff }
 }
 
 /// Slots of SAM/ASAM: the backup and the base rule's state.
