@@ -297,7 +297,9 @@ pub struct Case {
 impl Case {
     /// Total number of parameter elements (length of θ).
     pub fn n_elements(&self) -> usize {
-        self.params.iter().fold(0, |n, p| n.saturating_add(p.init.len()))
+        self.params
+            .iter()
+            .fold(0, |n, p| n.saturating_add(p.init.len()))
     }
 
     /// Offset of each param in θ, in `params` order.
@@ -315,7 +317,10 @@ impl Case {
 
     /// θ₀: the concatenation of all `init` arrays.
     pub fn theta0(&self) -> Vec<f64> {
-        self.params.iter().flat_map(|p| p.init.iter().copied()).collect()
+        self.params
+            .iter()
+            .flat_map(|p| p.init.iter().copied())
+            .collect()
     }
 }
 
@@ -328,7 +333,10 @@ pub struct CaseError {
 
 impl CaseError {
     fn new(path: &str, message: impl Into<String>) -> Self {
-        Self { path: path.to_owned(), message: message.into() }
+        Self {
+            path: path.to_owned(),
+            message: message.into(),
+        }
     }
 
     /// Path of the offending field, e.g. `param_groups[1].options`; empty for whole-input errors.
@@ -395,7 +403,11 @@ impl<'de> Visitor<'de> for JsonVisitor {
         Ok(Json::Uint(v))
     }
     fn visit_i64<E>(self, v: i64) -> std::result::Result<Json, E> {
-        Ok(if v >= 0 { Json::Uint(v.unsigned_abs()) } else { Json::Int(v) })
+        Ok(if v >= 0 {
+            Json::Uint(v.unsigned_abs())
+        } else {
+            Json::Int(v)
+        })
     }
     fn visit_f64<E>(self, v: f64) -> std::result::Result<Json, E> {
         Ok(Json::Float(v))
@@ -443,7 +455,11 @@ impl Json {
 // Typed accessors. Each takes the value and its path, for error messages.
 
 fn join(path: &str, key: &str) -> String {
-    if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") }
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
 }
 
 fn idx(path: &str, i: usize) -> String {
@@ -461,7 +477,11 @@ fn num(v: &Json, path: &str) -> Result<f64> {
         Json::Float(f) => f,
         _ => return Err(wrong_type(v, path, "a number")),
     };
-    if x.is_finite() { Ok(x) } else { Err(CaseError::new(path, "must be finite")) }
+    if x.is_finite() {
+        Ok(x)
+    } else {
+        Err(CaseError::new(path, "must be finite"))
+    }
 }
 
 fn uint(v: &Json, path: &str) -> Result<u64> {
@@ -470,9 +490,14 @@ fn uint(v: &Json, path: &str) -> Result<u64> {
     match *v {
         Json::Uint(u) => Ok(u),
         Json::Float(f) if f.fract() == 0.0 && (0.0..TWO_64).contains(&f) => Ok(f as u64),
-        Json::Int(_) | Json::Float(_) => {
-            Err(CaseError::new(path, format!("must be a non-negative integer, got {}", num(v, path)?)))
-        }
+        Json::Int(i) => Err(CaseError::new(
+            path,
+            format!("must be a non-negative integer, got {i}"),
+        )),
+        Json::Float(f) => Err(CaseError::new(
+            path,
+            format!("must be a non-negative integer, got {f:?}"),
+        )),
         _ => Err(wrong_type(v, path, "a non-negative integer")),
     }
 }
@@ -507,9 +532,16 @@ fn array<'a>(v: &'a Json, path: &str) -> Result<&'a [Json]> {
 fn numbers(v: &Json, path: &str, len: Option<usize>) -> Result<Vec<f64>> {
     let a = array(v, path)?;
     if let Some(len) = len.filter(|&l| l != a.len()) {
-        return Err(CaseError::new(path, format!("has {} values, expected {len}", a.len())));
+        return Err(CaseError::new(
+            path,
+            format!("has {} values, expected {len}", a.len()),
+        ));
     }
-    a.iter().enumerate().map(|(i, x)| num(x, &idx(path, i))).collect()
+    // The element path is only formatted on failure.
+    a.iter()
+        .enumerate()
+        .map(|(i, x)| num(x, "").map_err(|e| CaseError::new(&idx(path, i), e.message)))
+        .collect()
 }
 
 /// An array of `rows` arrays of `cols` numbers each. All row lengths are checked before
@@ -517,16 +549,25 @@ fn numbers(v: &Json, path: &str, len: Option<usize>) -> Result<Vec<f64>> {
 fn matrix(v: &Json, path: &str, rows: usize, cols: usize) -> Result<Vec<Vec<f64>>> {
     let a = array(v, path)?;
     if a.len() != rows {
-        return Err(CaseError::new(path, format!("has {} rows, expected {rows}", a.len())));
+        return Err(CaseError::new(
+            path,
+            format!("has {} rows, expected {rows}", a.len()),
+        ));
     }
     for (i, row) in a.iter().enumerate() {
         let p = idx(path, i);
         let len = array(row, &p)?.len();
         if len != cols {
-            return Err(CaseError::new(&p, format!("row has {len} values, expected {cols}")));
+            return Err(CaseError::new(
+                &p,
+                format!("row has {len} values, expected {cols}"),
+            ));
         }
     }
-    a.iter().enumerate().map(|(i, row)| numbers(row, &idx(path, i), None)).collect()
+    a.iter()
+        .enumerate()
+        .map(|(i, row)| numbers(row, &idx(path, i), None))
+        .collect()
 }
 
 /// A JSON object together with its path.
@@ -538,7 +579,10 @@ struct Obj<'a> {
 impl<'a> Obj<'a> {
     fn new(v: &'a Json, path: &str) -> Result<Self> {
         match v {
-            Json::Obj(map) => Ok(Self { path: path.to_owned(), map }),
+            Json::Obj(map) => Ok(Self {
+                path: path.to_owned(),
+                map,
+            }),
             _ => Err(wrong_type(v, path, "an object")),
         }
     }
@@ -546,7 +590,10 @@ impl<'a> Obj<'a> {
     /// Rejects any key not in `allowed`; `what` completes "unknown key 'k' …".
     fn only(&self, allowed: &[&str], what: &str) -> Result<()> {
         match self.map.keys().find(|k| !allowed.contains(&k.as_str())) {
-            Some(k) => Err(CaseError::new(&self.path, format!("unknown key '{k}'{what}"))),
+            Some(k) => Err(CaseError::new(
+                &self.path,
+                format!("unknown key '{k}'{what}"),
+            )),
             None => Ok(()),
         }
     }
@@ -560,7 +607,8 @@ impl<'a> Obj<'a> {
     }
 
     fn req(&self, key: &str) -> Result<&'a Json> {
-        self.get(key).ok_or_else(|| CaseError::new(&self.at(key), "missing required field"))
+        self.get(key)
+            .ok_or_else(|| CaseError::new(&self.at(key), "missing required field"))
     }
 
     fn obj(&self, key: &str) -> Result<Obj<'a>> {
@@ -576,7 +624,8 @@ impl<'a> Obj<'a> {
     }
 
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
-        self.get(key).map_or(Ok(default), |v| boolean(v, &self.at(key)))
+        self.get(key)
+            .map_or(Ok(default), |v| boolean(v, &self.at(key)))
     }
 
     fn usize(&self, key: &str) -> Result<usize> {
@@ -595,8 +644,14 @@ impl<'a> Obj<'a> {
 fn cap(path: &str, what: &str, value: Option<usize>, max: usize) -> Result<usize> {
     match value {
         Some(v) if v <= max => Ok(v),
-        Some(v) => Err(CaseError::new(path, format!("{what} is {v}, above the cap of {max}"))),
-        None => Err(CaseError::new(path, format!("{what} overflows, above the cap of {max}"))),
+        Some(v) => Err(CaseError::new(
+            path,
+            format!("{what} is {v}, above the cap of {max}"),
+        )),
+        None => Err(CaseError::new(
+            path,
+            format!("{what} overflows, above the cap of {max}"),
+        )),
     }
 }
 
@@ -616,7 +671,10 @@ pub fn parse_case(bytes: &[u8]) -> std::result::Result<Case, CaseError> {
     if bytes.len() > MAX_INPUT_BYTES {
         return Err(CaseError::new(
             "",
-            format!("input is {} bytes, above the cap of {MAX_INPUT_BYTES}", bytes.len()),
+            format!(
+                "input is {} bytes, above the cap of {MAX_INPUT_BYTES}",
+                bytes.len()
+            ),
         ));
     }
     let json: Json = serde_json::from_slice(bytes)
@@ -641,7 +699,10 @@ pub fn parse_case(bytes: &[u8]) -> std::result::Result<Case, CaseError> {
     )?;
     let schema = root.str("schema")?;
     if schema != SCHEMA {
-        return Err(CaseError::new("schema", format!("unsupported schema '{schema}', expected '{SCHEMA}'")));
+        return Err(CaseError::new(
+            "schema",
+            format!("unsupported schema '{schema}', expected '{SCHEMA}'"),
+        ));
     }
     let name = root.str("name")?.to_owned();
     let description = root.str("description")?.to_owned();
@@ -649,7 +710,12 @@ pub fn parse_case(bytes: &[u8]) -> std::result::Result<Case, CaseError> {
     let dtype = match root.str("dtype")? {
         "f64" => Dtype::F64,
         "f32" => Dtype::F32,
-        other => return Err(CaseError::new("dtype", format!("unknown dtype '{other}', expected 'f32' or 'f64'"))),
+        other => {
+            return Err(CaseError::new(
+                "dtype",
+                format!("unknown dtype '{other}', expected 'f32' or 'f64'"),
+            ));
+        }
     };
     let tolerance = parse_tolerance(&root.obj("tolerance")?)?;
     let steps = root.usize("steps")?;
@@ -657,12 +723,24 @@ pub fn parse_case(bytes: &[u8]) -> std::result::Result<Case, CaseError> {
 
     let params = parse_params(root.arr("params")?, dtype)?;
     let n_elements = params.iter().map(|p| p.init.len()).sum::<usize>();
-    cap("expected.params", "steps × elements", steps.checked_mul(n_elements), MAX_TRAJECTORY)?;
+    cap(
+        "expected.params",
+        "steps × elements",
+        steps.checked_mul(n_elements),
+        MAX_TRAJECTORY,
+    )?;
     let objective = parse_objective(&root.obj("objective")?, &params, dtype)?;
 
     let optimizer = root.obj("optimizer")?;
     let (variant, base, opt_rho, opt_adaptive) = parse_optimizer(&optimizer)?;
-    let groups = parse_groups(root.arr("param_groups")?, &params, &variant, base, opt_rho, opt_adaptive)?;
+    let groups = parse_groups(
+        root.arr("param_groups")?,
+        &params,
+        &variant,
+        base,
+        opt_rho,
+        opt_adaptive,
+    )?;
     let expected = parse_expected(&root.obj("expected")?, &variant, steps, n_elements)?;
 
     Ok(Case {
@@ -686,7 +764,10 @@ fn parse_tolerance(t: &Obj<'_>) -> Result<Tolerance> {
     let atol = t.num("atol")?;
     for (key, v) in [("rtol", rtol), ("atol", atol)] {
         if v < 0.0 {
-            return Err(CaseError::new(&t.at(key), format!("must be >= 0, got {v}")));
+            return Err(CaseError::new(
+                &t.at(key),
+                format!("must be >= 0, got {v:?}"),
+            ));
         }
     }
     Ok(Tolerance { rtol, atol })
@@ -704,7 +785,10 @@ fn parse_params(list: &[Json], dtype: Dtype) -> Result<Vec<Param>> {
         p.only(&["name", "shape", "init"], "")?;
         let name = p.str("name")?.to_owned();
         if out.iter().any(|q| q.name == name) {
-            return Err(CaseError::new(&p.at("name"), format!("duplicate param name '{name}'")));
+            return Err(CaseError::new(
+                &p.at("name"),
+                format!("duplicate param name '{name}'"),
+            ));
         }
         let shape_path = p.at("shape");
         let shape = p
@@ -715,12 +799,21 @@ fn parse_params(list: &[Json], dtype: Dtype) -> Result<Vec<Param>> {
             .collect::<Result<Vec<usize>>>()?;
         let size = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
         let size = cap(&shape_path, "element count", size, MAX_ELEMENTS)?;
-        total = cap("params", "total element count", total.checked_add(size), MAX_ELEMENTS)?;
+        total = cap(
+            "params",
+            "total element count",
+            total.checked_add(size),
+            MAX_ELEMENTS,
+        )?;
         let init = p.arr("init")?;
         if init.len() != size {
             return Err(CaseError::new(
                 &path,
-                format!("init has {} values but shape {} needs {size}", init.len(), fmt_shape(&shape)),
+                format!(
+                    "init has {} values but shape {} needs {size}",
+                    init.len(),
+                    fmt_shape(&shape)
+                ),
             ));
         }
         let init = numbers(p.req("init")?, &p.at("init"), None)?;
@@ -732,10 +825,15 @@ fn parse_params(list: &[Json], dtype: Dtype) -> Result<Vec<Param>> {
 
 /// In f32 cases, data and initial values must be exactly representable in f32 (SCHEMA §1).
 fn check_f32(values: &[f64], path: &str, dtype: Dtype) -> Result<()> {
-    match values.iter().enumerate().find(|&(_, &v)| f64::from(v as f32) != v) {
-        Some((i, v)) if dtype == Dtype::F32 => {
-            Err(CaseError::new(&idx(path, i), format!("{v} is not exactly representable in f32")))
-        }
+    match values
+        .iter()
+        .enumerate()
+        .find(|&(_, &v)| f64::from(v as f32) != v)
+    {
+        Some((i, v)) if dtype == Dtype::F32 => Err(CaseError::new(
+            &idx(path, i),
+            format!("{v:?} is not exactly representable in f32"),
+        )),
         _ => Ok(()),
     }
 }
@@ -756,8 +854,14 @@ fn parse_objective(o: &Obj<'_>, params: &[Param], dtype: Dtype) -> Result<Object
             }
             let rows = matrix(o.req("a")?, &o.at("a"), n, n)?;
             let at = |i: usize, j: usize| rows.get(i).and_then(|r| r.get(j));
-            if let Some((i, j)) = (0..n).flat_map(|i| (0..i).map(move |j| (i, j))).find(|&(i, j)| at(i, j) != at(j, i)) {
-                return Err(CaseError::new(&o.at("a"), format!("not symmetric: a[{i}][{j}] != a[{j}][{i}]")));
+            if let Some((i, j)) = (0..n)
+                .flat_map(|i| (0..i).map(move |j| (i, j)))
+                .find(|&(i, j)| at(i, j) != at(j, i))
+            {
+                return Err(CaseError::new(
+                    &o.at("a"),
+                    format!("not symmetric: a[{i}][{j}] != a[{j}][{i}]"),
+                ));
             }
             let a = rows.concat();
             let b = numbers(o.req("b")?, &o.at("b"), Some(n))?;
@@ -768,9 +872,15 @@ fn parse_objective(o: &Obj<'_>, params: &[Param], dtype: Dtype) -> Result<Object
         "softmax" | "mlp" => {
             let mlp = kind == "mlp";
             if mlp {
-                o.only(&["kind", "x", "y", "classes", "hidden"], " for objective kind mlp")?;
+                o.only(
+                    &["kind", "x", "y", "classes", "hidden"],
+                    " for objective kind mlp",
+                )?;
             } else {
-                o.only(&["kind", "x", "y", "classes"], " for objective kind softmax")?;
+                o.only(
+                    &["kind", "x", "y", "classes"],
+                    " for objective kind softmax",
+                )?;
             }
             let rows = o.arr("x")?;
             let n = cap(&o.at("x"), "sample count", Some(rows.len()), MAX_SAMPLES)?;
@@ -779,7 +889,12 @@ fn parse_objective(o: &Obj<'_>, params: &[Param], dtype: Dtype) -> Result<Object
             };
             let d = array(first, &idx(&o.at("x"), 0))?.len();
             cap(&o.at("x"), "n×d", n.checked_mul(d), MAX_DATA)?;
-            cap(&o.at("x"), "samples × elements", n.checked_mul(n_elements), MAX_EVAL_COST)?;
+            cap(
+                &o.at("x"),
+                "samples × elements",
+                n.checked_mul(n_elements),
+                MAX_EVAL_COST,
+            )?;
             let classes = o.usize("classes")?;
             let hidden = if mlp { o.usize("hidden")? } else { 0 };
             let shapes: Vec<(&str, Vec<usize>)> = if mlp {
@@ -798,25 +913,40 @@ fn parse_objective(o: &Obj<'_>, params: &[Param], dtype: Dtype) -> Result<Object
             let y_path = o.at("y");
             let y_arr = o.arr("y")?;
             if y_arr.len() != n {
-                return Err(CaseError::new(&y_path, format!("has {} labels, expected {n}", y_arr.len())));
+                return Err(CaseError::new(
+                    &y_path,
+                    format!("has {} labels, expected {n}", y_arr.len()),
+                ));
             }
             let y = y_arr
                 .iter()
                 .enumerate()
                 .map(|(i, v)| {
-                    let p = idx(&y_path, i);
-                    let label = usize_(v, &p)?;
-                    if label < classes {
-                        Ok(label)
-                    } else {
-                        Err(CaseError::new(&p, format!("label {label} out of range for {classes} classes")))
-                    }
+                    let msg = match usize_(v, "") {
+                        Ok(label) if label < classes => return Ok(label),
+                        Ok(label) => format!("label {label} out of range for {classes} classes"),
+                        Err(e) => e.message,
+                    };
+                    Err(CaseError::new(&idx(&y_path, i), msg))
                 })
                 .collect::<Result<Vec<usize>>>()?;
             Ok(if mlp {
-                Objective::Mlp { x, y, n, d, classes, hidden }
+                Objective::Mlp {
+                    x,
+                    y,
+                    n,
+                    d,
+                    classes,
+                    hidden,
+                }
             } else {
-                Objective::Softmax { x, y, n, d, classes }
+                Objective::Softmax {
+                    x,
+                    y,
+                    n,
+                    d,
+                    classes,
+                }
             })
         }
         other => Err(CaseError::new(
@@ -827,26 +957,37 @@ fn parse_objective(o: &Obj<'_>, params: &[Param], dtype: Dtype) -> Result<Object
 }
 
 /// Checks the names, order and shapes of a classifier's params.
-fn check_classifier_params(params: &[Param], want: &[(&str, Vec<usize>)], kind: &str) -> Result<()> {
+fn check_classifier_params(
+    params: &[Param],
+    want: &[(&str, Vec<usize>)],
+    kind: &str,
+) -> Result<()> {
     let names: Vec<&str> = want.iter().map(|w| w.0).collect();
     let got: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
     if names != got {
         return Err(CaseError::new(
             "params",
-            format!("{kind} objective needs params [{}] in that order, found [{}]", names.join(", "), got.join(", ")),
+            format!(
+                "{kind} objective needs params [{}] in that order, found [{}]",
+                names.join(", "),
+                got.join(", ")
+            ),
         ));
     }
     for (i, (p, (name, need))) in params.iter().zip(want).enumerate() {
         if &p.shape != need {
             return Err(CaseError::new(
                 &idx("params", i),
-                format!("{name} has shape {} but the {kind} objective needs {}", fmt_shape(&p.shape), fmt_shape(need)),
+                format!(
+                    "{name} has shape {} but the {kind} objective needs {}",
+                    fmt_shape(&p.shape),
+                    fmt_shape(need)
+                ),
             ));
         }
     }
     Ok(())
 }
-
 
 fn base_kind_name(b: &BaseHyper) -> &'static str {
     match b {
@@ -859,7 +1000,13 @@ fn base_kind_name(b: &BaseHyper) -> &'static str {
 /// Sets one base option; returns `Ok(false)` if `key` is not a base key of this kind.
 fn set_base_key(h: &mut BaseHyper, key: &str, v: &Json, path: &str) -> Result<bool> {
     match h {
-        BaseHyper::Sgd { lr, momentum, dampening, weight_decay, nesterov } => match key {
+        BaseHyper::Sgd {
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+        } => match key {
             "lr" => *lr = num(v, path)?,
             "momentum" => *momentum = num(v, path)?,
             "dampening" => *dampening = num(v, path)?,
@@ -867,8 +1014,22 @@ fn set_base_key(h: &mut BaseHyper, key: &str, v: &Json, path: &str) -> Result<bo
             "nesterov" => *nesterov = boolean(v, path)?,
             _ => return Ok(false),
         },
-        BaseHyper::Adam { lr, beta1, beta2, eps, weight_decay, amsgrad }
-        | BaseHyper::AdamW { lr, beta1, beta2, eps, weight_decay, amsgrad } => match key {
+        BaseHyper::Adam {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            amsgrad,
+        }
+        | BaseHyper::AdamW {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            amsgrad,
+        } => match key {
             "lr" => *lr = num(v, path)?,
             "betas" => match numbers(v, path, Some(2))?.as_slice() {
                 &[b1, b2] => (*beta1, *beta2) = (b1, b2),
@@ -888,12 +1049,30 @@ fn parse_base(b: &Obj<'_>) -> Result<BaseHyper> {
     let mut h = match kind {
         "sgd" => {
             b.req("lr")?;
-            BaseHyper::Sgd { lr: 0.0, momentum: 0.0, dampening: 0.0, weight_decay: 0.0, nesterov: false }
+            BaseHyper::Sgd {
+                lr: 0.0,
+                momentum: 0.0,
+                dampening: 0.0,
+                weight_decay: 0.0,
+                nesterov: false,
+            }
         }
-        "adam" => BaseHyper::Adam { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, amsgrad: false },
-        "adamw" => {
-            BaseHyper::AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, amsgrad: false }
-        }
+        "adam" => BaseHyper::Adam {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            amsgrad: false,
+        },
+        "adamw" => BaseHyper::AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-2,
+            amsgrad: false,
+        },
         other => {
             return Err(CaseError::new(
                 &b.at("kind"),
@@ -903,7 +1082,10 @@ fn parse_base(b: &Obj<'_>) -> Result<BaseHyper> {
     };
     for (key, v) in b.map.iter().filter(|(k, _)| k.as_str() != "kind") {
         if !set_base_key(&mut h, key, v, &b.at(key))? {
-            return Err(CaseError::new(&b.path, format!("unknown key '{key}' for base kind {kind}")));
+            return Err(CaseError::new(
+                &b.path,
+                format!("unknown key '{key}' for base kind {kind}"),
+            ));
         }
     }
     Ok(h)
@@ -913,7 +1095,14 @@ fn parse_schedule(s: &Obj<'_>) -> Result<ScheduleSpec> {
     match s.str("kind")? {
         kind @ ("linear" | "cosine") => {
             s.only(
-                &["kind", "t_max", "max_value", "min_value", "init_value", "warmup_steps"],
+                &[
+                    "kind",
+                    "t_max",
+                    "max_value",
+                    "min_value",
+                    "init_value",
+                    "warmup_steps",
+                ],
                 &format!(" for schedule kind {kind}"),
             )?;
             let (t_max, max_value) = (s.num("t_max")?, s.num("max_value")?);
@@ -921,13 +1110,28 @@ fn parse_schedule(s: &Obj<'_>) -> Result<ScheduleSpec> {
             let init_value = s.num_or("init_value", 0.0)?;
             let warmup_steps = s.num_or("warmup_steps", 0.0)?;
             Ok(if kind == "linear" {
-                ScheduleSpec::Linear { t_max, max_value, min_value, init_value, warmup_steps }
+                ScheduleSpec::Linear {
+                    t_max,
+                    max_value,
+                    min_value,
+                    init_value,
+                    warmup_steps,
+                }
             } else {
-                ScheduleSpec::Cosine { t_max, max_value, min_value, init_value, warmup_steps }
+                ScheduleSpec::Cosine {
+                    t_max,
+                    max_value,
+                    min_value,
+                    init_value,
+                    warmup_steps,
+                }
             })
         }
         "proportion" => {
-            s.only(&["kind", "max_lr", "min_lr", "max_value", "min_value"], " for schedule kind proportion")?;
+            s.only(
+                &["kind", "max_lr", "min_lr", "max_value", "min_value"],
+                " for schedule kind proportion",
+            )?;
             Ok(ScheduleSpec::Proportion {
                 max_lr: s.num("max_lr")?,
                 min_lr: s.num("min_lr")?,
@@ -948,8 +1152,18 @@ fn parse_optimizer(o: &Obj<'_>) -> Result<(VariantSpec, BaseHyper, f64, bool)> {
     let keys: &[&str] = match variant {
         "sam" => &["variant", "base", "rho", "adaptive"],
         "wasam" => &["variant", "base", "rho", "adaptive", "swa_start"],
-        "wsam" => &["variant", "base", "rho", "adaptive", "gamma", "decouple", "max_norm", "sam_eps"],
-        "gsam" => &["variant", "base", "alpha", "adaptive", "perturb_eps", "rho_schedule", "lr_schedule"],
+        "wsam" => &[
+            "variant", "base", "rho", "adaptive", "gamma", "decouple", "max_norm", "sam_eps",
+        ],
+        "gsam" => &[
+            "variant",
+            "base",
+            "alpha",
+            "adaptive",
+            "perturb_eps",
+            "rho_schedule",
+            "lr_schedule",
+        ],
         other => {
             return Err(CaseError::new(
                 &o.at("variant"),
@@ -960,9 +1174,15 @@ fn parse_optimizer(o: &Obj<'_>) -> Result<(VariantSpec, BaseHyper, f64, bool)> {
     o.only(keys, &format!(" for variant {variant}"))?;
     let base = parse_base(&o.obj("base")?)?;
     let adaptive = o.bool_or("adaptive", false)?;
-    let rho = if variant == "gsam" { 0.0 } else { o.num_or("rho", 0.05)? };
+    let rho = if variant == "gsam" {
+        0.0
+    } else {
+        o.num_or("rho", 0.05)?
+    };
     let spec = match variant {
-        "wasam" => VariantSpec::Wasam { swa_start: uint(o.req("swa_start")?, &o.at("swa_start"))? },
+        "wasam" => VariantSpec::Wasam {
+            swa_start: uint(o.req("swa_start")?, &o.at("swa_start"))?,
+        },
         "wsam" => VariantSpec::Wsam {
             gamma: o.num_or("gamma", 0.9)?,
             decouple: o.bool_or("decouple", true)?,
@@ -979,7 +1199,10 @@ fn parse_optimizer(o: &Obj<'_>) -> Result<(VariantSpec, BaseHyper, f64, bool)> {
                 Some(v) => Some(parse_schedule(&Obj::new(v, &o.at("lr_schedule"))?)?),
             };
             if matches!(lr_schedule, Some(ScheduleSpec::Proportion { .. })) {
-                return Err(CaseError::new(&o.at("lr_schedule"), "kind 'proportion' is only allowed for rho_schedule"));
+                return Err(CaseError::new(
+                    &o.at("lr_schedule"),
+                    "kind 'proportion' is only allowed for rho_schedule",
+                ));
             }
             if matches!(rho_schedule, ScheduleSpec::Proportion { .. }) && lr_schedule.is_none() {
                 return Err(CaseError::new(
@@ -1009,10 +1232,17 @@ fn parse_groups(
     adaptive: bool,
 ) -> Result<Vec<GroupSpec>> {
     if list.is_empty() {
-        return Err(CaseError::new("param_groups", "must list at least one group"));
+        return Err(CaseError::new(
+            "param_groups",
+            "must list at least one group",
+        ));
     }
     let gsam = matches!(variant, VariantSpec::Gsam { .. });
-    let by_name: BTreeMap<&str, usize> = params.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
+    let by_name: BTreeMap<&str, usize> = params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.name.as_str(), i))
+        .collect();
     let mut owner: Vec<Option<usize>> = vec![None; params.len()];
     let mut groups = Vec::with_capacity(list.len());
     for (g, v) in list.iter().enumerate() {
@@ -1029,14 +1259,22 @@ fn parse_groups(
             };
             match owner.get_mut(i) {
                 Some(Some(prev)) => {
-                    return Err(CaseError::new(&p, format!("param '{name}' is already in param_groups[{prev}]")));
+                    return Err(CaseError::new(
+                        &p,
+                        format!("param '{name}' is already in param_groups[{prev}]"),
+                    ));
                 }
                 Some(slot) => *slot = Some(g),
                 None => return Err(CaseError::new(&p, "internal index error")),
             }
             members.push(i);
         }
-        let mut spec = GroupSpec { params: members, base, rho, adaptive };
+        let mut spec = GroupSpec {
+            params: members,
+            base,
+            rho,
+            adaptive,
+        };
         if let Some(opts) = o.get("options") {
             let opts = Obj::new(opts, &o.at("options"))?;
             for (key, v) in opts.map {
@@ -1047,7 +1285,11 @@ fn parse_groups(
                     _ => {
                         if !set_base_key(&mut spec.base, key, v, &kp)? {
                             let kind = base_kind_name(&base);
-                            let note = if gsam { " (gsam groups take base keys only)" } else { "" };
+                            let note = if gsam {
+                                " (gsam groups take base keys only)"
+                            } else {
+                                ""
+                            };
                             return Err(CaseError::new(
                                 &opts.path,
                                 format!("unknown key '{key}' for base kind {kind}{note}"),
@@ -1061,13 +1303,19 @@ fn parse_groups(
     }
     if let Some(i) = owner.iter().position(Option::is_none) {
         let name = params.get(i).map_or("", |p| p.name.as_str());
-        return Err(CaseError::new(&idx("params", i), format!("param '{name}' is in no param group")));
+        return Err(CaseError::new(
+            &idx("params", i),
+            format!("param '{name}' is in no param group"),
+        ));
     }
     Ok(groups)
 }
 
 fn parse_expected(e: &Obj<'_>, variant: &VariantSpec, steps: usize, n: usize) -> Result<Expected> {
-    let (wasam, gsam) = (matches!(variant, VariantSpec::Wasam { .. }), matches!(variant, VariantSpec::Gsam { .. }));
+    let (wasam, gsam) = (
+        matches!(variant, VariantSpec::Wasam { .. }),
+        matches!(variant, VariantSpec::Gsam { .. }),
+    );
     let (keys, name): (&[&str], &str) = match variant {
         VariantSpec::Sam => (&["loss", "params"], "sam"),
         VariantSpec::Wasam { .. } => (&["loss", "params", "swa_params"], "wasam"),
@@ -1077,10 +1325,22 @@ fn parse_expected(e: &Obj<'_>, variant: &VariantSpec, steps: usize, n: usize) ->
     e.only(keys, &format!(" for variant {name}"))?;
     let loss = numbers(e.req("loss")?, &e.at("loss"), Some(steps))?;
     let params = matrix(e.req("params")?, &e.at("params"), steps, n)?;
-    let swa_params = wasam.then(|| numbers(e.req("swa_params")?, &e.at("swa_params"), Some(n))).transpose()?;
-    let lr = gsam.then(|| numbers(e.req("lr")?, &e.at("lr"), Some(steps))).transpose()?;
-    let rho = gsam.then(|| numbers(e.req("rho")?, &e.at("rho"), Some(steps))).transpose()?;
-    Ok(Expected { loss, params, swa_params, lr, rho })
+    let swa_params = wasam
+        .then(|| numbers(e.req("swa_params")?, &e.at("swa_params"), Some(n)))
+        .transpose()?;
+    let lr = gsam
+        .then(|| numbers(e.req("lr")?, &e.at("lr"), Some(steps)))
+        .transpose()?;
+    let rho = gsam
+        .then(|| numbers(e.req("rho")?, &e.at("rho"), Some(steps)))
+        .transpose()?;
+    Ok(Expected {
+        loss,
+        params,
+        swa_params,
+        lr,
+        rho,
+    })
 }
 
 #[cfg(test)]
@@ -1133,7 +1393,13 @@ mod tests {
         assert_eq!(c.groups[0].rho, 0.246);
         assert_eq!(
             c.groups[1].base,
-            BaseHyper::Sgd { lr: 0.286, momentum: 0.136, dampening: 0.0, weight_decay: 0.0, nesterov: false }
+            BaseHyper::Sgd {
+                lr: 0.286,
+                momentum: 0.136,
+                dampening: 0.0,
+                weight_decay: 0.0,
+                nesterov: false
+            }
         );
         assert_eq!(c.offsets(), vec![0, 9]);
 
@@ -1142,7 +1408,15 @@ mod tests {
         v["optimizer"] = serde_json::json!({"variant": "wsam", "base": {"kind": "adamw"}});
         v["param_groups"] = serde_json::json!([{"params": ["W", "b"]}]);
         let c = parse_case(v.to_string().as_bytes()).expect("parse");
-        assert_eq!(c.variant, VariantSpec::Wsam { gamma: 0.9, decouple: true, max_norm: None, sam_eps: 1e-12 });
+        assert_eq!(
+            c.variant,
+            VariantSpec::Wsam {
+                gamma: 0.9,
+                decouple: true,
+                max_norm: None,
+                sam_eps: 1e-12
+            }
+        );
         assert_eq!(
             c.groups[0],
             GroupSpec {
@@ -1165,7 +1439,13 @@ mod tests {
     fn gsam_groups_and_schedules() {
         let bytes = std::fs::read(cases_dir().join("gsam_multigroup_const_lr.json")).expect("read");
         let c = parse_case(&bytes).expect("parse");
-        assert!(matches!(c.variant, VariantSpec::Gsam { lr_schedule: None, .. }));
+        assert!(matches!(
+            c.variant,
+            VariantSpec::Gsam {
+                lr_schedule: None,
+                ..
+            }
+        ));
         assert_eq!(c.groups[0].base.lr(), 0.0754);
         assert_eq!(c.groups[1].rho, 0.0);
         assert!(c.expected.lr.is_some() && c.expected.rho.is_some());
@@ -1187,72 +1467,165 @@ mod tests {
         use serde_json::json;
         let sgd = "sam_multigroup_sgd.json";
         let checks: Vec<(String, &str)> = vec![
-            (error_after(sgd, |v| v["param_groups"][1]["options"]["foo"] = json!(1)),
-             "param_groups[1].options: unknown key 'foo' for base kind sgd"),
-            (error_after(sgd, |v| v["params"][0]["init"].as_array_mut().expect("a").truncate(8)),
-             "params[0]: init has 8 values but shape [3,3] needs 9"),
-            (error_after(sgd, |v| v["schema"] = json!("sam-conformance/2")),
-             "schema: unsupported schema 'sam-conformance/2', expected 'sam-conformance/1'"),
-            (error_after(sgd, |v| v["optimizer"]["variant"] = json!("lookahead")),
-             "optimizer.variant: unknown variant 'lookahead', expected sam, wasam, wsam or gsam"),
-            (error_after(sgd, |v| v["optimizer"]["base"]["kind"] = json!("rmsprop")),
-             "optimizer.base.kind: unknown base kind 'rmsprop', expected sgd, adam or adamw"),
-            (error_after(sgd, |v| v["param_groups"][1]["params"] = json!(["b", "W"])),
-             "param_groups[1].params[1]: param 'W' is already in param_groups[0]"),
-            (error_after(sgd, |v| v["param_groups"][1]["params"] = json!([])),
-             "params[1]: param 'b' is in no param group"),
-            (error_after(sgd, |v| v["param_groups"][1]["params"] = json!(["c"])),
-             "param_groups[1].params[0]: unknown param 'c'"),
-            (error_after(sgd, |v| v["params"][1]["shape"] = json!([3, 1])),
-             "params[1]: b has shape [3,1] but the softmax objective needs [3]"),
-            (error_after(sgd, |v| v["objective"]["y"][2] = json!(3)),
-             "objective.y[2]: label 3 out of range for 3 classes"),
-            (error_after(sgd, |v| v["steps"] = json!(2.5)),
-             "steps: must be a non-negative integer, got 2.5"),
-            (error_after(sgd, |v| v["steps"] = json!(-1)),
-             "steps: must be a non-negative integer, got -1"),
-            (error_after(sgd, |v| { v["expected"]["loss"].as_array_mut().expect("a").pop(); }),
-             "expected.loss: has 13 values, expected 14"),
-            (error_after(sgd, |v| v["expected"]["params"][4].as_array_mut().expect("a").push(json!(0))),
-             "expected.params[4]: row has 13 values, expected 12"),
-            (error_after(sgd, |v| { v["optimizer"]["base"].as_object_mut().expect("o").remove("lr"); }),
-             "optimizer.base.lr: missing required field"),
-            (error_after("wasam_sgd_momentum.json", |v| { v["expected"].as_object_mut().expect("o").remove("swa_params"); }),
-             "expected.swa_params: missing required field"),
-            (error_after("gsam_proportion_cosine.json", |v| v["optimizer"]["lr_schedule"] = json!(null)),
-             "optimizer.rho_schedule: kind 'proportion' requires a non-null lr_schedule"),
-            (error_after("gsam_multigroup_const_lr.json", |v| v["param_groups"][0]["options"]["rho"] = json!(0.1)),
-             "param_groups[0].options: unknown key 'rho' for base kind sgd (gsam groups take base keys only)"),
-            (error_after("gsam_multigroup_const_lr.json", |v| v["optimizer"]["rho_schedule"]["kind"] = json!("step")),
-             "optimizer.rho_schedule.kind: unknown schedule kind 'step', expected linear, cosine or proportion"),
-            (error_after("asam_sgd_plain.json", |v| v["objective"]["a"][1][0] = json!(123.0)),
-             "objective.a: not symmetric: a[1][0] != a[0][1]"),
-            (error_after("asam_sgd_plain.json", |v| { v["objective"]["a"][2].as_array_mut().expect("a").pop(); }),
-             "objective.a[2]: row has 7 values, expected 8"),
-            (error_after("f32_wasam.json", |v| v["params"][1]["init"][0] = json!(0.1)),
-             "params[1].init[0]: 0.1 is not exactly representable in f32"),
-            (error_after("asam_adamw.json", |v| v["optimizer"]["base"]["betas"] = json!([0.9])),
-             "optimizer.base.betas: has 1 values, expected 2"),
-            (error_after(sgd, |v| v["steps"] = json!(100_001)),
-             "steps: value is 100001, above the cap of 100000"),
-            (error_after(sgd, |v| v["params"][0]["shape"] = json!([1_000_000, 1_000_000])),
-             "params[0].shape: element count is 1000000000000, above the cap of 1000000"),
-            (error_after(sgd, |v| v["params"][0]["shape"] = json!([u64::MAX, 4])),
-             "params[0].shape: element count overflows, above the cap of 1000000"),
-            (error_after(sgd, |v| v["expected"]["lr"] = json!([])),
-             "expected: unknown key 'lr' for variant sam"),
+            (
+                error_after(sgd, |v| v["param_groups"][1]["options"]["foo"] = json!(1)),
+                "param_groups[1].options: unknown key 'foo' for base kind sgd",
+            ),
+            (
+                error_after(sgd, |v| {
+                    v["params"][0]["init"]
+                        .as_array_mut()
+                        .expect("a")
+                        .truncate(8)
+                }),
+                "params[0]: init has 8 values but shape [3,3] needs 9",
+            ),
+            (
+                error_after(sgd, |v| v["schema"] = json!("sam-conformance/2")),
+                "schema: unsupported schema 'sam-conformance/2', expected 'sam-conformance/1'",
+            ),
+            (
+                error_after(sgd, |v| v["optimizer"]["variant"] = json!("lookahead")),
+                "optimizer.variant: unknown variant 'lookahead', expected sam, wasam, wsam or gsam",
+            ),
+            (
+                error_after(sgd, |v| v["optimizer"]["base"]["kind"] = json!("rmsprop")),
+                "optimizer.base.kind: unknown base kind 'rmsprop', expected sgd, adam or adamw",
+            ),
+            (
+                error_after(sgd, |v| v["param_groups"][1]["params"] = json!(["b", "W"])),
+                "param_groups[1].params[1]: param 'W' is already in param_groups[0]",
+            ),
+            (
+                error_after(sgd, |v| v["param_groups"][1]["params"] = json!([])),
+                "params[1]: param 'b' is in no param group",
+            ),
+            (
+                error_after(sgd, |v| v["param_groups"][1]["params"] = json!(["c"])),
+                "param_groups[1].params[0]: unknown param 'c'",
+            ),
+            (
+                error_after(sgd, |v| v["params"][1]["shape"] = json!([3, 1])),
+                "params[1]: b has shape [3,1] but the softmax objective needs [3]",
+            ),
+            (
+                error_after(sgd, |v| v["objective"]["y"][2] = json!(3)),
+                "objective.y[2]: label 3 out of range for 3 classes",
+            ),
+            (
+                error_after(sgd, |v| v["steps"] = json!(2.5)),
+                "steps: must be a non-negative integer, got 2.5",
+            ),
+            (
+                error_after(sgd, |v| v["steps"] = json!(-1)),
+                "steps: must be a non-negative integer, got -1",
+            ),
+            (
+                error_after(sgd, |v| {
+                    v["expected"]["loss"].as_array_mut().expect("a").pop();
+                }),
+                "expected.loss: has 13 values, expected 14",
+            ),
+            (
+                error_after(sgd, |v| {
+                    v["expected"]["params"][4]
+                        .as_array_mut()
+                        .expect("a")
+                        .push(json!(0))
+                }),
+                "expected.params[4]: row has 13 values, expected 12",
+            ),
+            (
+                error_after(sgd, |v| {
+                    v["optimizer"]["base"]
+                        .as_object_mut()
+                        .expect("o")
+                        .remove("lr");
+                }),
+                "optimizer.base.lr: missing required field",
+            ),
+            (
+                error_after("wasam_sgd_momentum.json", |v| {
+                    v["expected"]
+                        .as_object_mut()
+                        .expect("o")
+                        .remove("swa_params");
+                }),
+                "expected.swa_params: missing required field",
+            ),
+            (
+                error_after("gsam_proportion_cosine.json", |v| {
+                    v["optimizer"]["lr_schedule"] = json!(null)
+                }),
+                "optimizer.rho_schedule: kind 'proportion' requires a non-null lr_schedule",
+            ),
+            (
+                error_after("gsam_multigroup_const_lr.json", |v| {
+                    v["param_groups"][0]["options"]["rho"] = json!(0.1)
+                }),
+                "param_groups[0].options: unknown key 'rho' for base kind sgd (gsam groups take base keys only)",
+            ),
+            (
+                error_after("gsam_multigroup_const_lr.json", |v| {
+                    v["optimizer"]["rho_schedule"]["kind"] = json!("step")
+                }),
+                "optimizer.rho_schedule.kind: unknown schedule kind 'step', expected linear, cosine or proportion",
+            ),
+            (
+                error_after("asam_sgd_plain.json", |v| {
+                    v["objective"]["a"][1][0] = json!(123.0)
+                }),
+                "objective.a: not symmetric: a[1][0] != a[0][1]",
+            ),
+            (
+                error_after("asam_sgd_plain.json", |v| {
+                    v["objective"]["a"][2].as_array_mut().expect("a").pop();
+                }),
+                "objective.a[2]: row has 7 values, expected 8",
+            ),
+            (
+                error_after("f32_wasam.json", |v| v["params"][1]["init"][0] = json!(0.1)),
+                "params[1].init[0]: 0.1 is not exactly representable in f32",
+            ),
+            (
+                error_after("asam_adamw.json", |v| {
+                    v["optimizer"]["base"]["betas"] = json!([0.9])
+                }),
+                "optimizer.base.betas: has 1 values, expected 2",
+            ),
+            (
+                error_after(sgd, |v| v["steps"] = json!(100_001)),
+                "steps: value is 100001, above the cap of 100000",
+            ),
+            (
+                error_after(sgd, |v| {
+                    v["params"][0]["shape"] = json!([1_000_000, 1_000_000])
+                }),
+                "params[0].shape: element count is 1000000000000, above the cap of 1000000",
+            ),
+            (
+                error_after(sgd, |v| v["params"][0]["shape"] = json!([u64::MAX, 4])),
+                "params[0].shape: element count overflows, above the cap of 1000000",
+            ),
+            (
+                error_after(sgd, |v| v["expected"]["lr"] = json!([])),
+                "expected: unknown key 'lr' for variant sam",
+            ),
         ];
         for (got, want) in checks {
             assert_eq!(got, want);
         }
         assert_eq!(
             parse_case(b"{\"schema\": 1, \"schema\": 2}").map_err(|e| e.to_string()),
-            Err("invalid JSON: duplicate key 'schema' at line 1 column 25".to_owned())
+            Err("invalid JSON: duplicate key 'schema' at line 1 column 22".to_owned())
         );
         let big = vec![b' '; MAX_INPUT_BYTES + 1];
         assert_eq!(
             parse_case(&big).map_err(|e| e.to_string()),
-            Err(format!("input is {} bytes, above the cap of {MAX_INPUT_BYTES}", MAX_INPUT_BYTES + 1))
+            Err(format!(
+                "input is {} bytes, above the cap of {MAX_INPUT_BYTES}",
+                MAX_INPUT_BYTES + 1
+            ))
         );
     }
 
@@ -1293,11 +1666,14 @@ mod tests {
     #[test]
     fn truncations_never_panic_and_are_rejected() {
         for (stem, bytes) in case_files().iter().step_by(5) {
-            let len = bytes.len();
+            let len = bytes.trim_ascii_end().len();
             let stride = (len / 300).max(1);
             let cuts = (0..len).step_by(stride).chain(len.saturating_sub(64)..len);
             for cut in cuts {
-                assert!(parse_case(&bytes[..cut]).is_err(), "{stem} truncated at {cut} was accepted");
+                assert!(
+                    parse_case(&bytes[..cut]).is_err(),
+                    "{stem} truncated at {cut} was accepted"
+                );
             }
         }
     }
@@ -1306,8 +1682,20 @@ mod tests {
     fn random_mutations_never_panic() {
         let files = case_files();
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-        let tokens: [&[u8]; 12] =
-            [b"-", b"0", b"1e308", b"1e999", b"\"", b",", b"]", b"[", b"{}", b"null", b"3.5", b"99999999999"];
+        let tokens: [&[u8]; 12] = [
+            b"-",
+            b"0",
+            b"1e308",
+            b"1e999",
+            b"\"",
+            b",",
+            b"]",
+            b"[",
+            b"{}",
+            b"null",
+            b"3.5",
+            b"99999999999",
+        ];
         for _ in 0..3000 {
             let (_, base) = &files[rng.below(files.len())];
             let mut bytes = base.clone();

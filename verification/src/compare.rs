@@ -67,7 +67,12 @@ pub fn first_mismatch(
     if got.len() != expected.len() {
         let at = got.len().min(expected.len());
         let value = |s: &[f64]| s.get(at).copied().unwrap_or(f64::NAN);
-        return Some(mismatch(at, value(got), value(expected), Some((got.len(), expected.len()))));
+        return Some(mismatch(
+            at,
+            value(got),
+            value(expected),
+            Some((got.len(), expected.len())),
+        ));
     }
     got.iter()
         .zip(expected)
@@ -79,27 +84,54 @@ pub fn first_mismatch(
 mod tests {
     use super::*;
 
-    const TOL: Tolerance = Tolerance { rtol: 1e-3, atol: 1e-6 };
+    const TOL: Tolerance = Tolerance {
+        rtol: 1e-3,
+        atol: 1e-6,
+    };
 
     #[test]
     fn equal_and_within_tolerance_pass() {
         assert_eq!(first_mismatch("loss", None, &[], &[], &TOL), None);
-        assert_eq!(first_mismatch("loss", None, &[1.0, -2.0, 0.0], &[1.0009, -2.0019, 9e-7], &TOL), None);
+        assert_eq!(
+            first_mismatch(
+                "loss",
+                None,
+                &[1.0, -2.0, 0.0],
+                &[1.0009, -2.0019, 9e-7],
+                &TOL
+            ),
+            None
+        );
     }
 
     #[test]
     fn reports_first_failing_element() {
-        let m = first_mismatch("params", Some(3), &[1.0, 2.0, 3.0, 5.0], &[1.0, 2.0, 3.1, 6.0], &TOL)
-            .expect("mismatch");
+        let m = first_mismatch(
+            "params",
+            Some(3),
+            &[1.0, 2.0, 3.0, 5.0],
+            &[1.0, 2.0, 3.1, 6.0],
+            &TOL,
+        )
+        .expect("mismatch");
         assert_eq!((m.index, m.got, m.expected, m.lengths), (2, 3.0, 3.1, None));
-        assert_eq!(m.to_string(), "params step 3 index 2: got 3e0, expected 3.1e0 (|diff| 1.0000000000000009e-1)");
+        assert_eq!(
+            m.to_string(),
+            "params step 3 index 2: got 3e0, expected 3.1e0 (|diff| 1.0000000000000009e-1)"
+        );
     }
 
     #[test]
     fn nan_and_infinity_always_fail() {
         let m = first_mismatch("rho", None, &[0.5, f64::NAN], &[0.5, 0.5], &TOL).expect("mismatch");
-        assert_eq!(m.to_string(), "rho index 1: got NaN, expected 5e-1 (|diff| NaN)");
-        let inf = Tolerance { rtol: f64::INFINITY, atol: f64::INFINITY };
+        assert_eq!(
+            m.to_string(),
+            "rho index 1: got NaN, expected 5e-1 (|diff| NaN)"
+        );
+        let inf = Tolerance {
+            rtol: f64::INFINITY,
+            atol: f64::INFINITY,
+        };
         assert!(first_mismatch("lr", None, &[f64::NAN], &[0.0], &inf).is_some());
         assert!(first_mismatch("lr", None, &[f64::INFINITY], &[1.0], &TOL).is_some());
     }

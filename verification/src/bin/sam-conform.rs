@@ -1,1 +1,68 @@
-fn main(){}
+//! `sam-conform`: replays conformance cases on a backend and prints one line per case.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use sam_verification::backend::{CoreBackend, ReplayBackend};
+use sam_verification::{collect_cases, run_file};
+
+const USAGE: &str = "usage: sam-conform [--backend core] PATH...
+
+Replays every conformance case (a .json file, or a directory of them) through sam-core on the
+chosen storage backend and compares the trajectory with the case's tolerance.
+Prints `PASS name` or `FAIL name: reason` per case, then `N passed, M failed`;
+exits 1 if any case failed, 2 on a usage error.
+
+backends: core (the reference backend, default)";
+
+fn main() -> ExitCode {
+    let mut backend = String::from("core");
+    let mut paths = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            "--backend" => match args.next() {
+                Some(b) => backend = b,
+                None => return usage("--backend needs a value"),
+            },
+            s if s.starts_with("--backend=") => backend = s["--backend=".len()..].to_string(),
+            s if s.starts_with('-') => return usage(&format!("unknown option {s}")),
+            _ => paths.push(PathBuf::from(a)),
+        }
+    }
+    if paths.is_empty() {
+        return usage("no case file or directory given");
+    }
+    match backend.as_str() {
+        "core" => run(&CoreBackend, &paths),
+        other => usage(&format!("unknown backend `{other}`")),
+    }
+}
+
+fn usage(msg: &str) -> ExitCode {
+    eprintln!("sam-conform: {msg}\n\n{USAGE}");
+    ExitCode::from(2)
+}
+
+fn run<K: ReplayBackend>(backend: &K, paths: &[PathBuf]) -> ExitCode {
+    let files = match collect_cases(paths) {
+        Ok(f) => f,
+        Err(e) => return usage(&e),
+    };
+    let (mut passed, mut failed) = (0usize, 0usize);
+    for f in &files {
+        let r = run_file(f, backend);
+        println!("{}", r.line());
+        if r.passed() {
+            passed += 1;
+        } else {
+            failed += 1;
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
