@@ -45,6 +45,9 @@
 //! | type | paper |
 //! |---|---|
 //! | [`Sam`] (SAM, and ASAM with `adaptive`) | Foret et al. 2021, <https://arxiv.org/abs/2010.01412>; Kwon et al. 2021, <https://arxiv.org/abs/2102.11600> |
+//! | [`Gsam`] | Zhuang et al. 2022, <https://arxiv.org/abs/2203.08065> |
+//! | [`Wsam`] | Yue et al. 2023, <https://arxiv.org/abs/2305.15817> |
+//! | [`Wasam`] | Kaddour et al. 2022, <https://arxiv.org/abs/2202.00661> |
 //! | [`BaseOptimizer`] | plain SGD / Adam / AdamW with torch semantics (the baseline) |
 //!
 //! # Guarantees
@@ -76,6 +79,10 @@ mod plain;
 mod real;
 pub mod reference;
 mod sam;
+mod schedule;
+mod gsam;
+mod wsam;
+mod wasam;
 
 pub use base::{AdamConfig, AdamStep, BaseRule, BaseStep, SgdConfig, SgdStep, add, lerp};
 pub use buffer::{
@@ -88,4 +95,8 @@ pub use group::{Group, GroupOptions};
 pub use guard::{Perturbed, SamFamily};
 pub use plain::BaseOptimizer;
 pub use real::Real;
+pub use gsam::{Gsam, GsamConfig, RhoSchedule, Timeline};
 pub use sam::{Sam, SamConfig};
+pub use schedule::{Proportional, Schedule, ScheduleConfig, ScheduleShape};
+pub use wasam::{Swapped, Wasam, WasamState};
+pub use wsam::{Wsam, WsamConfig};

@@ -150,17 +150,7 @@ impl Sam {
         &'a mut self,
         groups: &'a mut [Group<B>],
     ) -> Result<Perturbed<'a, Self, B>, Error<B::Error>> {
-        let cfg = self.cfg;
-        self.engine.begin(groups, sam_slots)?;
-        let norms = Engine::norms(groups, |o, s| ReduceSpec {
-            perturb: Some(cfg.weighting(o)),
-            scale_perturb: s[0],
-            ..ReduceSpec::FINITE_ONLY
-        })?;
-        if !norms.finite {
-            return Err(Error::NonFiniteGradient);
-        }
-        Engine::perturb_all(groups, |o| cfg.perturb_spec(o, &norms, false))?;
+        sam_perturb(&self.cfg, &mut self.engine, groups, sam_slots)?;
         Ok(Perturbed::new(self, groups))
     }
 
@@ -185,6 +175,25 @@ impl Sam {
         }
         Ok(())
     }
+}
+
+/// The first half of SAM/ASAM (shared with WASAM): checks, global norm, perturbation.
+pub(crate) fn sam_perturb<B: ParamBuffer>(
+    cfg: &SamConfig,
+    engine: &mut Engine,
+    groups: &mut [Group<B>],
+    slots: impl Fn(&GroupOptions) -> SlotSpec,
+) -> Result<(), Error<B::Error>> {
+    engine.begin(groups, slots)?;
+    let norms = Engine::norms(groups, |o, s| ReduceSpec {
+        perturb: Some(cfg.weighting(o)),
+        scale_perturb: s[0],
+        ..ReduceSpec::FINITE_ONLY
+    })?;
+    if !norms.finite {
+        return Err(Error::NonFiniteGradient);
+    }
+    Engine::perturb_all(groups, |o| cfg.perturb_spec(o, &norms, false))
 }
 
 /// `c = ρ/(n_s + ε·s)` at the norm's scale (`0` for a zero gradient; a scaled ε that overflows
@@ -213,8 +222,13 @@ pub(crate) fn check_second<B: ParamBuffer>(
     if norms.finite {
         return Ok(None);
     }
+    skip_second(groups).map(Some)
+}
+
+/// Restores every group and reports a skip for a non-finite second gradient.
+pub(crate) fn skip_second<B: ParamBuffer>(groups: &mut [Group<B>]) -> Result<StepStatus, Error<B::Error>> {
     Engine::restore_all(groups)?;
-    Ok(Some(StepStatus::Skipped(SkipReason::NonFiniteSecond)))
+    Ok(StepStatus::Skipped(SkipReason::NonFiniteSecond))
 }
 
 /// The base step of a group: its rule, or External.

@@ -1,12 +1,13 @@
 //! Replays a conformance case through the public `sam-core` API on a backend.
 
 use sam_core::{
-    AdamConfig, BaseRule, Group, GroupOptions, ParamBuffer, Real, Sam, SamConfig, SgdConfig,
-    StepStatus,
+    AdamConfig, BaseRule, Group, GroupOptions, Gsam, GsamConfig, ParamBuffer, Proportional, Real,
+    RhoSchedule, Sam, SamConfig, Schedule, ScheduleConfig, ScheduleShape, SgdConfig, StepStatus,
+    Timeline, Wasam, Wsam, WsamConfig,
 };
 
 use crate::backend::ReplayBackend;
-use crate::case::{BaseHyper, Case, Dtype, GroupSpec, VariantSpec};
+use crate::case::{BaseHyper, Case, Dtype, GroupSpec, ScheduleSpec, VariantSpec};
 use crate::compare::{Mismatch, first_mismatch};
 use crate::objective::Problem;
 
@@ -220,11 +221,99 @@ where
                 record(&mut traj, &groups)?;
             }
         }
-        other => {
-            return Err(ReplayError(format!("variant {} is not implemented yet", variant_name(other))));
+        VariantSpec::Wasam { swa_start } => {
+            let mut opt = Wasam::new(SamConfig::default(), &[*swa_start])?;
+            for _ in 0..case.steps {
+                let r = opt.step(&mut groups, &mut eval)?;
+                applied(r.status)?;
+                traj.loss.push(r.loss.to_f64());
+                record(&mut traj, &groups)?;
+            }
+            let mut avg = vec![T::default(); layout.n];
+            let mut s = Vec::new();
+            for (gi, g) in groups.iter().enumerate() {
+                s.resize(g.buffer.len(), T::default());
+                backend.read_average(&g.buffer, 0, &mut s)?;
+                layout.scatter_group(gi, &s, &mut avg);
+            }
+            traj.swa_params = Some(to_f64(&avg));
+        }
+        VariantSpec::Wsam { gamma, decouple, max_norm, sam_eps } => {
+            let cfg = WsamConfig { gamma: *gamma, decouple: *decouple, max_norm: *max_norm, sam_eps: *sam_eps, ..Default::default() };
+            let mut opt = Wsam::new(cfg)?;
+            for _ in 0..case.steps {
+                let r = opt.step(&mut groups, &mut eval)?;
+                applied(r.status)?;
+                traj.loss.push(r.loss.to_f64());
+                record(&mut traj, &groups)?;
+            }
+        }
+        VariantSpec::Gsam { alpha, adaptive, perturb_eps, rho_schedule, lr_schedule } => {
+            let rho = match rho_schedule {
+                ScheduleSpec::Proportion { max_lr, min_lr, max_value, min_value } => {
+                    RhoSchedule::Proportional(Proportional { max_lr: *max_lr, min_lr: *min_lr, max_value: *max_value, min_value: *min_value })
+                }
+                other => RhoSchedule::Schedule(schedule(other)?),
+            };
+            let lr_schedule = lr_schedule.as_ref().map(schedule).transpose()?;
+            let cfg = GsamConfig {
+                alpha: *alpha,
+                rho,
+                lr_schedule,
+                timeline: Timeline::Upstream,
+                adaptive: *adaptive,
+                eta: 0.0,
+                perturb_eps: *perturb_eps,
+                check_second_gradient: true,
+            };
+            let mut opt = Gsam::new(cfg)?;
+            let lr0 = case.groups.first().map_or(0.0, |g| g.base.lr());
+            let (mut lrs, mut rhos) = (Vec::new(), Vec::new());
+            for t in 0..case.steps as u64 {
+                lrs.push(opt.lr_at(t, lr0));
+                rhos.push(opt.rho_at(t));
+                let r = opt.step(&mut groups, &mut eval)?;
+                applied(r.status)?;
+                traj.loss.push(r.loss.to_f64());
+                record(&mut traj, &groups)?;
+            }
+            traj.lr = Some(lrs);
+            traj.rho = Some(rhos);
         }
     }
     Ok(traj)
+}
+
+/// A linear or cosine schedule of a case (step counts must be whole, non-negative numbers).
+fn schedule(s: &ScheduleSpec) -> Result<Schedule, ReplayError> {
+    let (shape, t_max, max_value, min_value, init_value, warmup_steps) = match *s {
+        ScheduleSpec::Linear { t_max, max_value, min_value, init_value, warmup_steps } => {
+            (ScheduleShape::Linear, t_max, max_value, min_value, init_value, warmup_steps)
+        }
+        ScheduleSpec::Cosine { t_max, max_value, min_value, init_value, warmup_steps } => {
+            (ScheduleShape::Cosine, t_max, max_value, min_value, init_value, warmup_steps)
+        }
+        ScheduleSpec::Proportion { .. } => {
+            return Err(ReplayError("a proportion schedule can only drive rho".into()));
+        }
+    };
+    let count = |name: &str, x: f64| -> Result<u64, ReplayError> {
+        if x >= 0.0 && x.fract() == 0.0 && x < 9.0e15 {
+            Ok(x as u64)
+        } else {
+            Err(ReplayError(format!("schedule {name} must be a whole number >= 0, got {x}")))
+        }
+    };
+    let cfg = ScheduleConfig {
+        shape,
+        t_max: count("t_max", t_max)?,
+        max_value,
+        min_value,
+        init_value,
+        warmup_steps: count("warmup_steps", warmup_steps)?,
+        clamp: false,
+    };
+    Ok(Schedule::new(cfg)?)
 }
 
 fn applied(s: StepStatus) -> Result<(), ReplayError> {

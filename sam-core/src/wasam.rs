@@ -1,0 +1,300 @@
+//! WASAM: SAM with stochastic weight averaging of the iterates.
+
+use crate::buffer::{AverageFold, GradMix, MAX_AVERAGES, ParamBuffer, SlotSpec, UpdateSpec};
+use crate::engine::{Engine, Phase, StepReport, StepStatus};
+use crate::error::{Error, invalid};
+use crate::group::{Group, GroupOptions};
+use crate::guard::{Finish, Perturbed, SamFamily, closure_step, private};
+use crate::sam::{SamConfig, base_step, check_second, sam_perturb};
+
+/// Host-side state of [`Wasam`] for a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct WasamState {
+    /// Number of steps applied so far.
+    pub steps: u64,
+    /// Number of snapshots in each average.
+    pub counts: [u64; MAX_AVERAGES],
+    /// A fold is owed for a step finished with an external base optimizer.
+    pub pending_fold: bool,
+}
+
+/// SAM with weight averaging (WASAM): after each step `t ≥ start_k`, average `k` takes the new
+/// weights, `avg_k ← avg_k + (w − avg_k)/(n_k + 1)`, in the same pass as the step.
+///
+/// Several averages with different start steps can run at once (up to
+/// [`MAX_AVERAGES`]); each lives in a slot of the buffers. To evaluate an average, [`swap`]
+/// it in: the returned guard holds the averaged weights in the live storage (this is where a
+/// framework recomputes batch-norm statistics for the averaged weights, through
+/// [`Swapped::groups_mut`]) and swaps back when finished or dropped.
+///
+/// Reference: Kaddour et al., *When Do Flat Minima Optimizers Work?*, NeurIPS 2022,
+/// <https://arxiv.org/abs/2202.00661>; upstream JeanKaddour/WASAM `wasam.py`, `swa_utils.py`
+/// (conformance `SCHEMA.md` §7.2).
+///
+/// [`swap`]: Wasam::swap
+///
+/// ```
+/// use sam_core::{BaseRule, Group, SamConfig, SgdConfig, Wasam, reference::SliceBuffer};
+/// let mut w = [4.0_f64];
+/// let mut g = [0.0];
+/// let mut slots = [0.0; 3]; // backup, average 0, average 1
+/// let base = BaseRule::sgd(SgdConfig { lr: 0.5, ..Default::default() })?;
+/// let mut groups = [Group::new(SliceBuffer::new(&mut w, &mut g, &mut slots)?, base)];
+/// let mut wasam = Wasam::new(SamConfig { rho: 0.0, ..Default::default() }, &[0, 1])?;
+/// for _ in 0..3 {
+///     wasam.step(&mut groups, |gs| {
+///         let (w, g) = gs[0].buffer.weights_and_grad();
+///         g[0] = w[0]; // L = w²/2: each step halves w: 2, 1, 0.5
+///         Ok::<_, sam_core::Error<_>>(())
+///     })?;
+/// }
+/// let swapped = wasam.swap(&mut groups, 0)?;
+/// assert_eq!(swapped.groups()[0].buffer.weights(), &[3.5 / 3.0]); // mean of 2, 1, 0.5
+/// swapped.swap_back()?;
+/// assert_eq!(groups[0].buffer.weights(), &[0.5]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Wasam {
+    cfg: SamConfig,
+    starts: heapless::Vec<u64, MAX_AVERAGES>,
+    counts: [u64; MAX_AVERAGES],
+    pending_fold: bool,
+    engine: Engine,
+}
+
+impl Wasam {
+    /// WASAM around SAM/ASAM `cfg`, with one average per entry of `swa_starts` (the 0-based
+    /// step from which it takes snapshots; 1 to [`MAX_AVERAGES`] entries).
+    pub fn new(cfg: SamConfig, swa_starts: &[u64]) -> Result<Self, Error> {
+        cfg.validate()?;
+        if swa_starts.is_empty() {
+            return Err(invalid("swa_starts", "at least one average is needed"));
+        }
+        let starts = heapless::Vec::from_slice(swa_starts)
+            .map_err(|_| invalid("swa_starts", "at most MAX_AVERAGES averages are supported"))?;
+        Ok(Wasam { cfg, starts, counts: [0; MAX_AVERAGES], pending_fold: false, engine: Engine::new() })
+    }
+
+    /// The SAM hyperparameters.
+    pub fn config(&self) -> &SamConfig {
+        &self.cfg
+    }
+
+    /// The start step of each average.
+    pub fn swa_starts(&self) -> &[u64] {
+        &self.starts
+    }
+
+    /// The number of snapshots in each average.
+    pub fn counts(&self) -> &[u64] {
+        &self.counts[..self.starts.len()]
+    }
+
+    /// The slots a group needs: backup, the base rule's state, and the averages.
+    pub fn slot_spec(&self, options: &GroupOptions) -> SlotSpec {
+        SlotSpec { backup: true, stash: false, state: options.base().state_slots(), averages: self.starts.len() as u8 }
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.engine.phase
+    }
+
+    /// Number of steps applied so far.
+    pub fn steps(&self) -> u64 {
+        self.engine.steps
+    }
+
+    /// The host-side state for a checkpoint (only between steps, not while swapped).
+    pub fn state(&self) -> Result<WasamState, Error> {
+        self.engine.expect(Phase::Idle)?;
+        Ok(WasamState { steps: self.engine.steps, counts: self.counts, pending_fold: self.pending_fold })
+    }
+
+    /// Resumes from a checkpoint.
+    pub fn load_state(&mut self, state: &WasamState) -> Result<(), Error> {
+        self.engine.expect(Phase::Idle)?;
+        self.engine = Engine::new();
+        self.engine.steps = state.steps;
+        self.counts = state.counts;
+        self.pending_fold = state.pending_fold;
+        Ok(())
+    }
+
+    /// The fold for the step with 0-based index `t` (`None` entries for averages not started).
+    fn fold_for(&self, t: u64) -> AverageFold {
+        let mut fold = AverageFold::NONE;
+        for (k, &start) in self.starts.iter().enumerate() {
+            if t >= start {
+                fold.weights[k] = Some(1.0 / (self.counts[k] as f64 + 1.0));
+            }
+        }
+        fold
+    }
+
+    fn count_fold(&mut self, fold: &AverageFold) {
+        for (c, w) in self.counts.iter_mut().zip(fold.weights.iter()) {
+            if w.is_some() {
+                *c += 1;
+            }
+        }
+    }
+
+    /// Folds the weights into the averages if a step was finished with an external base
+    /// optimizer ([`Perturbed::restore_with_gradient`]) and that optimizer has stepped since.
+    /// Called automatically by the next step and by [`swap`](Self::swap).
+    pub fn update_averages<B: ParamBuffer>(&mut self, groups: &mut [Group<B>]) -> Result<(), Error<B::Error>> {
+        self.engine.expect(Phase::Idle)?;
+        if self.pending_fold {
+            let fold = self.fold_for(self.engine.steps - 1);
+            for g in groups.iter_mut() {
+                g.buffer.fold_averages(&fold).map_err(Error::Backend)?;
+            }
+            self.count_fold(&fold);
+            self.pending_fold = false;
+        }
+        Ok(())
+    }
+
+    /// First half of a step (see [`Sam::first_step`](crate::Sam::first_step)).
+    pub fn first_step<'a, B: ParamBuffer>(
+        &'a mut self,
+        groups: &'a mut [Group<B>],
+    ) -> Result<Perturbed<'a, Self, B>, Error<B::Error>> {
+        self.update_averages(groups)?;
+        let n_avg = self.starts.len() as u8;
+        let slots = move |o: &GroupOptions| SlotSpec { backup: true, stash: false, state: o.base().state_slots(), averages: n_avg };
+        sam_perturb(&self.cfg, &mut self.engine, groups, slots)?;
+        Ok(Perturbed::new(self, groups))
+    }
+
+    /// A whole step driven by a closure (see [`Sam::step`](crate::Sam::step)).
+    pub fn step<B, L, C, F>(&mut self, groups: &mut [Group<B>], closure: F) -> Result<StepReport<L>, C>
+    where
+        B: ParamBuffer,
+        C: From<Error<B::Error>>,
+        F: FnMut(&mut [Group<B>]) -> Result<L, C>,
+    {
+        closure_step(self, groups, closure, |o, g| o.first_step(g))
+    }
+
+    /// Restores the weights after a leaked guard (no-op when idle).
+    pub fn recover<B: ParamBuffer>(&mut self, groups: &mut [Group<B>]) -> Result<(), Error<B::Error>> {
+        if self.engine.phase == Phase::Perturbed {
+            Engine::restore_all(groups)?;
+            self.engine.phase = Phase::Idle;
+        }
+        Ok(())
+    }
+
+    /// Swaps the live weights with average `k` (bit-exact) for evaluation; the guard swaps back.
+    /// Fails if average `k` does not exist or holds no snapshot yet.
+    pub fn swap<'a, B: ParamBuffer>(&'a mut self, groups: &'a mut [Group<B>], k: u8) -> Result<Swapped<'a, B>, Error<B::Error>> {
+        self.update_averages(groups)?;
+        if usize::from(k) >= self.starts.len() || self.counts[usize::from(k)] == 0 {
+            return Err(Error::InvalidGroups { message: "that average does not exist or holds no snapshot yet" });
+        }
+        for i in 0..groups.len() {
+            if let Err(e) = groups[i].buffer.swap_average(k) {
+                for g in groups[..i].iter_mut() {
+                    let _ = g.buffer.swap_average(k);
+                }
+                return Err(Error::Backend(e));
+            }
+        }
+        self.engine.phase = Phase::Swapped;
+        Ok(Swapped { engine: &mut self.engine, groups, k, armed: true })
+    }
+}
+
+/// The averaged weights are in the live storage (see [`Wasam::swap`]). Dropping the guard swaps
+/// back; [`swap_back`](Self::swap_back) does too and reports errors.
+#[must_use = "dropping the guard swaps the live weights back"]
+pub struct Swapped<'a, B: ParamBuffer> {
+    engine: &'a mut Engine,
+    groups: &'a mut [Group<B>],
+    k: u8,
+    armed: bool,
+}
+
+impl<B: ParamBuffer> core::fmt::Debug for Swapped<'_, B> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Swapped").field("average", &self.k).finish()
+    }
+}
+
+impl<B: ParamBuffer> Swapped<'_, B> {
+    /// The groups, holding the averaged weights.
+    pub fn groups(&self) -> &[Group<B>] {
+        self.groups
+    }
+
+    /// The groups, mutably: evaluate the averaged model, or recompute batch-norm statistics for
+    /// it (that state belongs to the framework, not to these buffers). Writes to the weights are
+    /// swapped back into the average.
+    pub fn groups_mut(&mut self) -> &mut [Group<B>] {
+        self.groups
+    }
+
+    /// Swaps the live weights back.
+    pub fn swap_back(mut self) -> Result<(), Error<B::Error>> {
+        self.undo()
+    }
+
+    fn undo(&mut self) -> Result<(), Error<B::Error>> {
+        self.armed = false;
+        self.engine.phase = Phase::Idle;
+        let mut first = Ok(());
+        for g in self.groups.iter_mut() {
+            if let Err(e) = g.buffer.swap_average(self.k) {
+                if first.is_ok() {
+                    first = Err(Error::Backend(e));
+                }
+            }
+        }
+        first
+    }
+}
+
+impl<B: ParamBuffer> Drop for Swapped<'_, B> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.undo();
+        }
+    }
+}
+
+impl private::Sealed for Wasam {}
+
+impl SamFamily for Wasam {
+    fn engine_mut(&mut self, _: private::Token) -> &mut Engine {
+        &mut self.engine
+    }
+
+    fn second<B: ParamBuffer>(
+        &mut self,
+        groups: &mut [Group<B>],
+        finish: Finish,
+        _: private::Token,
+    ) -> Result<StepStatus, Error<B::Error>> {
+        if let Some(skip) = check_second(groups, self.cfg.check_second_gradient)? {
+            return Ok(skip);
+        }
+        let t = self.engine.steps;
+        let step = t + 1;
+        let fold = if finish == Finish::Base { self.fold_for(t) } else { AverageFold::NONE };
+        Engine::update_all(groups, |_, o| UpdateSpec {
+            restore: true,
+            grad: GradMix::Current,
+            base: base_step(o, step, o.base().lr(), finish),
+            post: None,
+            average: fold,
+        })?;
+        self.count_fold(&fold);
+        self.pending_fold = finish == Finish::External;
+        self.engine.steps = step;
+        Ok(StepStatus::Applied)
+    }
+}
