@@ -52,16 +52,28 @@ impl ParamBuffer for MyParams {
     }
 
     fn reduce(&mut self, spec: &ReduceSpec) -> Result<Reduction, MyError> {
-        let stash = if spec.reads_stash() { Some(&self.slots[self.slot(Slot::Stash)?]) } else { None };
+        let stash = if spec.reads_stash() {
+            Some(&self.slots[self.slot(Slot::Stash)?])
+        } else {
+            None
+        };
         let (w, g) = (&self.w, &self.grad);
         Ok(kernel::reduce_flat(w.len(), spec, |i| {
-            (f64::from(w[i]), f64::from(g[i]), stash.map_or(0.0, |s| f64::from(s[i])))
+            (
+                f64::from(w[i]),
+                f64::from(g[i]),
+                stash.map_or(0.0, |s| f64::from(s[i])),
+            )
         }))
     }
 
     fn perturb(&mut self, spec: &PerturbSpec) -> Result<(), MyError> {
         let b = self.slot(Slot::Backup)?;
-        let s = if spec.stash { Some(self.slot(Slot::Stash)?) } else { None };
+        let s = if spec.stash {
+            Some(self.slot(Slot::Stash)?)
+        } else {
+            None
+        };
         for i in 0..self.w.len() {
             self.slots[b][i] = self.w[i];
             if let Some(s) = s {
@@ -84,10 +96,21 @@ impl ParamBuffer for MyParams {
             return Err(MyError("unsupported update"));
         }
         let b = self.slot(Slot::Backup)?;
-        let m = if spec.base.state_slots() == 1 { Some(self.slot(Slot::State(0))?) } else { None };
+        let m = if spec.base.state_slots() == 1 {
+            Some(self.slot(Slot::State(0))?)
+        } else {
+            None
+        };
         for i in 0..self.w.len() {
             let mut state = [m.map_or(0.0, |m| f64::from(self.slots[m][i])), 0.0, 0.0];
-            let out = kernel::update(spec, f64::from(self.w[i]), f64::from(self.slots[b][i]), f64::from(self.grad[i]), 0.0, &mut state);
+            let out = kernel::update(
+                spec,
+                f64::from(self.w[i]),
+                f64::from(self.slots[b][i]),
+                f64::from(self.grad[i]),
+                0.0,
+                &mut state,
+            );
             self.w[i] = out.w as f32;
             if let Some(m) = m {
                 self.slots[m][i] = state[0] as f32;
@@ -111,12 +134,28 @@ impl ParamBuffer for MyParams {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Data: y = 2x + 1 plus a small deterministic wiggle.
     let xs: Vec<f32> = (0..64).map(|i| i as f32 / 32.0 - 1.0).collect();
-    let ys: Vec<f32> = xs.iter().enumerate().map(|(i, x)| 2.0 * x + 1.0 + 0.05 * ((i * 7) as f32).sin()).collect();
+    let ys: Vec<f32> = xs
+        .iter()
+        .enumerate()
+        .map(|(i, x)| 2.0 * x + 1.0 + 0.05 * ((i * 7) as f32).sin())
+        .collect();
 
-    let params = MyParams { w: vec![0.0, 0.0], grad: vec![0.0; 2], slots: Vec::new(), spec: SlotSpec::default() };
-    let base = BaseRule::sgd(SgdConfig { lr: 0.2, momentum: 0.9, ..Default::default() })?;
+    let params = MyParams {
+        w: vec![0.0, 0.0],
+        grad: vec![0.0; 2],
+        slots: Vec::new(),
+        spec: SlotSpec::default(),
+    };
+    let base = BaseRule::sgd(SgdConfig {
+        lr: 0.2,
+        momentum: 0.9,
+        ..Default::default()
+    })?;
     let mut groups = [Group::new(params, base)];
-    let mut sam = Sam::new(SamConfig { rho: 0.05, ..Default::default() })?;
+    let mut sam = Sam::new(SamConfig {
+        rho: 0.05,
+        ..Default::default()
+    })?;
 
     for epoch in 0..120 {
         let report = sam.step(&mut groups, |gs| {

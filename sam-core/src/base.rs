@@ -37,7 +37,13 @@ pub struct SgdConfig {
 
 impl Default for SgdConfig {
     fn default() -> Self {
-        SgdConfig { lr: 1e-3, momentum: 0.0, dampening: 0.0, weight_decay: 0.0, nesterov: false }
+        SgdConfig {
+            lr: 1e-3,
+            momentum: 0.0,
+            dampening: 0.0,
+            weight_decay: 0.0,
+            nesterov: false,
+        }
     }
 }
 
@@ -104,7 +110,10 @@ fn check_lr(lr: f64) -> Result<(), Error> {
 
 fn check_wd(wd: f64) -> Result<(), Error> {
     if !(wd >= 0.0 && wd.is_finite()) {
-        return Err(invalid("weight_decay", "weight decay must be finite and >= 0"));
+        return Err(invalid(
+            "weight_decay",
+            "weight decay must be finite and >= 0",
+        ));
     }
     Ok(())
 }
@@ -121,7 +130,10 @@ impl BaseRule {
             return Err(invalid("dampening", "dampening must be finite"));
         }
         if c.nesterov && !(c.momentum > 0.0 && c.dampening == 0.0) {
-            return Err(invalid("nesterov", "Nesterov momentum requires momentum > 0 and dampening = 0"));
+            return Err(invalid(
+                "nesterov",
+                "Nesterov momentum requires momentum > 0 and dampening = 0",
+            ));
         }
         Ok(BaseRule(Kind::Sgd(c)))
     }
@@ -208,7 +220,11 @@ impl BaseRule {
                 let bc1 = 1.0 - libm::pow(c.beta1, t);
                 let bc2 = 1.0 - libm::pow(c.beta2, t);
                 BaseStep::Adam(AdamStep {
-                    decay: if decoupled { 1.0 - lr * c.weight_decay } else { 1.0 },
+                    decay: if decoupled {
+                        1.0 - lr * c.weight_decay
+                    } else {
+                        1.0
+                    },
                     l2: if decoupled { 0.0 } else { c.weight_decay },
                     one_minus_beta1: 1.0 - c.beta1,
                     beta2: c.beta2,
@@ -275,8 +291,16 @@ impl SgdStep {
         }
         let mut b = buf;
         if self.momentum != 0.0 {
-            b = if self.first { d } else { b * self.momentum + self.one_minus_dampening * d };
-            d = if self.nesterov { d + self.momentum * b } else { b };
+            b = if self.first {
+                d
+            } else {
+                b * self.momentum + self.one_minus_dampening * d
+            };
+            d = if self.nesterov {
+                d + self.momentum * b
+            } else {
+                b
+            };
         }
         (add(p, self.neg_lr * d), b)
     }
@@ -344,7 +368,11 @@ pub fn add(p: f64, delta: f64) -> f64 {
 /// torch's `lerp` (CPU kernel): `a + w·(b − a)` for `|w| < ½`, else `b − (b − a)·(1 − w)`.
 #[inline(always)]
 pub fn lerp(a: f64, b: f64, w: f64) -> f64 {
-    if libm::fabs(w) < 0.5 { a + w * (b - a) } else { b - (b - a) * (1.0 - w) }
+    if libm::fabs(w) < 0.5 {
+        a + w * (b - a)
+    } else {
+        b - (b - a) * (1.0 - w)
+    }
 }
 
 #[cfg(test)]
@@ -358,37 +386,67 @@ mod tests {
 
     #[test]
     fn sgd_plain() {
-        let s = BaseRule::sgd(SgdConfig { lr: 0.5, ..Default::default() }).unwrap();
-        let BaseStep::Sgd(k) = s.step_coefficients(1, 0.5) else { panic!() };
+        let s = BaseRule::sgd(SgdConfig {
+            lr: 0.5,
+            ..Default::default()
+        })
+        .unwrap();
+        let BaseStep::Sgd(k) = s.step_coefficients(1, 0.5) else {
+            panic!()
+        };
         // p - lr*g = 1 - 0.5*0.25 = 0.875
         assert_eq!(k.apply(1.0, 0.25, 0.0).0, 0.875);
     }
 
     #[test]
     fn sgd_momentum_first_step_no_dampening_then_dampened() {
-        let c = SgdConfig { lr: 0.5, momentum: 0.5, dampening: 0.5, ..Default::default() };
+        let c = SgdConfig {
+            lr: 0.5,
+            momentum: 0.5,
+            dampening: 0.5,
+            ..Default::default()
+        };
         let s = BaseRule::sgd(c).unwrap();
-        let BaseStep::Sgd(k1) = s.step_coefficients(1, 0.5) else { panic!() };
+        let BaseStep::Sgd(k1) = s.step_coefficients(1, 0.5) else {
+            panic!()
+        };
         // step 1: buf = g = 2 (no dampening); p = 1 - 0.5*2 = 0
         assert_eq!(k1.apply(1.0, 2.0, 123.0), (0.0, 2.0));
-        let BaseStep::Sgd(k2) = s.step_coefficients(2, 0.5) else { panic!() };
+        let BaseStep::Sgd(k2) = s.step_coefficients(2, 0.5) else {
+            panic!()
+        };
         // step 2: buf = 0.5*2 + 0.5*4 = 3; p = 0 - 0.5*3 = -1.5
         assert_eq!(k2.apply(0.0, 4.0, 2.0), (-1.5, 3.0));
     }
 
     #[test]
     fn sgd_nesterov_weight_decay() {
-        let c = SgdConfig { lr: 0.25, momentum: 0.5, weight_decay: 0.5, nesterov: true, ..Default::default() };
+        let c = SgdConfig {
+            lr: 0.25,
+            momentum: 0.5,
+            weight_decay: 0.5,
+            nesterov: true,
+            ..Default::default()
+        };
         let s = BaseRule::sgd(c).unwrap();
-        let BaseStep::Sgd(k) = s.step_coefficients(2, 0.25) else { panic!() };
+        let BaseStep::Sgd(k) = s.step_coefficients(2, 0.25) else {
+            panic!()
+        };
         // g = 1 + 0.5*2 = 2; buf = 0.5*4 + 1*2 = 4; g = 2 + 0.5*4 = 4; p = 2 - 0.25*4 = 1
         assert_eq!(k.apply(2.0, 1.0, 4.0), (1.0, 4.0));
     }
 
     #[test]
     fn adam_first_step_is_sign_step() {
-        let a = BaseRule::adam(AdamConfig { lr: 0.5, eps: 1e-300, ..Default::default() }).unwrap();
-        let BaseStep::Adam(k) = a.step_coefficients(1, 0.5) else { panic!() };
+        let a = BaseRule::adam(AdamConfig {
+            lr: 0.5,
+            eps: 1e-300,
+            ..Default::default()
+        })
+        .unwrap();
+        let BaseStep::Adam(k) = a.step_coefficients(1, 0.5) else {
+            panic!()
+        };
         let mut st = [0.0; 3];
         // m = 0.1*g, v = 0.001*g^2; bias-corrected m/sqrt(v) = sign(g) (up to rounding), so
         // p = 1 - 0.5*1 = 0.5 within a few ulps.
@@ -400,7 +458,12 @@ mod tests {
 
     #[test]
     fn adamw_decays_before_moments_and_amsgrad_keeps_max() {
-        let c = AdamConfig { lr: 0.5, weight_decay: 0.5, amsgrad: true, ..Default::default() };
+        let c = AdamConfig {
+            lr: 0.5,
+            weight_decay: 0.5,
+            amsgrad: true,
+            ..Default::default()
+        };
         let BaseStep::Adam(k) = BaseRule::adamw(c).unwrap().step_coefficients(3, 0.5) else {
             panic!()
         };
@@ -421,26 +484,67 @@ mod tests {
     #[test]
     fn rejects_bad_hyperparameters() {
         let bad = [
-            SgdConfig { lr: -1.0, ..Default::default() },
-            SgdConfig { lr: f64::NAN, ..Default::default() },
-            SgdConfig { momentum: f64::INFINITY, ..Default::default() },
-            SgdConfig { weight_decay: -0.1, ..Default::default() },
-            SgdConfig { nesterov: true, ..Default::default() },
-            SgdConfig { nesterov: true, momentum: 0.9, dampening: 0.1, ..Default::default() },
-            SgdConfig { dampening: f64::NAN, ..Default::default() },
+            SgdConfig {
+                lr: -1.0,
+                ..Default::default()
+            },
+            SgdConfig {
+                lr: f64::NAN,
+                ..Default::default()
+            },
+            SgdConfig {
+                momentum: f64::INFINITY,
+                ..Default::default()
+            },
+            SgdConfig {
+                weight_decay: -0.1,
+                ..Default::default()
+            },
+            SgdConfig {
+                nesterov: true,
+                ..Default::default()
+            },
+            SgdConfig {
+                nesterov: true,
+                momentum: 0.9,
+                dampening: 0.1,
+                ..Default::default()
+            },
+            SgdConfig {
+                dampening: f64::NAN,
+                ..Default::default()
+            },
         ];
         for c in bad {
             assert!(BaseRule::sgd(c).is_err(), "{c:?}");
         }
         let bad = [
-            AdamConfig { beta1: 1.0, ..Default::default() },
-            AdamConfig { beta2: f64::NAN, ..Default::default() },
-            AdamConfig { eps: -1.0, ..Default::default() },
-            AdamConfig { eps: 0.0, ..Default::default() },
-            AdamConfig { lr: f64::INFINITY, ..Default::default() },
+            AdamConfig {
+                beta1: 1.0,
+                ..Default::default()
+            },
+            AdamConfig {
+                beta2: f64::NAN,
+                ..Default::default()
+            },
+            AdamConfig {
+                eps: -1.0,
+                ..Default::default()
+            },
+            AdamConfig {
+                eps: 0.0,
+                ..Default::default()
+            },
+            AdamConfig {
+                lr: f64::INFINITY,
+                ..Default::default()
+            },
         ];
         for c in bad {
-            assert!(BaseRule::adam(c).is_err() && BaseRule::adamw(c).is_err(), "{c:?}");
+            assert!(
+                BaseRule::adam(c).is_err() && BaseRule::adamw(c).is_err(),
+                "{c:?}"
+            );
         }
     }
 }

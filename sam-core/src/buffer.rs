@@ -231,7 +231,9 @@ pub struct AverageFold {
 
 impl AverageFold {
     /// No averaging.
-    pub const NONE: AverageFold = AverageFold { weights: [None; MAX_AVERAGES] };
+    pub const NONE: AverageFold = AverageFold {
+        weights: [None; MAX_AVERAGES],
+    };
 
     /// Whether any average is folded.
     pub fn any(&self) -> bool {

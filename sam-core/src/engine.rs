@@ -83,12 +83,19 @@ pub struct Engine {
 
 impl Engine {
     pub const fn new() -> Self {
-        Engine { phase: Phase::Idle, steps: 0, shape: None }
+        Engine {
+            phase: Phase::Idle,
+            steps: 0,
+            shape: None,
+        }
     }
 
     pub fn expect<E>(&self, expected: Phase) -> Result<(), Error<E>> {
         if self.phase != expected {
-            return Err(Error::WrongPhase { expected, found: self.phase });
+            return Err(Error::WrongPhase {
+                expected,
+                found: self.phase,
+            });
         }
         Ok(())
     }
@@ -100,7 +107,9 @@ impl Engine {
         slots: impl Fn(&GroupOptions) -> SlotSpec,
     ) -> Result<(), Error<B::Error>> {
         self.expect(Phase::Idle)?;
-        let total = groups.iter().fold(0usize, |acc, g| acc.saturating_add(g.buffer.len()));
+        let total = groups
+            .iter()
+            .fold(0usize, |acc, g| acc.saturating_add(g.buffer.len()));
         let shape = (groups.len(), total);
         match self.shape {
             Some(s) if s != shape => {

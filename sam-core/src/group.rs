@@ -20,7 +20,10 @@ pub struct Group<B> {
 impl<B> Group<B> {
     /// A group with base rule `base` and the optimizer's default ρ and adaptivity.
     pub fn new(buffer: B, base: BaseRule) -> Self {
-        Group { buffer, options: GroupOptions::new(base) }
+        Group {
+            buffer,
+            options: GroupOptions::new(base),
+        }
     }
 
     /// A group with explicit options.
@@ -42,7 +45,11 @@ pub struct GroupOptions {
 impl GroupOptions {
     /// Options with this base rule and no overrides.
     pub fn new(base: BaseRule) -> Self {
-        GroupOptions { base, rho: None, adaptive: None }
+        GroupOptions {
+            base,
+            rho: None,
+            adaptive: None,
+        }
     }
 
     /// Overrides ρ for this group; `rho ≥ 0` and finite.

@@ -1,6 +1,8 @@
 //! GSAM: surrogate-gap guided SAM.
 
-use crate::buffer::{AverageFold, GradMix, ParamBuffer, ReduceSpec, SlotSpec, UpdateSpec, Weighting};
+use crate::buffer::{
+    AverageFold, GradMix, ParamBuffer, ReduceSpec, SlotSpec, UpdateSpec, Weighting,
+};
 use crate::engine::{Engine, OptimizerState, Phase, StepReport, StepStatus};
 use crate::error::{Error, invalid};
 use crate::group::{Group, GroupOptions};
@@ -124,15 +126,24 @@ impl Gsam {
             return Err(invalid("eta", "eta must be finite and >= 0"));
         }
         if !(cfg.perturb_eps >= 0.0 && cfg.perturb_eps.is_finite()) {
-            return Err(invalid("perturb_eps", "perturb_eps must be finite and >= 0"));
+            return Err(invalid(
+                "perturb_eps",
+                "perturb_eps must be finite and >= 0",
+            ));
         }
         if let RhoSchedule::Proportional(p) = &cfg.rho {
             p.validate()?;
             if cfg.lr_schedule.is_none() {
-                return Err(invalid("rho", "a proportional rho schedule needs an lr schedule"));
+                return Err(invalid(
+                    "rho",
+                    "a proportional rho schedule needs an lr schedule",
+                ));
             }
         }
-        Ok(Gsam { cfg, engine: Engine::new() })
+        Ok(Gsam {
+            cfg,
+            engine: Engine::new(),
+        })
     }
 
     /// The hyperparameters.
@@ -182,7 +193,9 @@ impl Gsam {
     /// The host-side state for a checkpoint (only between steps).
     pub fn state(&self) -> Result<OptimizerState, Error> {
         self.engine.expect(Phase::Idle)?;
-        Ok(OptimizerState { steps: self.engine.steps })
+        Ok(OptimizerState {
+            steps: self.engine.steps,
+        })
     }
 
     /// Resumes from a checkpoint (only between steps).
@@ -194,7 +207,11 @@ impl Gsam {
     }
 
     fn weighting(&self) -> Weighting {
-        if self.cfg.adaptive { Weighting::Adaptive { eta: self.cfg.eta } } else { Weighting::Plain }
+        if self.cfg.adaptive {
+            Weighting::Adaptive { eta: self.cfg.eta }
+        } else {
+            Weighting::Plain
+        }
     }
 
     /// First half of a step: perturbs with ρ_t and stashes the clean gradient.
@@ -202,19 +219,29 @@ impl Gsam {
         &'a mut self,
         groups: &'a mut [Group<B>],
     ) -> Result<Perturbed<'a, Self, B>, Error<B::Error>> {
-        if groups.iter().any(|g| g.options.rho().is_some() || g.options.adaptive().is_some()) {
+        if groups
+            .iter()
+            .any(|g| g.options.rho().is_some() || g.options.adaptive().is_some())
+        {
             return Err(Error::InvalidGroups {
                 message: "GSAM uses one global rho schedule and adaptivity: remove per-group rho/adaptive overrides",
             });
         }
         let rho = self.rho_at(self.engine.steps);
         if !(rho >= 0.0 && rho.is_finite()) {
-            return Err(Error::InvalidHyperparameter { name: "rho", message: "the rho schedule gave a negative or non-finite value" });
+            return Err(Error::InvalidHyperparameter {
+                name: "rho",
+                message: "the rho schedule gave a negative or non-finite value",
+            });
         }
         let weighting = self.weighting();
         let eps = self.cfg.perturb_eps;
         self.engine.begin(groups, gsam_slots)?;
-        let norms = Engine::norms(groups, |_, s| ReduceSpec { perturb: Some(weighting), scale_perturb: s[0], ..ReduceSpec::FINITE_ONLY })?;
+        let norms = Engine::norms(groups, |_, s| ReduceSpec {
+            perturb: Some(weighting),
+            scale_perturb: s[0],
+            ..ReduceSpec::FINITE_ONLY
+        })?;
         if !norms.finite {
             return Err(Error::NonFiniteGradient);
         }
@@ -224,7 +251,11 @@ impl Gsam {
 
     /// A whole step driven by a closure (see [`Sam::step`](crate::Sam::step)); returns the clean
     /// loss.
-    pub fn step<B, L, C, F>(&mut self, groups: &mut [Group<B>], closure: F) -> Result<StepReport<L>, C>
+    pub fn step<B, L, C, F>(
+        &mut self,
+        groups: &mut [Group<B>],
+        closure: F,
+    ) -> Result<StepReport<L>, C>
     where
         B: ParamBuffer,
         C: From<Error<B::Error>>,
@@ -234,7 +265,10 @@ impl Gsam {
     }
 
     /// Restores the weights after a leaked guard (no-op when idle).
-    pub fn recover<B: ParamBuffer>(&mut self, groups: &mut [Group<B>]) -> Result<(), Error<B::Error>> {
+    pub fn recover<B: ParamBuffer>(
+        &mut self,
+        groups: &mut [Group<B>],
+    ) -> Result<(), Error<B::Error>> {
         if self.engine.phase == Phase::Perturbed {
             Engine::restore_all(groups)?;
             self.engine.phase = Phase::Idle;
@@ -244,7 +278,12 @@ impl Gsam {
 }
 
 fn gsam_slots(options: &GroupOptions) -> SlotSpec {
-    SlotSpec { backup: true, stash: true, state: options.base().state_slots(), averages: 0 }
+    SlotSpec {
+        backup: true,
+        stash: true,
+        state: options.base().state_slots(),
+        averages: 0,
+    }
 }
 
 impl private::Sealed for Gsam {}
@@ -273,7 +312,11 @@ impl SamFamily for Gsam {
             return skip_second(groups);
         }
         let eps = self.cfg.perturb_eps;
-        if !(n.grad.is_finite() && n.stash.is_finite() && n.dot.is_finite() && (n.grad * n.stash).is_finite()) {
+        if !(n.grad.is_finite()
+            && n.stash.is_finite()
+            && n.dot.is_finite()
+            && (n.grad * n.stash).is_finite())
+        {
             Engine::restore_all(groups)?;
             return Err(Error::NormOverflow);
         }

@@ -54,14 +54,20 @@ pub struct Perturbed<'a, V: SamFamily, B: ParamBuffer> {
 
 impl<V: SamFamily, B: ParamBuffer> core::fmt::Debug for Perturbed<'_, V, B> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Perturbed").field("groups", &self.groups.len()).finish()
+        f.debug_struct("Perturbed")
+            .field("groups", &self.groups.len())
+            .finish()
     }
 }
 
 impl<'a, V: SamFamily, B: ParamBuffer> Perturbed<'a, V, B> {
     pub(crate) fn new(opt: &'a mut V, groups: &'a mut [Group<B>]) -> Self {
         opt.engine_mut(private::Token).phase = Phase::Perturbed;
-        Perturbed { opt, groups, armed: true }
+        Perturbed {
+            opt,
+            groups,
+            armed: true,
+        }
     }
 
     /// The groups, at the perturbed weights.
@@ -125,13 +131,19 @@ where
     B: ParamBuffer,
     C: From<Error<B::Error>>,
     F: FnMut(&mut [Group<B>]) -> Result<L, C>,
-    S: for<'a> FnOnce(&'a mut V, &'a mut [Group<B>]) -> Result<Perturbed<'a, V, B>, Error<B::Error>>,
+    S: for<'a> FnOnce(
+        &'a mut V,
+        &'a mut [Group<B>],
+    ) -> Result<Perturbed<'a, V, B>, Error<B::Error>>,
 {
     let loss = closure(groups)?;
     let mut guard = match first(opt, groups) {
         Ok(g) => g,
         Err(Error::NonFiniteGradient) => {
-            return Ok(StepReport { loss, status: StepStatus::Skipped(SkipReason::NonFiniteClean) });
+            return Ok(StepReport {
+                loss,
+                status: StepStatus::Skipped(SkipReason::NonFiniteClean),
+            });
         }
         Err(e) => return Err(e.into()),
     };

@@ -49,7 +49,10 @@ impl BlockReducer {
     /// A reducer for one block.
     #[inline]
     pub fn new(spec: &ReduceSpec) -> Self {
-        BlockReducer { spec: *spec, lanes: [Reduction::ZERO; LANES] }
+        BlockReducer {
+            spec: *spec,
+            lanes: [Reduction::ZERO; LANES],
+        }
     }
 
     /// Accumulates the element with weight `w`, gradient `g` and stash `s` (pass `0.0` for
@@ -118,7 +121,9 @@ pub fn reduce_flat<F: FnMut(usize) -> (f64, f64, f64)>(
     spec: &ReduceSpec,
     mut fetch: F,
 ) -> Reduction {
-    pairwise(0, block_count(len), &mut |b| reduce_block(b, len, spec, &mut fetch))
+    pairwise(0, block_count(len), &mut |b| {
+        reduce_block(b, len, spec, &mut fetch)
+    })
 }
 
 /// Block `b` of a flat group of `len` elements (see [`reduce_flat`]).
@@ -212,7 +217,14 @@ pub struct Updated {
 /// `[m, v, vmax]` for Adam), updated in place. Operands the spec does not use may be anything
 /// (pass `0.0`). Average folding uses the *stored* (rounded) new weight: see [`fold`].
 #[inline(always)]
-pub fn update(spec: &UpdateSpec, w: f64, backup: f64, g: f64, stash: f64, state: &mut [f64; 3]) -> Updated {
+pub fn update(
+    spec: &UpdateSpec,
+    w: f64,
+    backup: f64,
+    g: f64,
+    stash: f64,
+    state: &mut [f64; 3],
+) -> Updated {
     let p = if spec.restore { backup } else { w };
     let d = mix(&spec.grad, g, stash);
     let mut p = match &spec.base {
@@ -242,7 +254,17 @@ mod tests {
 
     #[test]
     fn scale_brings_into_half_one() {
-        for x in [1e-300, 3e-200, 1e-140, 0.3, 1.0, 7.0, 1e200, f64::MAX, 5e-324] {
+        for x in [
+            1e-300,
+            3e-200,
+            1e-140,
+            0.3,
+            1.0,
+            7.0,
+            1e200,
+            f64::MAX,
+            5e-324,
+        ] {
             let s = scale_for(x);
             let y = x * s;
             assert!((0.5..1.0).contains(&y) || x < 1e-290, "{x} {s} {y}");
@@ -256,7 +278,10 @@ mod tests {
         let mut seen = [false; 5];
         let r = pairwise(0, 5, &mut |i| {
             seen[i] = true;
-            Reduction { grad_sq: i as f64, ..Reduction::ZERO }
+            Reduction {
+                grad_sq: i as f64,
+                ..Reduction::ZERO
+            }
         });
         assert_eq!(r.grad_sq, 10.0);
         assert!(seen.iter().all(|&s| s));
@@ -265,7 +290,10 @@ mod tests {
 
     #[test]
     fn nonfinite_detected() {
-        let spec = ReduceSpec { grad: true, ..ReduceSpec::FINITE_ONLY };
+        let spec = ReduceSpec {
+            grad: true,
+            ..ReduceSpec::FINITE_ONLY
+        };
         let v = [1.0, f64::NAN, 2.0];
         assert!(!reduce_flat(3, &spec, |i| (0.0, v[i], 0.0)).finite);
         let v = [1.0, 2.0, 2.0];

@@ -73,6 +73,7 @@ mod buffer;
 mod engine;
 mod error;
 mod group;
+mod gsam;
 mod guard;
 pub mod kernel;
 mod plain;
@@ -80,9 +81,8 @@ mod real;
 pub mod reference;
 mod sam;
 mod schedule;
-mod gsam;
-mod wsam;
 mod wasam;
+mod wsam;
 
 pub use base::{AdamConfig, AdamStep, BaseRule, BaseStep, SgdConfig, SgdStep, add, lerp};
 pub use buffer::{
@@ -92,11 +92,16 @@ pub use buffer::{
 pub use engine::{OptimizerState, Phase, SkipReason, StepReport, StepStatus};
 pub use error::Error;
 pub use group::{Group, GroupOptions};
+pub use gsam::{Gsam, GsamConfig, RhoSchedule, Timeline};
 pub use guard::{Perturbed, SamFamily};
 pub use plain::BaseOptimizer;
 pub use real::Real;
-pub use gsam::{Gsam, GsamConfig, RhoSchedule, Timeline};
 pub use sam::{Sam, SamConfig};
 pub use schedule::{Proportional, Schedule, ScheduleConfig, ScheduleShape};
 pub use wasam::{Swapped, Wasam, WasamState};
 pub use wsam::{Wsam, WsamConfig};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

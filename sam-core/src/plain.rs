@@ -34,7 +34,9 @@ impl Default for BaseOptimizer {
 impl BaseOptimizer {
     /// A base optimizer with no steps taken.
     pub fn new() -> Self {
-        BaseOptimizer { engine: Engine::new() }
+        BaseOptimizer {
+            engine: Engine::new(),
+        }
     }
 
     /// The slots a group needs (the base rule's state only).
@@ -49,7 +51,9 @@ impl BaseOptimizer {
 
     /// The host-side state for a checkpoint.
     pub fn state(&self) -> OptimizerState {
-        OptimizerState { steps: self.engine.steps }
+        OptimizerState {
+            steps: self.engine.steps,
+        }
     }
 
     /// Resumes from a checkpoint.
@@ -60,7 +64,10 @@ impl BaseOptimizer {
 
     /// One step with the gradient currently in every buffer. A non-finite gradient skips the
     /// step with nothing written.
-    pub fn step<B: ParamBuffer>(&mut self, groups: &mut [Group<B>]) -> Result<StepStatus, Error<B::Error>> {
+    pub fn step<B: ParamBuffer>(
+        &mut self,
+        groups: &mut [Group<B>],
+    ) -> Result<StepStatus, Error<B::Error>> {
         self.engine.expect(Phase::Idle)?;
         self.engine.begin(groups, plain_slots)?;
         let n = Engine::norms(groups, |_, _| ReduceSpec::FINITE_ONLY)?;
@@ -81,5 +88,10 @@ impl BaseOptimizer {
 }
 
 fn plain_slots(options: &GroupOptions) -> SlotSpec {
-    SlotSpec { backup: false, stash: false, state: options.base().state_slots(), averages: 0 }
+    SlotSpec {
+        backup: false,
+        stash: false,
+        state: options.base().state_slots(),
+        averages: 0,
+    }
 }

@@ -1,7 +1,7 @@
 //! The reference backend: [`SliceBuffer`], a [`ParamBuffer`] over plain slices.
 //!
 //! It is the executable specification: each pass is the simplest loop around the element
-//! functions of [`kernel`](crate::kernel), in the canonical order. Every other backend is tested
+//! functions of [`kernel`], in the canonical order. Every other backend is tested
 //! against it. It allocates nothing: the caller provides the slot memory (`spec.count() · len`
 //! values, zero-initialised, laid out slot after slot).
 //!
@@ -16,7 +16,9 @@
 
 use core::fmt;
 
-use crate::buffer::{AverageFold, ParamBuffer, PerturbSpec, ReduceSpec, Reduction, Slot, SlotSpec, UpdateSpec};
+use crate::buffer::{
+    AverageFold, ParamBuffer, PerturbSpec, ReduceSpec, Reduction, Slot, SlotSpec, UpdateSpec,
+};
 use crate::kernel;
 use crate::{BaseStep, GradMix, Real};
 
@@ -49,7 +51,10 @@ impl fmt::Display for SliceError {
                 write!(f, "{weights} weights but {grads} gradient values")
             }
             SliceError::SlotsTooSmall { needed, provided } => {
-                write!(f, "slot memory holds {provided} values but {needed} are needed")
+                write!(
+                    f,
+                    "slot memory holds {provided} values but {needed} are needed"
+                )
             }
             SliceError::MissingSlot => f.write_str("a pass needs a slot that was not prepared"),
         }
@@ -72,9 +77,17 @@ impl<'a, T: Real> SliceBuffer<'a, T> {
     /// the slot memory is checked when the optimizer says which slots it needs.
     pub fn new(w: &'a mut [T], g: &'a mut [T], slots: &'a mut [T]) -> Result<Self, SliceError> {
         if w.len() != g.len() {
-            return Err(SliceError::LengthMismatch { weights: w.len(), grads: g.len() });
+            return Err(SliceError::LengthMismatch {
+                weights: w.len(),
+                grads: g.len(),
+            });
         }
-        Ok(SliceBuffer { w, g, slots, spec: None })
+        Ok(SliceBuffer {
+            w,
+            g,
+            slots,
+            spec: None,
+        })
     }
 
     /// The weights.
@@ -111,7 +124,10 @@ impl<'a, T: Real> SliceBuffer<'a, T> {
 
     fn range(&self, slot: Slot) -> Result<core::ops::Range<usize>, SliceError> {
         let n = self.w.len();
-        let k = self.spec.and_then(|s| s.index(slot)).ok_or(SliceError::MissingSlot)?;
+        let k = self
+            .spec
+            .and_then(|s| s.index(slot))
+            .ok_or(SliceError::MissingSlot)?;
         Ok(k * n..(k + 1) * n)
     }
 }
@@ -127,14 +143,21 @@ impl<T: Real> ParamBuffer for SliceBuffer<'_, T> {
     fn prepare(&mut self, spec: &SlotSpec) -> Result<(), SliceError> {
         let needed = spec.count().saturating_mul(self.w.len());
         if self.slots.len() < needed {
-            return Err(SliceError::SlotsTooSmall { needed, provided: self.slots.len() });
+            return Err(SliceError::SlotsTooSmall {
+                needed,
+                provided: self.slots.len(),
+            });
         }
         self.spec = Some(*spec);
         Ok(())
     }
 
     fn reduce(&mut self, spec: &ReduceSpec) -> Result<Reduction, SliceError> {
-        let stash = if spec.reads_stash() { Some(self.range(Slot::Stash)?) } else { None };
+        let stash = if spec.reads_stash() {
+            Some(self.range(Slot::Stash)?)
+        } else {
+            None
+        };
         let (w, g, slots) = (&*self.w, &*self.g, &*self.slots);
         Ok(kernel::reduce_flat(w.len(), spec, |i| {
             let s = stash.as_ref().map_or(0.0, |r| slots[r.start + i].to_f64());
@@ -144,7 +167,11 @@ impl<T: Real> ParamBuffer for SliceBuffer<'_, T> {
 
     fn perturb(&mut self, spec: &PerturbSpec) -> Result<(), SliceError> {
         let backup = self.range(Slot::Backup)?;
-        let stash = if spec.stash { Some(self.range(Slot::Stash)?) } else { None };
+        let stash = if spec.stash {
+            Some(self.range(Slot::Stash)?)
+        } else {
+            None
+        };
         for i in 0..self.w.len() {
             let w = self.w[i];
             let g = self.g[i];
@@ -165,9 +192,17 @@ impl<T: Real> ParamBuffer for SliceBuffer<'_, T> {
 
     fn update(&mut self, spec: &UpdateSpec) -> Result<(), SliceError> {
         let n = self.w.len();
-        let backup = if spec.restore { Some(self.range(Slot::Backup)?) } else { None };
+        let backup = if spec.restore {
+            Some(self.range(Slot::Backup)?)
+        } else {
+            None
+        };
         let reads_stash = matches!(spec.grad, GradMix::Mix { .. }) || spec.post.is_some();
-        let stash = if reads_stash { Some(self.range(Slot::Stash)?) } else { None };
+        let stash = if reads_stash {
+            Some(self.range(Slot::Stash)?)
+        } else {
+            None
+        };
         let n_state = spec.base.state_slots();
         let mut state_at = [0usize; 3];
         for (k, at) in state_at.iter_mut().enumerate().take(n_state) {
@@ -181,8 +216,12 @@ impl<T: Real> ParamBuffer for SliceBuffer<'_, T> {
         }
         let external = matches!(spec.base, BaseStep::External);
         for i in 0..n {
-            let b = backup.as_ref().map_or(0.0, |r| self.slots[r.start + i].to_f64());
-            let s = stash.as_ref().map_or(0.0, |r| self.slots[r.start + i].to_f64());
+            let b = backup
+                .as_ref()
+                .map_or(0.0, |r| self.slots[r.start + i].to_f64());
+            let s = stash
+                .as_ref()
+                .map_or(0.0, |r| self.slots[r.start + i].to_f64());
             let mut st = [0.0; 3];
             for k in 0..n_state {
                 st[k] = self.slots[state_at[k] + i].to_f64();

@@ -1,11 +1,13 @@
 //! SAM and ASAM.
 
-use crate::buffer::{AverageFold, GradMix, ParamBuffer, PerturbSpec, ReduceSpec, SlotSpec, UpdateSpec, Weighting};
+use crate::BaseStep;
+use crate::buffer::{
+    AverageFold, GradMix, ParamBuffer, PerturbSpec, ReduceSpec, SlotSpec, UpdateSpec, Weighting,
+};
 use crate::engine::{Engine, Norms, OptimizerState, Phase, SkipReason, StepReport, StepStatus};
 use crate::error::{Error, invalid};
 use crate::group::{Group, GroupOptions};
 use crate::guard::{Finish, Perturbed, SamFamily, closure_step, private};
-use crate::BaseStep;
 
 /// Hyperparameters of [`Sam`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,7 +31,13 @@ pub struct SamConfig {
 
 impl Default for SamConfig {
     fn default() -> Self {
-        SamConfig { rho: 0.05, adaptive: false, eta: 0.0, eps: 1e-12, check_second_gradient: true }
+        SamConfig {
+            rho: 0.05,
+            adaptive: false,
+            eta: 0.0,
+            eps: 1e-12,
+            check_second_gradient: true,
+        }
     }
 }
 
@@ -58,7 +66,13 @@ impl SamConfig {
 
     /// The perturb spec of a group for the global norm `n_s` computed at scale `s`.
     pub(crate) fn perturb_spec(&self, o: &GroupOptions, norms: &Norms, stash: bool) -> PerturbSpec {
-        perturb_spec(self.weighting(o), o.rho().unwrap_or(self.rho), self.eps, norms, stash)
+        perturb_spec(
+            self.weighting(o),
+            o.rho().unwrap_or(self.rho),
+            self.eps,
+            norms,
+            stash,
+        )
     }
 }
 
@@ -106,7 +120,10 @@ impl Sam {
     /// A SAM optimizer; rejects out-of-domain hyperparameters (NaN included).
     pub fn new(cfg: SamConfig) -> Result<Self, Error> {
         cfg.validate()?;
-        Ok(Sam { cfg, engine: Engine::new() })
+        Ok(Sam {
+            cfg,
+            engine: Engine::new(),
+        })
     }
 
     /// The hyperparameters.
@@ -132,7 +149,9 @@ impl Sam {
     /// The host-side state for a checkpoint (only between steps).
     pub fn state(&self) -> Result<OptimizerState, Error> {
         self.engine.expect(Phase::Idle)?;
-        Ok(OptimizerState { steps: self.engine.steps })
+        Ok(OptimizerState {
+            steps: self.engine.steps,
+        })
     }
 
     /// Resumes from a checkpoint taken with [`state`](Self::state) (only between steps).
@@ -158,7 +177,11 @@ impl Sam {
     /// every buffer and returns the loss. It is called twice: at the clean weights (its loss is
     /// reported) and at the perturbed weights. A closure error aborts the step with the weights
     /// restored; a non-finite gradient skips it ([`StepStatus::Skipped`]).
-    pub fn step<B, L, C, F>(&mut self, groups: &mut [Group<B>], closure: F) -> Result<StepReport<L>, C>
+    pub fn step<B, L, C, F>(
+        &mut self,
+        groups: &mut [Group<B>],
+        closure: F,
+    ) -> Result<StepReport<L>, C>
     where
         B: ParamBuffer,
         C: From<Error<B::Error>>,
@@ -168,7 +191,10 @@ impl Sam {
     }
 
     /// Restores the weights after a leaked [`Perturbed`] guard (no-op when idle).
-    pub fn recover<B: ParamBuffer>(&mut self, groups: &mut [Group<B>]) -> Result<(), Error<B::Error>> {
+    pub fn recover<B: ParamBuffer>(
+        &mut self,
+        groups: &mut [Group<B>],
+    ) -> Result<(), Error<B::Error>> {
         if self.engine.phase == Phase::Perturbed {
             Engine::restore_all(groups)?;
             self.engine.phase = Phase::Idle;
@@ -198,16 +224,32 @@ pub(crate) fn sam_perturb<B: ParamBuffer>(
 
 /// `c = ρ/(n_s + ε·s)` at the norm's scale (`0` for a zero gradient; a scaled ε that overflows
 /// makes `c = 0`, which is right: then ε dwarfs the norm).
-pub(crate) fn perturb_spec(weighting: Weighting, rho: f64, eps: f64, norms: &Norms, stash: bool) -> PerturbSpec {
+pub(crate) fn perturb_spec(
+    weighting: Weighting,
+    rho: f64,
+    eps: f64,
+    norms: &Norms,
+    stash: bool,
+) -> PerturbSpec {
     let s = norms.perturb_scale;
     let n = norms.perturb_scaled;
     let coeff = if n > 0.0 { rho / (n + eps * s) } else { 0.0 };
-    PerturbSpec { stash, weighting, scale: s, coeff }
+    PerturbSpec {
+        stash,
+        weighting,
+        scale: s,
+        coeff,
+    }
 }
 
 /// Slots of SAM/ASAM: the backup and the base rule's state.
 pub(crate) fn sam_slots(options: &GroupOptions) -> SlotSpec {
-    SlotSpec { backup: true, stash: false, state: options.base().state_slots(), averages: 0 }
+    SlotSpec {
+        backup: true,
+        stash: false,
+        state: options.base().state_slots(),
+        averages: 0,
+    }
 }
 
 /// Checks the second gradient; on NaN/∞ restores every group and returns the skip.
@@ -226,7 +268,9 @@ pub(crate) fn check_second<B: ParamBuffer>(
 }
 
 /// Restores every group and reports a skip for a non-finite second gradient.
-pub(crate) fn skip_second<B: ParamBuffer>(groups: &mut [Group<B>]) -> Result<StepStatus, Error<B::Error>> {
+pub(crate) fn skip_second<B: ParamBuffer>(
+    groups: &mut [Group<B>],
+) -> Result<StepStatus, Error<B::Error>> {
     Engine::restore_all(groups)?;
     Ok(StepStatus::Skipped(SkipReason::NonFiniteSecond))
 }

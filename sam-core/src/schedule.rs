@@ -73,14 +73,20 @@ impl Schedule {
     /// polynomial power finite and > 0.
     pub fn new(c: ScheduleConfig) -> Result<Self, Error> {
         if !(c.max_value.is_finite() && c.min_value.is_finite() && c.init_value.is_finite()) {
-            return Err(invalid("schedule", "max_value, min_value and init_value must be finite"));
+            return Err(invalid(
+                "schedule",
+                "max_value, min_value and init_value must be finite",
+            ));
         }
         if !matches!(c.shape, ScheduleShape::Constant) && c.t_max <= c.warmup_steps {
             return Err(invalid("t_max", "t_max must be greater than warmup_steps"));
         }
         if let ScheduleShape::Polynomial { power } = c.shape {
             if !(power > 0.0 && power.is_finite()) {
-                return Err(invalid("power", "the polynomial power must be finite and > 0"));
+                return Err(invalid(
+                    "power",
+                    "the polynomial power must be finite and > 0",
+                ));
             }
         }
         Ok(Schedule(c))
@@ -107,7 +113,11 @@ impl Schedule {
     /// `S(k)`, in f64 with upstream's operation order.
     pub fn value(&self, k: u64) -> f64 {
         let c = &self.0;
-        let k = if c.clamp && !matches!(c.shape, ScheduleShape::Constant) { k.min(c.t_max) } else { k };
+        let k = if c.clamp && !matches!(c.shape, ScheduleShape::Constant) {
+            k.min(c.t_max)
+        } else {
+            k
+        };
         let (w, t) = (c.warmup_steps as f64, c.t_max as f64);
         let kf = k as f64;
         if k < c.warmup_steps {
@@ -150,8 +160,15 @@ pub struct Proportional {
 impl Proportional {
     /// Validates: every field finite.
     pub fn validate(&self) -> Result<(), Error> {
-        if !(self.max_lr.is_finite() && self.min_lr.is_finite() && self.max_value.is_finite() && self.min_value.is_finite()) {
-            return Err(invalid("proportional", "max_lr, min_lr, max_value and min_value must be finite"));
+        if !(self.max_lr.is_finite()
+            && self.min_lr.is_finite()
+            && self.max_value.is_finite()
+            && self.min_value.is_finite())
+        {
+            return Err(invalid(
+                "proportional",
+                "max_lr, min_lr, max_value and min_value must be finite",
+            ));
         }
         Ok(())
     }
@@ -159,7 +176,9 @@ impl Proportional {
     /// `P(lr)`.
     pub fn value(&self, lr: f64) -> f64 {
         if self.max_lr > self.min_lr {
-            self.min_value + (self.max_value - self.min_value) * (lr - self.min_lr) / (self.max_lr - self.min_lr)
+            self.min_value
+                + (self.max_value - self.min_value) * (lr - self.min_lr)
+                    / (self.max_lr - self.min_lr)
         } else {
             self.max_value
         }
@@ -171,7 +190,16 @@ mod tests {
     use super::*;
 
     fn sched(shape: ScheduleShape, t_max: u64, warm: u64, clamp: bool) -> Schedule {
-        Schedule::new(ScheduleConfig { shape, t_max, max_value: 1.0, min_value: 0.2, init_value: 0.1, warmup_steps: warm, clamp }).unwrap()
+        Schedule::new(ScheduleConfig {
+            shape,
+            t_max,
+            max_value: 1.0,
+            min_value: 0.2,
+            init_value: 0.1,
+            warmup_steps: warm,
+            clamp,
+        })
+        .unwrap()
     }
 
     // Expected sequences worked out by hand from the formulas in the module docs (upstream
@@ -214,18 +242,58 @@ mod tests {
 
     #[test]
     fn proportional() {
-        let p = Proportional { max_lr: 1.0, min_lr: 0.0, max_value: 0.1, min_value: 0.01 };
+        let p = Proportional {
+            max_lr: 1.0,
+            min_lr: 0.0,
+            max_value: 0.1,
+            min_value: 0.01,
+        };
         assert!((p.value(0.5) - 0.055).abs() < 1e-15);
-        let flat = Proportional { max_lr: 0.0, min_lr: 0.0, ..p };
+        let flat = Proportional {
+            max_lr: 0.0,
+            min_lr: 0.0,
+            ..p
+        };
         assert_eq!(flat.value(0.7), 0.1);
     }
 
     #[test]
     fn invalid() {
-        let base = ScheduleConfig { shape: ScheduleShape::Linear, t_max: 3, max_value: 1.0, min_value: 0.0, init_value: 0.0, warmup_steps: 3, clamp: false };
+        let base = ScheduleConfig {
+            shape: ScheduleShape::Linear,
+            t_max: 3,
+            max_value: 1.0,
+            min_value: 0.0,
+            init_value: 0.0,
+            warmup_steps: 3,
+            clamp: false,
+        };
         assert!(Schedule::new(base).is_err());
-        assert!(Schedule::new(ScheduleConfig { t_max: 4, max_value: f64::NAN, ..base }).is_err());
-        assert!(Schedule::new(ScheduleConfig { t_max: 4, shape: ScheduleShape::Polynomial { power: 0.0 }, ..base }).is_err());
-        assert!(Proportional { max_lr: f64::NAN, min_lr: 0.0, max_value: 1.0, min_value: 0.0 }.validate().is_err());
+        assert!(
+            Schedule::new(ScheduleConfig {
+                t_max: 4,
+                max_value: f64::NAN,
+                ..base
+            })
+            .is_err()
+        );
+        assert!(
+            Schedule::new(ScheduleConfig {
+                t_max: 4,
+                shape: ScheduleShape::Polynomial { power: 0.0 },
+                ..base
+            })
+            .is_err()
+        );
+        assert!(
+            Proportional {
+                max_lr: f64::NAN,
+                min_lr: 0.0,
+                max_value: 1.0,
+                min_value: 0.0
+            }
+            .validate()
+            .is_err()
+        );
     }
 }

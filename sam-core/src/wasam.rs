@@ -74,7 +74,13 @@ impl Wasam {
         }
         let starts = heapless::Vec::from_slice(swa_starts)
             .map_err(|_| invalid("swa_starts", "at most MAX_AVERAGES averages are supported"))?;
-        Ok(Wasam { cfg, starts, counts: [0; MAX_AVERAGES], pending_fold: false, engine: Engine::new() })
+        Ok(Wasam {
+            cfg,
+            starts,
+            counts: [0; MAX_AVERAGES],
+            pending_fold: false,
+            engine: Engine::new(),
+        })
     }
 
     /// The SAM hyperparameters.
@@ -94,7 +100,12 @@ impl Wasam {
 
     /// The slots a group needs: backup, the base rule's state, and the averages.
     pub fn slot_spec(&self, options: &GroupOptions) -> SlotSpec {
-        SlotSpec { backup: true, stash: false, state: options.base().state_slots(), averages: self.starts.len() as u8 }
+        SlotSpec {
+            backup: true,
+            stash: false,
+            state: options.base().state_slots(),
+            averages: self.starts.len() as u8,
+        }
     }
 
     /// The current phase.
@@ -110,7 +121,11 @@ impl Wasam {
     /// The host-side state for a checkpoint (only between steps, not while swapped).
     pub fn state(&self) -> Result<WasamState, Error> {
         self.engine.expect(Phase::Idle)?;
-        Ok(WasamState { steps: self.engine.steps, counts: self.counts, pending_fold: self.pending_fold })
+        Ok(WasamState {
+            steps: self.engine.steps,
+            counts: self.counts,
+            pending_fold: self.pending_fold,
+        })
     }
 
     /// Resumes from a checkpoint.
@@ -145,7 +160,10 @@ impl Wasam {
     /// Folds the weights into the averages if a step was finished with an external base
     /// optimizer ([`Perturbed::restore_with_gradient`]) and that optimizer has stepped since.
     /// Called automatically by the next step and by [`swap`](Self::swap).
-    pub fn update_averages<B: ParamBuffer>(&mut self, groups: &mut [Group<B>]) -> Result<(), Error<B::Error>> {
+    pub fn update_averages<B: ParamBuffer>(
+        &mut self,
+        groups: &mut [Group<B>],
+    ) -> Result<(), Error<B::Error>> {
         self.engine.expect(Phase::Idle)?;
         if self.pending_fold {
             let fold = self.fold_for(self.engine.steps - 1);
@@ -165,13 +183,22 @@ impl Wasam {
     ) -> Result<Perturbed<'a, Self, B>, Error<B::Error>> {
         self.update_averages(groups)?;
         let n_avg = self.starts.len() as u8;
-        let slots = move |o: &GroupOptions| SlotSpec { backup: true, stash: false, state: o.base().state_slots(), averages: n_avg };
+        let slots = move |o: &GroupOptions| SlotSpec {
+            backup: true,
+            stash: false,
+            state: o.base().state_slots(),
+            averages: n_avg,
+        };
         sam_perturb(&self.cfg, &mut self.engine, groups, slots)?;
         Ok(Perturbed::new(self, groups))
     }
 
     /// A whole step driven by a closure (see [`Sam::step`](crate::Sam::step)).
-    pub fn step<B, L, C, F>(&mut self, groups: &mut [Group<B>], closure: F) -> Result<StepReport<L>, C>
+    pub fn step<B, L, C, F>(
+        &mut self,
+        groups: &mut [Group<B>],
+        closure: F,
+    ) -> Result<StepReport<L>, C>
     where
         B: ParamBuffer,
         C: From<Error<B::Error>>,
@@ -181,7 +208,10 @@ impl Wasam {
     }
 
     /// Restores the weights after a leaked guard (no-op when idle).
-    pub fn recover<B: ParamBuffer>(&mut self, groups: &mut [Group<B>]) -> Result<(), Error<B::Error>> {
+    pub fn recover<B: ParamBuffer>(
+        &mut self,
+        groups: &mut [Group<B>],
+    ) -> Result<(), Error<B::Error>> {
         if self.engine.phase == Phase::Perturbed {
             Engine::restore_all(groups)?;
             self.engine.phase = Phase::Idle;
@@ -191,10 +221,16 @@ impl Wasam {
 
     /// Swaps the live weights with average `k` (bit-exact) for evaluation; the guard swaps back.
     /// Fails if average `k` does not exist or holds no snapshot yet.
-    pub fn swap<'a, B: ParamBuffer>(&'a mut self, groups: &'a mut [Group<B>], k: u8) -> Result<Swapped<'a, B>, Error<B::Error>> {
+    pub fn swap<'a, B: ParamBuffer>(
+        &'a mut self,
+        groups: &'a mut [Group<B>],
+        k: u8,
+    ) -> Result<Swapped<'a, B>, Error<B::Error>> {
         self.update_averages(groups)?;
         if usize::from(k) >= self.starts.len() || self.counts[usize::from(k)] == 0 {
-            return Err(Error::InvalidGroups { message: "that average does not exist or holds no snapshot yet" });
+            return Err(Error::InvalidGroups {
+                message: "that average does not exist or holds no snapshot yet",
+            });
         }
         for i in 0..groups.len() {
             if let Err(e) = groups[i].buffer.swap_average(k) {
@@ -205,7 +241,12 @@ impl Wasam {
             }
         }
         self.engine.phase = Phase::Swapped;
-        Ok(Swapped { engine: &mut self.engine, groups, k, armed: true })
+        Ok(Swapped {
+            engine: &mut self.engine,
+            groups,
+            k,
+            armed: true,
+        })
     }
 }
 
@@ -284,7 +325,11 @@ impl SamFamily for Wasam {
         }
         let t = self.engine.steps;
         let step = t + 1;
-        let fold = if finish == Finish::Base { self.fold_for(t) } else { AverageFold::NONE };
+        let fold = if finish == Finish::Base {
+            self.fold_for(t)
+        } else {
+            AverageFold::NONE
+        };
         Engine::update_all(groups, |_, o| UpdateSpec {
             restore: true,
             grad: GradMix::Current,

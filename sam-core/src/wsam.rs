@@ -1,12 +1,14 @@
 //! WSAM: sharpness as a weighted regulariser.
 
-use crate::buffer::{AverageFold, GradMix, ParamBuffer, PostMix, ReduceSpec, SlotSpec, UpdateSpec, Weighting};
+use crate::BaseStep;
+use crate::buffer::{
+    AverageFold, GradMix, ParamBuffer, PostMix, ReduceSpec, SlotSpec, UpdateSpec, Weighting,
+};
 use crate::engine::{Engine, OptimizerState, Phase, StepReport, StepStatus};
 use crate::error::{Error, invalid};
 use crate::group::{Group, GroupOptions};
 use crate::guard::{Finish, Perturbed, SamFamily, closure_step, private};
 use crate::sam::{base_step, perturb_spec, skip_second};
-use crate::BaseStep;
 
 /// Hyperparameters of [`Wsam`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -119,7 +121,12 @@ impl Wsam {
             }
         }
         let alpha = cfg.gamma / (1.0 - cfg.gamma);
-        Ok(Wsam { cfg, alpha, engine: Engine::new(), clip1: 1.0 })
+        Ok(Wsam {
+            cfg,
+            alpha,
+            engine: Engine::new(),
+            clip1: 1.0,
+        })
     }
 
     /// The hyperparameters.
@@ -150,7 +157,9 @@ impl Wsam {
     /// The host-side state for a checkpoint (only between steps).
     pub fn state(&self) -> Result<OptimizerState, Error> {
         self.engine.expect(Phase::Idle)?;
-        Ok(OptimizerState { steps: self.engine.steps })
+        Ok(OptimizerState {
+            steps: self.engine.steps,
+        })
     }
 
     /// Resumes from a checkpoint (only between steps).
@@ -162,7 +171,11 @@ impl Wsam {
     }
 
     fn weighting(&self, o: &GroupOptions) -> Weighting {
-        if o.adaptive().unwrap_or(self.cfg.adaptive) { Weighting::Adaptive { eta: self.cfg.eta } } else { Weighting::Plain }
+        if o.adaptive().unwrap_or(self.cfg.adaptive) {
+            Weighting::Adaptive { eta: self.cfg.eta }
+        } else {
+            Weighting::Plain
+        }
     }
 
     /// First half of a step: perturbs from the unclipped g₁ and stashes it.
@@ -184,13 +197,25 @@ impl Wsam {
             return Err(Error::NonFiniteGradient);
         }
         let eps = self.cfg.sam_eps;
-        Engine::perturb_all(groups, |o| perturb_spec(this.weighting(o), o.rho().unwrap_or(this.cfg.rho), eps, &norms, true))?;
+        Engine::perturb_all(groups, |o| {
+            perturb_spec(
+                this.weighting(o),
+                o.rho().unwrap_or(this.cfg.rho),
+                eps,
+                &norms,
+                true,
+            )
+        })?;
         self.clip1 = clip_factor(self.cfg.max_norm, norms.grad);
         Ok(Perturbed::new(self, groups))
     }
 
     /// A whole step driven by a closure (see [`Sam::step`](crate::Sam::step)).
-    pub fn step<B, L, C, F>(&mut self, groups: &mut [Group<B>], closure: F) -> Result<StepReport<L>, C>
+    pub fn step<B, L, C, F>(
+        &mut self,
+        groups: &mut [Group<B>],
+        closure: F,
+    ) -> Result<StepReport<L>, C>
     where
         B: ParamBuffer,
         C: From<Error<B::Error>>,
@@ -200,7 +225,10 @@ impl Wsam {
     }
 
     /// Restores the weights after a leaked guard (no-op when idle).
-    pub fn recover<B: ParamBuffer>(&mut self, groups: &mut [Group<B>]) -> Result<(), Error<B::Error>> {
+    pub fn recover<B: ParamBuffer>(
+        &mut self,
+        groups: &mut [Group<B>],
+    ) -> Result<(), Error<B::Error>> {
         if self.engine.phase == Phase::Perturbed {
             Engine::restore_all(groups)?;
             self.engine.phase = Phase::Idle;
@@ -210,7 +238,12 @@ impl Wsam {
 }
 
 fn wsam_slots(options: &GroupOptions) -> SlotSpec {
-    SlotSpec { backup: true, stash: true, state: options.base().state_slots(), averages: 0 }
+    SlotSpec {
+        backup: true,
+        stash: true,
+        state: options.base().state_slots(),
+        averages: 0,
+    }
 }
 
 impl private::Sealed for Wsam {}
@@ -235,7 +268,11 @@ impl SamFamily for Wsam {
         }
         let mut c1 = 1.0;
         if clip || self.cfg.check_second_gradient {
-            let n = Engine::norms(groups, |_, s| ReduceSpec { grad: clip, scale_grad: s[1], ..ReduceSpec::FINITE_ONLY })?;
+            let n = Engine::norms(groups, |_, s| ReduceSpec {
+                grad: clip,
+                scale_grad: s[1],
+                ..ReduceSpec::FINITE_ONLY
+            })?;
             if !n.finite {
                 return skip_second(groups);
             }
@@ -253,13 +290,19 @@ impl SamFamily for Wsam {
                     restore: true,
                     grad: GradMix::Mix { a: 0.0, b: c0 },
                     base,
-                    post: Some(PostMix { a: -(lr * alpha) * c1, b: (lr * alpha) * c0 }),
+                    post: Some(PostMix {
+                        a: -(lr * alpha) * c1,
+                        b: (lr * alpha) * c0,
+                    }),
                     average: AverageFold::NONE,
                 }
             } else {
                 UpdateSpec {
                     restore: true,
-                    grad: GradMix::Mix { a: alpha * c1, b: (1.0 - alpha) * c0 },
+                    grad: GradMix::Mix {
+                        a: alpha * c1,
+                        b: (1.0 - alpha) * c0,
+                    },
                     base,
                     post: None,
                     average: AverageFold::NONE,

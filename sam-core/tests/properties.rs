@@ -11,27 +11,60 @@ use sam_core::{
 };
 
 fn cfg() -> ProptestConfig {
-    ProptestConfig { cases: 96, ..ProptestConfig::default() }
+    ProptestConfig {
+        cases: 96,
+        ..ProptestConfig::default()
+    }
 }
 
 fn sgd(lr: f64) -> BaseRule {
-    BaseRule::sgd(SgdConfig { lr, momentum: 0.9, ..Default::default() }).unwrap()
+    BaseRule::sgd(SgdConfig {
+        lr,
+        momentum: 0.9,
+        ..Default::default()
+    })
+    .unwrap()
 }
 
 /// Every base rule with random hyperparameters (and a chosen lr).
 fn base_rule(lr: f64) -> impl Strategy<Value = BaseRule> {
     prop_oneof![
-        (0.0f64..0.99, 0.0f64..0.5, 0.0f64..0.1, any::<bool>()).prop_map(move |(m, d, wd, nest)| {
-            let nesterov = nest && m > 0.0;
-            let dampening = if nesterov { 0.0 } else { d };
-            BaseRule::sgd(SgdConfig { lr, momentum: m, dampening, weight_decay: wd, nesterov }).unwrap()
-        }),
-        (0.0f64..0.99, 0.9f64..0.9999, 0.0f64..0.1, any::<bool>(), any::<bool>()).prop_map(
-            move |(b1, b2, wd, ams, decoupled)| {
-                let c = AdamConfig { lr, beta1: b1, beta2: b2, eps: 1e-8, weight_decay: wd, amsgrad: ams };
-                if decoupled { BaseRule::adamw(c).unwrap() } else { BaseRule::adam(c).unwrap() }
+        (0.0f64..0.99, 0.0f64..0.5, 0.0f64..0.1, any::<bool>()).prop_map(
+            move |(m, d, wd, nest)| {
+                let nesterov = nest && m > 0.0;
+                let dampening = if nesterov { 0.0 } else { d };
+                BaseRule::sgd(SgdConfig {
+                    lr,
+                    momentum: m,
+                    dampening,
+                    weight_decay: wd,
+                    nesterov,
+                })
+                .unwrap()
             }
         ),
+        (
+            0.0f64..0.99,
+            0.9f64..0.9999,
+            0.0f64..0.1,
+            any::<bool>(),
+            any::<bool>()
+        )
+            .prop_map(move |(b1, b2, wd, ams, decoupled)| {
+                let c = AdamConfig {
+                    lr,
+                    beta1: b1,
+                    beta2: b2,
+                    eps: 1e-8,
+                    weight_decay: wd,
+                    amsgrad: ams,
+                };
+                if decoupled {
+                    BaseRule::adamw(c).unwrap()
+                } else {
+                    BaseRule::adam(c).unwrap()
+                }
+            }),
     ]
 }
 
@@ -42,25 +75,52 @@ fn f64s<T: Real>(v: &[T]) -> Vec<f64> {
 /// Invariant 1 (single group): ‖e‖ = ρ‖T⊙g‖/(‖T⊙g‖+ε), measured on `w_perturbed − w`, with an
 /// allowance for the rounding of `w + e` (half an ulp of the result per element) and of the
 /// subtraction. Dividing by T gives the ASAM form. Also checks invariant 2's exact restore.
-fn check_norm<T: TestReal>(w: Vec<T>, g: Vec<T>, rho: f64, eps: f64, adaptive: Option<f64>) -> Result<(), TestCaseError> {
+fn check_norm<T: TestReal>(
+    w: Vec<T>,
+    g: Vec<T>,
+    rho: f64,
+    eps: f64,
+    adaptive: Option<f64>,
+) -> Result<(), TestCaseError> {
     let mut stores = vec![Store::new(w.clone(), g.clone())];
     let opts = [GroupOptions::new(sgd(0.1))];
     let mut gs = groups(&mut stores, &opts);
-    let mut sam = Sam::new(SamConfig { rho, eps, adaptive: adaptive.is_some(), eta: adaptive.unwrap_or(0.0), ..Default::default() }).unwrap();
+    let mut sam = Sam::new(SamConfig {
+        rho,
+        eps,
+        adaptive: adaptive.is_some(),
+        eta: adaptive.unwrap_or(0.0),
+        ..Default::default()
+    })
+    .unwrap();
     let guard = sam.first_step(&mut gs).unwrap();
     let wp = f64s(guard.groups()[0].buffer.weights());
     let w0 = f64s(&w);
-    let t: Vec<f64> = w0.iter().map(|x| adaptive.map_or(1.0, |eta| x.abs() + eta)).collect();
+    let t: Vec<f64> = w0
+        .iter()
+        .map(|x| adaptive.map_or(1.0, |eta| x.abs() + eta))
+        .collect();
     let tg: Vec<f64> = g.iter().zip(&t).map(|(g, t)| g.to_f64() * t).collect();
     let n = norm(tg.iter().copied());
     let expected = if n > 0.0 { rho * n / (n + eps) } else { 0.0 };
-    let scaled: Vec<f64> = wp.iter().zip(&w0).zip(&t).map(|((p, w), t)| (p - w) / t).collect();
+    let scaled: Vec<f64> = wp
+        .iter()
+        .zip(&w0)
+        .zip(&t)
+        .map(|((p, w), t)| (p - w) / t)
+        .collect();
     let measured = norm(scaled.iter().copied());
     let allowance = norm(
-        wp.iter().zip(&w0).zip(&t).map(|((p, w), t)| (T::ulp(*p) / 2.0 + <f64 as TestReal>::ulp(p - w) / 2.0) / t),
+        wp.iter()
+            .zip(&w0)
+            .zip(&t)
+            .map(|((p, w), t)| (T::ulp(*p) / 2.0 + <f64 as TestReal>::ulp(p - w) / 2.0) / t),
     );
     let bound = 1e-12 * expected + allowance;
-    prop_assert!((measured - expected).abs() <= bound, "measured {measured:e} expected {expected:e} bound {bound:e}");
+    prop_assert!(
+        (measured - expected).abs() <= bound,
+        "measured {measured:e} expected {expected:e} bound {bound:e}"
+    );
     drop(guard); // restores
     prop_assert_eq!(bits(&stores[0].w), bits(&w));
     prop_assert_eq!(sam.phase(), Phase::Idle);
@@ -249,22 +309,35 @@ proptest! {
 }
 
 fn store_bits<T: Real>(s: &[Store<T>]) -> Vec<(Vec<u64>, Vec<u64>, Vec<u64>)> {
-    s.iter().map(|s| (bits(&s.w), bits(&s.g), bits(&s.slots))).collect()
+    s.iter()
+        .map(|s| (bits(&s.w), bits(&s.g), bits(&s.slots)))
+        .collect()
 }
 
-fn lr_zero<T: TestReal>(base: BaseRule, w: Vec<T>, g: Vec<T>, adaptive: bool) -> Result<(), TestCaseError> {
+fn lr_zero<T: TestReal>(
+    base: BaseRule,
+    w: Vec<T>,
+    g: Vec<T>,
+    adaptive: bool,
+) -> Result<(), TestCaseError> {
     let mut stores = vec![Store::new(w.clone(), g.clone())];
     let opts = [GroupOptions::new(base).with_adaptive(adaptive)];
     let mut gs = groups(&mut stores, &opts);
-    let mut sam = Sam::new(SamConfig { rho: 0.3, ..Default::default() }).unwrap();
+    let mut sam = Sam::new(SamConfig {
+        rho: 0.3,
+        ..Default::default()
+    })
+    .unwrap();
     for _ in 0..2 {
-        let r = sam.step(&mut gs, |gs| {
-            let (w, gr) = gs[0].buffer.weights_and_grad();
-            for (gi, (wi, g0)) in gr.iter_mut().zip(w.iter().zip(&g)) {
-                *gi = T::from_f64(g0.to_f64() + 0.5 * wi.to_f64());
-            }
-            Ok::<_, Error<SliceError>>(())
-        }).unwrap();
+        let r = sam
+            .step(&mut gs, |gs| {
+                let (w, gr) = gs[0].buffer.weights_and_grad();
+                for (gi, (wi, g0)) in gr.iter_mut().zip(w.iter().zip(&g)) {
+                    *gi = T::from_f64(g0.to_f64() + 0.5 * wi.to_f64());
+                }
+                Ok::<_, Error<SliceError>>(())
+            })
+            .unwrap();
         prop_assert_eq!(r.status, StepStatus::Applied);
     }
     prop_assert_eq!(bits(gs[0].buffer.weights()), bits(&w));
@@ -278,10 +351,18 @@ fn quad_grad<T: Real>(a: &[f64], w: &[T], g: &mut [T]) {
     }
 }
 
-fn rho_zero<T: TestReal>(base: BaseRule, a: &[f64], adaptive: bool, steps: usize) -> Result<(), TestCaseError> {
+fn rho_zero<T: TestReal>(
+    base: BaseRule,
+    a: &[f64],
+    adaptive: bool,
+    steps: usize,
+) -> Result<(), TestCaseError> {
     let w: Vec<T> = a.iter().map(|x| T::from_f64(x - 0.5)).collect();
     let zeros = vec![T::default(); a.len()];
-    let opts_sam = [GroupOptions::new(base).with_rho(0.0).unwrap().with_adaptive(adaptive)];
+    let opts_sam = [GroupOptions::new(base)
+        .with_rho(0.0)
+        .unwrap()
+        .with_adaptive(adaptive)];
     let opts_base = [GroupOptions::new(base)];
     let mut s1 = vec![Store::new(w.clone(), zeros.clone())];
     let mut s2 = vec![Store::new(w, zeros)];
@@ -294,13 +375,17 @@ fn rho_zero<T: TestReal>(base: BaseRule, a: &[f64], adaptive: bool, steps: usize
             let (w, g) = gs[0].buffer.weights_and_grad();
             quad_grad(a, w, g);
             Ok::<_, Error<SliceError>>(())
-        }).unwrap();
+        })
+        .unwrap();
         let (w, g) = g2[0].buffer.weights_and_grad();
         quad_grad(a, w, g);
         plain.step(&mut g2).unwrap();
         prop_assert_eq!(bits(g1[0].buffer.weights()), bits(g2[0].buffer.weights()));
         for k in 0..3 {
-            prop_assert_eq!(g1[0].buffer.slot(Slot::State(k)).map(bits), g2[0].buffer.slot(Slot::State(k)).map(bits));
+            prop_assert_eq!(
+                g1[0].buffer.slot(Slot::State(k)).map(bits),
+                g2[0].buffer.slot(Slot::State(k)).map(bits)
+            );
         }
     }
     Ok(())
@@ -309,24 +394,40 @@ fn rho_zero<T: TestReal>(base: BaseRule, a: &[f64], adaptive: bool, steps: usize
 fn split<T: TestReal>(a: &[f64], cuts: &[f64], adaptive: bool) -> Result<(), TestCaseError> {
     let n = a.len();
     let w: Vec<T> = a.iter().map(|x| T::from_f64(1.5 - x)).collect();
-    let base = BaseRule::sgd(SgdConfig { lr: 0.1, momentum: 0.5, ..Default::default() }).unwrap();
-    let mut bounds: Vec<usize> = cuts.iter().map(|c| ((c * n as f64) as usize).min(n)).collect();
+    let base = BaseRule::sgd(SgdConfig {
+        lr: 0.1,
+        momentum: 0.5,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut bounds: Vec<usize> = cuts
+        .iter()
+        .map(|c| ((c * n as f64) as usize).min(n))
+        .collect();
     bounds.push(0);
     bounds.push(n);
     bounds.sort();
     bounds.dedup();
     let run = |parts: &[(usize, usize)]| -> Vec<f64> {
-        let mut stores: Vec<Store<T>> = parts.iter().map(|&(lo, hi)| Store::new(w[lo..hi].to_vec(), vec![T::default(); hi - lo])).collect();
+        let mut stores: Vec<Store<T>> = parts
+            .iter()
+            .map(|&(lo, hi)| Store::new(w[lo..hi].to_vec(), vec![T::default(); hi - lo]))
+            .collect();
         let opts = vec![GroupOptions::new(base).with_adaptive(adaptive); parts.len()];
         let mut gs = groups(&mut stores, &opts);
-        let mut sam = Sam::new(SamConfig { rho: 0.2, ..Default::default() }).unwrap();
+        let mut sam = Sam::new(SamConfig {
+            rho: 0.2,
+            ..Default::default()
+        })
+        .unwrap();
         sam.step(&mut gs, |gs| {
             for (g, &(lo, hi)) in gs.iter_mut().zip(parts) {
                 let (w, gr) = g.buffer.weights_and_grad();
                 quad_grad(&a[lo..hi], w, gr);
             }
             Ok::<_, Error<SliceError>>(())
-        }).unwrap();
+        })
+        .unwrap();
         gs.iter().flat_map(|g| f64s(g.buffer.weights())).collect()
     };
     let whole = run(&[(0, n)]);
@@ -342,19 +443,35 @@ fn split<T: TestReal>(a: &[f64], cuts: &[f64], adaptive: bool) -> Result<(), Tes
 }
 
 fn scale<T: TestReal>(g: &[f64], k: i32, c: f64, adaptive: bool) -> Result<(), TestCaseError> {
-    let w: Vec<T> = (0..g.len()).map(|i| T::from_f64(0.5 + (i % 3) as f64 * 0.5)).collect();
+    let w: Vec<T> = (0..g.len())
+        .map(|i| T::from_f64(0.5 + (i % 3) as f64 * 0.5))
+        .collect();
     let perturbed = |g: Vec<T>, eps: f64| -> Vec<f64> {
         let mut stores = vec![Store::new(w.clone(), g)];
         let opts = [GroupOptions::new(sgd(0.1)).with_adaptive(adaptive)];
         let mut gs = groups(&mut stores, &opts);
-        let mut sam = Sam::new(SamConfig { rho: 0.1, eps, ..Default::default() }).unwrap();
+        let mut sam = Sam::new(SamConfig {
+            rho: 0.1,
+            eps,
+            ..Default::default()
+        })
+        .unwrap();
         let guard = sam.first_step(&mut gs).unwrap();
         f64s(guard.groups()[0].buffer.weights())
     };
     let g0: Vec<T> = g.iter().map(|x| T::from_f64(*x)).collect();
     let p = 2f64.powi(k);
     let gp: Vec<T> = g0.iter().map(|x| T::from_f64(x.to_f64() * p)).collect();
-    prop_assert_eq!(perturbed(g0.clone(), 0.0).iter().map(|x| x.to_bits()).collect::<Vec<_>>(), perturbed(gp, 0.0).iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+    prop_assert_eq!(
+        perturbed(g0.clone(), 0.0)
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>(),
+        perturbed(gp, 0.0)
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>()
+    );
     let gc: Vec<T> = g0.iter().map(|x| T::from_f64(x.to_f64() * c)).collect();
     // Away from ε: the gradients' norm must dominate ε = 1e-12, else skip the comparison.
     let n = norm(g0.iter().map(|x| x.to_f64()));
@@ -372,10 +489,17 @@ fn scale<T: TestReal>(g: &[f64], k: i32, c: f64, adaptive: bool) -> Result<(), T
 fn zero_gradient_and_empty_groups_are_no_ops() {
     let base = sgd(0.1);
     // Zero gradient: no perturbation, no NaN, the base step runs on the second gradient.
-    let mut stores = vec![Store::new(vec![1.0f32, -2.0], vec![0.0, 0.0]), Store::new(vec![], vec![])];
+    let mut stores = vec![
+        Store::new(vec![1.0f32, -2.0], vec![0.0, 0.0]),
+        Store::new(vec![], vec![]),
+    ];
     let opts = [GroupOptions::new(base), GroupOptions::new(base)];
     let mut gs = groups(&mut stores, &opts);
-    let mut sam = Sam::new(SamConfig { eps: 0.0, ..Default::default() }).unwrap();
+    let mut sam = Sam::new(SamConfig {
+        eps: 0.0,
+        ..Default::default()
+    })
+    .unwrap();
     let guard = sam.first_step(&mut gs).unwrap();
     assert_eq!(guard.groups()[0].buffer.weights(), &[1.0, -2.0]);
     drop(guard);
@@ -388,7 +512,9 @@ fn zero_gradient_and_empty_groups_are_no_ops() {
     // No groups at all.
     let mut none: Vec<sam_core::Group<sam_core::reference::SliceBuffer<'_, f64>>> = Vec::new();
     let mut sam = Sam::new(SamConfig::default()).unwrap();
-    let r = sam.step(&mut none, |_| Ok::<_, Error<SliceError>>(1.5)).unwrap();
+    let r = sam
+        .step(&mut none, |_| Ok::<_, Error<SliceError>>(1.5))
+        .unwrap();
     assert_eq!((r.loss, r.status), (1.5, StepStatus::Applied));
 }
 
@@ -402,9 +528,20 @@ fn huge_f32_gradients_give_norm_rho_not_infinity() {
         let mut stores = vec![Store::new(w, g)];
         let opts = [GroupOptions::new(sgd(0.1))];
         let mut gs = groups(&mut stores, &opts);
-        let mut sam = Sam::new(SamConfig { rho: 0.05, eps: 0.0, ..Default::default() }).unwrap();
+        let mut sam = Sam::new(SamConfig {
+            rho: 0.05,
+            eps: 0.0,
+            ..Default::default()
+        })
+        .unwrap();
         let guard = sam.first_step(&mut gs).unwrap();
-        let e = norm(guard.groups()[0].buffer.weights().iter().map(|x| f64::from(*x)));
+        let e = norm(
+            guard.groups()[0]
+                .buffer
+                .weights()
+                .iter()
+                .map(|x| f64::from(*x)),
+        );
         assert!((e - 0.05).abs() < 1e-7, "{mag}: {e}");
     }
 }
@@ -415,7 +552,12 @@ fn f64_extremes_are_rescaled_or_rejected() {
         let mut stores = vec![Store::new(vec![0.0f64; 64], vec![mag; 64])];
         let opts = [GroupOptions::new(sgd(0.1))];
         let mut gs = groups(&mut stores, &opts);
-        let mut sam = Sam::new(SamConfig { rho: 0.05, eps: 0.0, ..Default::default() }).unwrap();
+        let mut sam = Sam::new(SamConfig {
+            rho: 0.05,
+            eps: 0.0,
+            ..Default::default()
+        })
+        .unwrap();
         let guard = sam.first_step(&mut gs).unwrap();
         let e = norm(guard.groups()[0].buffer.weights().iter().copied());
         assert!((e - 0.05).abs() < 1e-12, "{mag}: {e}");
@@ -432,9 +574,25 @@ fn f64_extremes_are_rescaled_or_rejected() {
 
 #[test]
 fn invalid_hyperparameters_are_rejected() {
-    for (rho, eta, eps) in [(f64::NAN, 0.0, 0.0), (-0.1, 0.0, 0.0), (f64::INFINITY, 0.0, 0.0), (0.1, -1.0, 0.0), (0.1, f64::NAN, 0.0), (0.1, 0.0, -1e-12), (0.1, 0.0, f64::NAN)] {
-        let r = Sam::new(SamConfig { rho, eta, eps, ..Default::default() });
-        assert!(matches!(r, Err(Error::InvalidHyperparameter { .. })), "{rho} {eta} {eps}");
+    for (rho, eta, eps) in [
+        (f64::NAN, 0.0, 0.0),
+        (-0.1, 0.0, 0.0),
+        (f64::INFINITY, 0.0, 0.0),
+        (0.1, -1.0, 0.0),
+        (0.1, f64::NAN, 0.0),
+        (0.1, 0.0, -1e-12),
+        (0.1, 0.0, f64::NAN),
+    ] {
+        let r = Sam::new(SamConfig {
+            rho,
+            eta,
+            eps,
+            ..Default::default()
+        });
+        assert!(
+            matches!(r, Err(Error::InvalidHyperparameter { .. })),
+            "{rho} {eta} {eps}"
+        );
     }
     assert!(GroupOptions::new(sgd(0.1)).with_rho(f64::NAN).is_err());
 }
@@ -459,7 +617,11 @@ fn closure_error_restores_and_propagates() {
     }
     let r = sam.step(&mut gs, |_| {
         calls += 1;
-        if calls == 2 { Err(MyErr::Backward) } else { Ok(()) }
+        if calls == 2 {
+            Err(MyErr::Backward)
+        } else {
+            Ok(())
+        }
     });
     assert!(matches!(r, Err(MyErr::Backward)));
     assert_eq!(gs[0].buffer.weights(), &w0[..]);

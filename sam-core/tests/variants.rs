@@ -12,15 +12,33 @@ use sam_core::{
 };
 
 fn cfg() -> ProptestConfig {
-    ProptestConfig { cases: 64, ..ProptestConfig::default() }
+    ProptestConfig {
+        cases: 64,
+        ..ProptestConfig::default()
+    }
 }
 
 fn base_rule() -> impl Strategy<Value = BaseRule> {
     prop_oneof![
-        (0.0f64..0.95, 0.0f64..0.1).prop_map(|(m, wd)| BaseRule::sgd(SgdConfig { lr: 0.05, momentum: m, weight_decay: wd, ..Default::default() }).unwrap()),
+        (0.0f64..0.95, 0.0f64..0.1).prop_map(|(m, wd)| BaseRule::sgd(SgdConfig {
+            lr: 0.05,
+            momentum: m,
+            weight_decay: wd,
+            ..Default::default()
+        })
+        .unwrap()),
         (any::<bool>(), any::<bool>()).prop_map(|(w, ams)| {
-            let c = AdamConfig { lr: 0.01, weight_decay: 0.01, amsgrad: ams, ..Default::default() };
-            if w { BaseRule::adamw(c).unwrap() } else { BaseRule::adam(c).unwrap() }
+            let c = AdamConfig {
+                lr: 0.01,
+                weight_decay: 0.01,
+                amsgrad: ams,
+                ..Default::default()
+            };
+            if w {
+                BaseRule::adamw(c).unwrap()
+            } else {
+                BaseRule::adam(c).unwrap()
+            }
         }),
     ]
 }
@@ -30,9 +48,16 @@ fn run<T: TestReal>(
     a: &[f64],
     opts: GroupOptions,
     steps: usize,
-    mut step: impl FnMut(&mut [Group<SliceBuffer<'_, T>>], &mut dyn FnMut(&mut [Group<SliceBuffer<'_, T>>])),
+    mut step: impl FnMut(
+        &mut [Group<SliceBuffer<'_, T>>],
+        &mut dyn FnMut(&mut [Group<SliceBuffer<'_, T>>]),
+    ),
 ) -> (Vec<f64>, Vec<Vec<f64>>) {
-    let w: Vec<T> = a.iter().enumerate().map(|(i, x)| T::from_f64(x - 0.3 * i as f64)).collect();
+    let w: Vec<T> = a
+        .iter()
+        .enumerate()
+        .map(|(i, x)| T::from_f64(x - 0.3 * i as f64))
+        .collect();
     let mut stores = vec![Store::new(w, vec![T::default(); a.len()])];
     let mut gs = groups(&mut stores, &[opts]);
     let mut grad = |gs: &mut [Group<SliceBuffer<'_, T>>]| {
@@ -45,27 +70,50 @@ fn run<T: TestReal>(
         step(&mut gs, &mut grad);
     }
     let w = gs[0].buffer.weights().iter().map(|x| x.to_f64()).collect();
-    let st = (0..3).filter_map(|k| gs[0].buffer.slot(Slot::State(k)).map(|s| s.iter().map(|x| x.to_f64()).collect())).collect();
+    let st = (0..3)
+        .filter_map(|k| {
+            gs[0]
+                .buffer
+                .slot(Slot::State(k))
+                .map(|s| s.iter().map(|x| x.to_f64()).collect())
+        })
+        .collect();
     (w, st)
 }
 
 type Grad<'f, 'a, T> = &'f mut dyn FnMut(&mut [Group<SliceBuffer<'a, T>>]);
 
-fn closure<'f, 'a, T: Real>(grad: Grad<'f, 'a, T>) -> impl FnMut(&mut [Group<SliceBuffer<'a, T>>]) -> Result<(), Error<SliceError>> + 'f {
+fn closure<'f, 'a, T: Real>(
+    grad: Grad<'f, 'a, T>,
+) -> impl FnMut(&mut [Group<SliceBuffer<'a, T>>]) -> Result<(), Error<SliceError>> + 'f {
     move |gs| {
         grad(gs);
         Ok(())
     }
 }
 
-fn sam_run<T: TestReal>(a: &[f64], o: GroupOptions, steps: usize, rho: f64) -> (Vec<f64>, Vec<Vec<f64>>) {
-    let mut sam = Sam::new(SamConfig { rho, ..Default::default() }).unwrap();
+fn sam_run<T: TestReal>(
+    a: &[f64],
+    o: GroupOptions,
+    steps: usize,
+    rho: f64,
+) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let mut sam = Sam::new(SamConfig {
+        rho,
+        ..Default::default()
+    })
+    .unwrap();
     run::<T>(a, o, steps, |gs, grad| {
         sam.step(gs, closure(grad)).unwrap();
     })
 }
 
-fn wsam_run<T: TestReal>(a: &[f64], o: GroupOptions, steps: usize, c: WsamConfig) -> (Vec<f64>, Vec<Vec<f64>>) {
+fn wsam_run<T: TestReal>(
+    a: &[f64],
+    o: GroupOptions,
+    steps: usize,
+    c: WsamConfig,
+) -> (Vec<f64>, Vec<Vec<f64>>) {
     let mut wsam = Wsam::new(c).unwrap();
     run::<T>(a, o, steps, |gs, grad| {
         wsam.step(gs, closure(grad)).unwrap();
@@ -185,53 +233,139 @@ proptest! {
 #[test]
 fn variant_hyperparameters_are_validated() {
     for gamma in [1.0, 1.5, -0.1, f64::NAN] {
-        assert!(Wsam::new(WsamConfig { gamma, ..Default::default() }).is_err(), "{gamma}");
+        assert!(
+            Wsam::new(WsamConfig {
+                gamma,
+                ..Default::default()
+            })
+            .is_err(),
+            "{gamma}"
+        );
     }
-    assert!(Wsam::new(WsamConfig { max_norm: Some(0.0), ..Default::default() }).is_err());
-    assert!(Wsam::new(WsamConfig { max_norm: Some(f64::NAN), ..Default::default() }).is_err());
-    assert!(Wsam::new(WsamConfig { sam_eps: -1.0, ..Default::default() }).is_err());
+    assert!(
+        Wsam::new(WsamConfig {
+            max_norm: Some(0.0),
+            ..Default::default()
+        })
+        .is_err()
+    );
+    assert!(
+        Wsam::new(WsamConfig {
+            max_norm: Some(f64::NAN),
+            ..Default::default()
+        })
+        .is_err()
+    );
+    assert!(
+        Wsam::new(WsamConfig {
+            sam_eps: -1.0,
+            ..Default::default()
+        })
+        .is_err()
+    );
     let rho = RhoSchedule::Schedule(Schedule::constant(0.05).unwrap());
     for alpha in [-0.1, f64::NAN, f64::INFINITY] {
-        assert!(Gsam::new(GsamConfig { alpha, ..GsamConfig::new(rho) }).is_err(), "{alpha}");
+        assert!(
+            Gsam::new(GsamConfig {
+                alpha,
+                ..GsamConfig::new(rho)
+            })
+            .is_err(),
+            "{alpha}"
+        );
     }
-    assert!(Gsam::new(GsamConfig { perturb_eps: f64::NAN, ..GsamConfig::new(rho) }).is_err());
-    let prop = RhoSchedule::Proportional(sam_core::Proportional { max_lr: 1.0, min_lr: 0.0, max_value: 0.1, min_value: 0.0 });
-    assert!(Gsam::new(GsamConfig::new(prop)).is_err(), "proportional rho without an lr schedule");
+    assert!(
+        Gsam::new(GsamConfig {
+            perturb_eps: f64::NAN,
+            ..GsamConfig::new(rho)
+        })
+        .is_err()
+    );
+    let prop = RhoSchedule::Proportional(sam_core::Proportional {
+        max_lr: 1.0,
+        min_lr: 0.0,
+        max_value: 0.1,
+        min_value: 0.0,
+    });
+    assert!(
+        Gsam::new(GsamConfig::new(prop)).is_err(),
+        "proportional rho without an lr schedule"
+    );
     assert!(Wasam::new(SamConfig::default(), &[]).is_err());
     assert!(Wasam::new(SamConfig::default(), &[0; 5]).is_err());
-    assert!(Wasam::new(SamConfig { rho: f64::NAN, ..Default::default() }, &[0]).is_err());
+    assert!(
+        Wasam::new(
+            SamConfig {
+                rho: f64::NAN,
+                ..Default::default()
+            },
+            &[0]
+        )
+        .is_err()
+    );
 }
 
 #[test]
 fn gsam_rejects_per_group_rho_and_wasam_rejects_empty_swap() {
-    let base = BaseRule::sgd(SgdConfig { lr: 0.1, ..Default::default() }).unwrap();
+    let base = BaseRule::sgd(SgdConfig {
+        lr: 0.1,
+        ..Default::default()
+    })
+    .unwrap();
     let mut stores = vec![Store::new(vec![1.0f64; 3], vec![0.5; 3])];
     let before = stores.clone();
     let o = GroupOptions::new(base).with_rho(0.1).unwrap();
     let mut gs = groups(&mut stores, &[o]);
-    let mut gsam = Gsam::new(GsamConfig::new(RhoSchedule::Schedule(Schedule::constant(0.05).unwrap()))).unwrap();
-    assert!(matches!(gsam.first_step(&mut gs), Err(Error::InvalidGroups { .. })));
+    let mut gsam = Gsam::new(GsamConfig::new(RhoSchedule::Schedule(
+        Schedule::constant(0.05).unwrap(),
+    )))
+    .unwrap();
+    assert!(matches!(
+        gsam.first_step(&mut gs),
+        Err(Error::InvalidGroups { .. })
+    ));
     let mut wasam = Wasam::new(SamConfig::default(), &[10]).unwrap();
-    assert!(matches!(wasam.swap(&mut gs, 0), Err(Error::InvalidGroups { .. })));
-    assert!(matches!(wasam.swap(&mut gs, 3), Err(Error::InvalidGroups { .. })));
+    assert!(matches!(
+        wasam.swap(&mut gs, 0),
+        Err(Error::InvalidGroups { .. })
+    ));
+    assert!(matches!(
+        wasam.swap(&mut gs, 3),
+        Err(Error::InvalidGroups { .. })
+    ));
     drop(gs);
     assert_eq!(stores, before);
 }
 
 #[test]
 fn decoupled_wsam_with_external_optimizer_is_an_error_and_restores() {
-    let base = BaseRule::sgd(SgdConfig { lr: 0.1, ..Default::default() }).unwrap();
+    let base = BaseRule::sgd(SgdConfig {
+        lr: 0.1,
+        ..Default::default()
+    })
+    .unwrap();
     let mut stores = vec![Store::new(vec![1.0f64, -1.0], vec![0.5, 0.25])];
     let w0 = stores[0].w.clone();
     let mut gs = groups(&mut stores, &[GroupOptions::new(base)]);
     let mut wsam = Wsam::new(WsamConfig::default()).unwrap();
     let guard = wsam.first_step(&mut gs).unwrap();
-    assert!(matches!(guard.restore_with_gradient(), Err(Error::InvalidGroups { .. })));
+    assert!(matches!(
+        guard.restore_with_gradient(),
+        Err(Error::InvalidGroups { .. })
+    ));
     assert_eq!(gs[0].buffer.weights(), &w0[..]);
     // Coupled works and leaves d = α·g₂ + (1−α)·g₁ in the gradient.
-    let mut wsam = Wsam::new(WsamConfig { decouple: false, gamma: 0.5, ..Default::default() }).unwrap();
+    let mut wsam = Wsam::new(WsamConfig {
+        decouple: false,
+        gamma: 0.5,
+        ..Default::default()
+    })
+    .unwrap();
     let mut guard = wsam.first_step(&mut gs).unwrap();
-    guard.groups_mut()[0].buffer.grad_mut().copy_from_slice(&[2.0, 4.0]);
+    guard.groups_mut()[0]
+        .buffer
+        .grad_mut()
+        .copy_from_slice(&[2.0, 4.0]);
     guard.restore_with_gradient().unwrap();
     assert_eq!(gs[0].buffer.grad(), &[2.0, 4.0]);
     assert_eq!(gs[0].buffer.weights(), &w0[..]);

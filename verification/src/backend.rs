@@ -1,7 +1,9 @@
 //! Storage backends the runner can replay a case on.
 
 use sam_core::reference::{SliceBuffer, SliceError};
-use sam_core::{AverageFold, ParamBuffer, PerturbSpec, Real, ReduceSpec, Reduction, SlotSpec, UpdateSpec};
+use sam_core::{
+    AverageFold, ParamBuffer, PerturbSpec, Real, ReduceSpec, Reduction, SlotSpec, UpdateSpec,
+};
 
 /// A storage backend for the replay: builds one buffer per parameter group and moves weights and
 /// gradients between the host and the buffer.
@@ -17,7 +19,8 @@ pub trait ReplayBackend {
     /// Copies a gradient in.
     fn write_grad<T: Real>(&self, buf: &mut Self::Buf<T>, grad: &[T]) -> Result<(), String>;
     /// Copies running average `k` out.
-    fn read_average<T: Real>(&self, buf: &Self::Buf<T>, k: u8, out: &mut [T]) -> Result<(), String>;
+    fn read_average<T: Real>(&self, buf: &Self::Buf<T>, k: u8, out: &mut [T])
+    -> Result<(), String>;
 }
 
 /// The core's reference backend ([`SliceBuffer`]) over vectors owned by the runner.
@@ -34,7 +37,10 @@ pub struct OwnedSlices<T: Real> {
 }
 
 impl<T: Real> OwnedSlices<T> {
-    fn view<R>(&mut self, f: impl FnOnce(&mut SliceBuffer<'_, T>) -> Result<R, SliceError>) -> Result<R, SliceError> {
+    fn view<R>(
+        &mut self,
+        f: impl FnOnce(&mut SliceBuffer<'_, T>) -> Result<R, SliceError>,
+    ) -> Result<R, SliceError> {
         let mut b = SliceBuffer::new(&mut self.w, &mut self.g, &mut self.slots)?;
         if let Some(spec) = &self.spec {
             b.prepare(spec)?;
@@ -53,7 +59,10 @@ impl<T: Real> ParamBuffer for OwnedSlices<T> {
 
     fn prepare(&mut self, spec: &SlotSpec) -> Result<(), SliceError> {
         if self.spec.as_ref() != Some(spec) {
-            let n = spec.count().checked_mul(self.w.len()).ok_or(SliceError::MissingSlot)?;
+            let n = spec
+                .count()
+                .checked_mul(self.w.len())
+                .ok_or(SliceError::MissingSlot)?;
             self.slots = vec![T::default(); n];
             self.spec = Some(*spec);
         }
@@ -102,7 +111,12 @@ impl ReplayBackend for CoreBackend {
 
     fn make<T: Real>(&self, init: Vec<T>) -> Result<OwnedSlices<T>, String> {
         let g = vec![T::default(); init.len()];
-        Ok(OwnedSlices { w: init, g, slots: Vec::new(), spec: None })
+        Ok(OwnedSlices {
+            w: init,
+            g,
+            slots: Vec::new(),
+            spec: None,
+        })
     }
 
     fn read_weights<T: Real>(&self, buf: &OwnedSlices<T>, out: &mut [T]) -> Result<(), String> {
@@ -113,7 +127,12 @@ impl ReplayBackend for CoreBackend {
         copy(&mut buf.g, grad)
     }
 
-    fn read_average<T: Real>(&self, buf: &OwnedSlices<T>, k: u8, out: &mut [T]) -> Result<(), String> {
+    fn read_average<T: Real>(
+        &self,
+        buf: &OwnedSlices<T>,
+        k: u8,
+        out: &mut [T],
+    ) -> Result<(), String> {
         let n = buf.w.len();
         let i = buf
             .spec

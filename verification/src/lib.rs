@@ -70,16 +70,28 @@ pub fn collect_cases(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
 /// Parses and replays one case from its bytes (never panics on malformed input).
 pub fn run_bytes<K: ReplayBackend>(fallback_name: &str, bytes: &[u8], backend: &K) -> CaseResult {
     match case::parse_case(bytes) {
-        Ok(c) => CaseResult { name: c.name.clone(), verdict: replay::check_case(&c, backend) },
-        Err(e) => CaseResult { name: fallback_name.to_string(), verdict: Verdict::Error(format!("malformed case: {e}")) },
+        Ok(c) => CaseResult {
+            name: c.name.clone(),
+            verdict: replay::check_case(&c, backend),
+        },
+        Err(e) => CaseResult {
+            name: fallback_name.to_string(),
+            verdict: Verdict::Error(format!("malformed case: {e}")),
+        },
     }
 }
 
 /// Reads, parses and replays one case file.
 pub fn run_file<K: ReplayBackend>(path: &Path, backend: &K) -> CaseResult {
-    let stem = path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
+    let stem = path.file_stem().map_or_else(
+        || path.display().to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    );
     match std::fs::read(path) {
         Ok(bytes) => run_bytes(&stem, &bytes, backend),
-        Err(e) => CaseResult { name: stem, verdict: Verdict::Error(format!("cannot read {}: {e}", path.display())) },
+        Err(e) => CaseResult {
+            name: stem,
+            verdict: Verdict::Error(format!("cannot read {}: {e}", path.display())),
+        },
     }
 }

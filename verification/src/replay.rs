@@ -91,7 +91,11 @@ pub fn compare(case: &Case, traj: &Trajectory) -> Option<Mismatch> {
             return Some(m);
         }
     }
-    let extras = [("swa_params", &traj.swa_params, &e.swa_params), ("lr", &traj.lr, &e.lr), ("rho", &traj.rho, &e.rho)];
+    let extras = [
+        ("swa_params", &traj.swa_params, &e.swa_params),
+        ("lr", &traj.lr, &e.lr),
+        ("rho", &traj.rho, &e.rho),
+    ];
     for (name, got, exp) in extras {
         if let Some(exp) = exp {
             let got = got.as_deref().unwrap_or(&[]);
@@ -106,22 +110,60 @@ pub fn compare(case: &Case, traj: &Trajectory) -> Option<Mismatch> {
 /// Maps a case's base optimizer onto a validated [`BaseRule`].
 pub fn base_rule(b: &BaseHyper) -> Result<BaseRule, ReplayError> {
     Ok(match *b {
-        BaseHyper::Sgd { lr, momentum, dampening, weight_decay, nesterov } => {
-            BaseRule::sgd(SgdConfig { lr, momentum, dampening, weight_decay, nesterov })?
-        }
-        BaseHyper::Adam { lr, beta1, beta2, eps, weight_decay, amsgrad } => {
-            BaseRule::adam(AdamConfig { lr, beta1, beta2, eps, weight_decay, amsgrad })?
-        }
-        BaseHyper::AdamW { lr, beta1, beta2, eps, weight_decay, amsgrad } => {
-            BaseRule::adamw(AdamConfig { lr, beta1, beta2, eps, weight_decay, amsgrad })?
-        }
+        BaseHyper::Sgd {
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+        } => BaseRule::sgd(SgdConfig {
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+        })?,
+        BaseHyper::Adam {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            amsgrad,
+        } => BaseRule::adam(AdamConfig {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            amsgrad,
+        })?,
+        BaseHyper::AdamW {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            amsgrad,
+        } => BaseRule::adamw(AdamConfig {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            amsgrad,
+        })?,
     })
 }
 
 /// Group options with the group's resolved ρ and adaptivity (SCHEMA.md §4).
 fn group_options(g: &GroupSpec, with_rho: bool) -> Result<GroupOptions, ReplayError> {
     let o = GroupOptions::new(base_rule(&g.base)?);
-    Ok(if with_rho { o.with_rho(g.rho)?.with_adaptive(g.adaptive) } else { o })
+    Ok(if with_rho {
+        o.with_rho(g.rho)?.with_adaptive(g.adaptive)
+    } else {
+        o
+    })
 }
 
 /// Where each group's elements sit in θ.
@@ -137,13 +179,24 @@ impl Layout {
         let spans = case
             .groups
             .iter()
-            .map(|g| g.params.iter().map(|&p| (offsets[p], case.params[p].init.len())).collect())
+            .map(|g| {
+                g.params
+                    .iter()
+                    .map(|&p| (offsets[p], case.params[p].init.len()))
+                    .collect()
+            })
             .collect();
-        Layout { spans, n: case.n_elements() }
+        Layout {
+            spans,
+            n: case.n_elements(),
+        }
     }
 
     fn gather_group<T: Copy>(&self, gi: usize, theta: &[T]) -> Vec<T> {
-        self.spans[gi].iter().flat_map(|&(o, l)| theta[o..o + l].iter().copied()).collect()
+        self.spans[gi]
+            .iter()
+            .flat_map(|&(o, l)| theta[o..o + l].iter().copied())
+            .collect()
     }
 
     fn scatter_group<T: Copy>(&self, gi: usize, flat: &[T], theta: &mut [T]) {
@@ -183,7 +236,11 @@ where
 {
     let problem = Problem::<T>::new(&case.objective);
     let layout = Layout::new(case);
-    let theta0: Vec<T> = case.params.iter().flat_map(|p| p.init.iter().map(|&x| T::from_f64(x))).collect();
+    let theta0: Vec<T> = case
+        .params
+        .iter()
+        .flat_map(|p| p.init.iter().map(|&x| T::from_f64(x)))
+        .collect();
     let with_rho = !matches!(case.variant, VariantSpec::Gsam { .. });
     let mut groups = Vec::with_capacity(case.groups.len());
     for (gi, g) in case.groups.iter().enumerate() {
@@ -205,12 +262,13 @@ where
     };
     let mut traj = Trajectory::default();
     let mut out = vec![T::default(); layout.n];
-    let mut record = |traj: &mut Trajectory, groups: &[Group<K::Buf<T>>]| -> Result<(), ReplayError> {
-        let mut s = Vec::new();
-        read_theta(backend, &layout, groups, &mut s, &mut out)?;
-        traj.params.push(to_f64(&out));
-        Ok(())
-    };
+    let mut record =
+        |traj: &mut Trajectory, groups: &[Group<K::Buf<T>>]| -> Result<(), ReplayError> {
+            let mut s = Vec::new();
+            read_theta(backend, &layout, groups, &mut s, &mut out)?;
+            traj.params.push(to_f64(&out));
+            Ok(())
+        };
     match &case.variant {
         VariantSpec::Sam => {
             let mut opt = Sam::new(SamConfig::default())?;
@@ -238,8 +296,19 @@ where
             }
             traj.swa_params = Some(to_f64(&avg));
         }
-        VariantSpec::Wsam { gamma, decouple, max_norm, sam_eps } => {
-            let cfg = WsamConfig { gamma: *gamma, decouple: *decouple, max_norm: *max_norm, sam_eps: *sam_eps, ..Default::default() };
+        VariantSpec::Wsam {
+            gamma,
+            decouple,
+            max_norm,
+            sam_eps,
+        } => {
+            let cfg = WsamConfig {
+                gamma: *gamma,
+                decouple: *decouple,
+                max_norm: *max_norm,
+                sam_eps: *sam_eps,
+                ..Default::default()
+            };
             let mut opt = Wsam::new(cfg)?;
             for _ in 0..case.steps {
                 let r = opt.step(&mut groups, &mut eval)?;
@@ -248,11 +317,25 @@ where
                 record(&mut traj, &groups)?;
             }
         }
-        VariantSpec::Gsam { alpha, adaptive, perturb_eps, rho_schedule, lr_schedule } => {
+        VariantSpec::Gsam {
+            alpha,
+            adaptive,
+            perturb_eps,
+            rho_schedule,
+            lr_schedule,
+        } => {
             let rho = match rho_schedule {
-                ScheduleSpec::Proportion { max_lr, min_lr, max_value, min_value } => {
-                    RhoSchedule::Proportional(Proportional { max_lr: *max_lr, min_lr: *min_lr, max_value: *max_value, min_value: *min_value })
-                }
+                ScheduleSpec::Proportion {
+                    max_lr,
+                    min_lr,
+                    max_value,
+                    min_value,
+                } => RhoSchedule::Proportional(Proportional {
+                    max_lr: *max_lr,
+                    min_lr: *min_lr,
+                    max_value: *max_value,
+                    min_value: *min_value,
+                }),
                 other => RhoSchedule::Schedule(schedule(other)?),
             };
             let lr_schedule = lr_schedule.as_ref().map(schedule).transpose()?;
@@ -287,21 +370,47 @@ where
 /// A linear or cosine schedule of a case (step counts must be whole, non-negative numbers).
 fn schedule(s: &ScheduleSpec) -> Result<Schedule, ReplayError> {
     let (shape, t_max, max_value, min_value, init_value, warmup_steps) = match *s {
-        ScheduleSpec::Linear { t_max, max_value, min_value, init_value, warmup_steps } => {
-            (ScheduleShape::Linear, t_max, max_value, min_value, init_value, warmup_steps)
-        }
-        ScheduleSpec::Cosine { t_max, max_value, min_value, init_value, warmup_steps } => {
-            (ScheduleShape::Cosine, t_max, max_value, min_value, init_value, warmup_steps)
-        }
+        ScheduleSpec::Linear {
+            t_max,
+            max_value,
+            min_value,
+            init_value,
+            warmup_steps,
+        } => (
+            ScheduleShape::Linear,
+            t_max,
+            max_value,
+            min_value,
+            init_value,
+            warmup_steps,
+        ),
+        ScheduleSpec::Cosine {
+            t_max,
+            max_value,
+            min_value,
+            init_value,
+            warmup_steps,
+        } => (
+            ScheduleShape::Cosine,
+            t_max,
+            max_value,
+            min_value,
+            init_value,
+            warmup_steps,
+        ),
         ScheduleSpec::Proportion { .. } => {
-            return Err(ReplayError("a proportion schedule can only drive rho".into()));
+            return Err(ReplayError(
+                "a proportion schedule can only drive rho".into(),
+            ));
         }
     };
     let count = |name: &str, x: f64| -> Result<u64, ReplayError> {
         if x >= 0.0 && x.fract() == 0.0 && x < 9.0e15 {
             Ok(x as u64)
         } else {
-            Err(ReplayError(format!("schedule {name} must be a whole number >= 0, got {x}")))
+            Err(ReplayError(format!(
+                "schedule {name} must be a whole number >= 0, got {x}"
+            )))
         }
     };
     let cfg = ScheduleConfig {

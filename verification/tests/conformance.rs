@@ -9,7 +9,11 @@ use sam_verification::{collect_cases, run_file};
 fn all_vendored_cases_pass_on_core() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cases");
     let files = collect_cases(&[dir]).unwrap();
-    assert!(files.len() >= 41, "expected the 41 vendored cases, found {}", files.len());
+    assert!(
+        files.len() >= 41,
+        "expected the 41 vendored cases, found {}",
+        files.len()
+    );
     let mut failed = Vec::new();
     for f in &files {
         let r = run_file(f, &CoreBackend);
@@ -18,16 +22,30 @@ fn all_vendored_cases_pass_on_core() {
             failed.push(r.line());
         }
     }
-    assert!(failed.is_empty(), "{} case(s) failed:\n{}", failed.len(), failed.join("\n"));
+    assert!(
+        failed.is_empty(),
+        "{} case(s) failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
 }
 
 #[test]
 fn malformed_and_unknown_cases_fail_cleanly() {
     let r = sam_verification::run_bytes("junk", b"{not json", &CoreBackend);
-    assert!(!r.passed() && r.line().starts_with("FAIL junk: malformed case"), "{}", r.line());
+    assert!(
+        !r.passed() && r.line().starts_with("FAIL junk: malformed case"),
+        "{}",
+        r.line()
+    );
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cases");
     let text = std::fs::read_to_string(dir.join("sam_sgd_plain.json")).unwrap();
-    let r = sam_verification::run_bytes("x", text.replace("\"variant\":\"sam\"", "\"variant\":\"bogus\"").as_bytes(), &CoreBackend);
+    let r = sam_verification::run_bytes(
+        "x",
+        text.replace("\"variant\":\"sam\"", "\"variant\":\"bogus\"")
+            .as_bytes(),
+        &CoreBackend,
+    );
     assert!(!r.passed(), "{}", r.line());
     // A tampered trajectory is reported as a mismatch naming the array, step and index.
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();

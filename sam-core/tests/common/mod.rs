@@ -18,16 +18,28 @@ impl<T: Real> Store<T> {
     pub fn new(w: Vec<T>, g: Vec<T>) -> Self {
         let n = w.len();
         // Enough for every slot the core may ask for.
-        Store { w, g, slots: vec![T::default(); 9 * n] }
+        Store {
+            w,
+            g,
+            slots: vec![T::default(); 9 * n],
+        }
     }
 }
 
 /// Reference-backend groups borrowing the stores.
-pub fn groups<'a, T: Real>(stores: &'a mut [Store<T>], opts: &[GroupOptions]) -> Vec<Group<SliceBuffer<'a, T>>> {
+pub fn groups<'a, T: Real>(
+    stores: &'a mut [Store<T>],
+    opts: &[GroupOptions],
+) -> Vec<Group<SliceBuffer<'a, T>>> {
     stores
         .iter_mut()
         .zip(opts)
-        .map(|(s, o)| Group::with_options(SliceBuffer::new(&mut s.w, &mut s.g, &mut s.slots).unwrap(), *o))
+        .map(|(s, o)| {
+            Group::with_options(
+                SliceBuffer::new(&mut s.w, &mut s.g, &mut s.slots).unwrap(),
+                *o,
+            )
+        })
         .collect()
 }
 
@@ -85,7 +97,10 @@ pub fn value<T: TestReal>() -> impl Strategy<Value = T> {
 pub fn grad_vec<T: TestReal>(len: std::ops::Range<usize>) -> impl Strategy<Value = Vec<T>> {
     prop_oneof![
         prop::collection::vec(value::<T>(), len.clone()),
-        (prop::sample::select(vec![1.0e-30, 1.0e-3, 1.0, 1.0e30]), prop::collection::vec(-1.0f64..1.0, len))
+        (
+            prop::sample::select(vec![1.0e-30, 1.0e-3, 1.0, 1.0e30]),
+            prop::collection::vec(-1.0f64..1.0, len)
+        )
             .prop_map(|(scale, v)| v.into_iter().map(|x| T::from_f64(x * scale)).collect()),
     ]
 }
