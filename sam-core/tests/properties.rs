@@ -102,7 +102,7 @@ fn check_norm<T: TestReal>(
         .collect();
     let tg: Vec<f64> = g.iter().zip(&t).map(|(g, t)| g.to_f64() * t).collect();
     let n = norm(tg.iter().copied());
-    let expected = if n > 0.0 { rho * n / (n + eps) } else { 0.0 };
+    let expected = if n > 0.0 { rho * (n / (n + eps)) } else { 0.0 };
     let scaled: Vec<f64> = wp
         .iter()
         .zip(&w0)
@@ -179,7 +179,7 @@ proptest! {
             let w0 = &originals[gi];
             let measured = norm(wp.iter().zip(w0).zip(t).map(|((p, w), t)| (p - w) / t));
             let gn = norm(g.iter().zip(t).map(|(g, t)| g * t));
-            let expected = if n > 0.0 { rho * gn / (n + eps) } else { 0.0 };
+            let expected = if n > 0.0 { rho * (gn / (n + eps)) } else { 0.0 };
             let allowance = norm(wp.iter().zip(t).map(|(p, t)| <f64 as TestReal>::ulp(*p) / t));
             prop_assert!((measured - expected).abs() <= 1e-12 * expected + allowance, "group {gi}: {measured:e} vs {expected:e}");
         }
