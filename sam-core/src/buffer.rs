@@ -285,9 +285,12 @@ pub trait ParamBuffer {
         self.len() == 0
     }
 
-    /// Makes sure the slots of `spec` exist (allocating zeroed state/average slots if needed,
-    /// keeping existing ones). Called at the start of every step; must be cheap when nothing
-    /// changes.
+    /// Makes sure the slots of `spec` exist. Called at the start of every step; must be cheap
+    /// when nothing changes. A backend that owns its slot memory allocates missing slots zeroed
+    /// and keeps the values of existing slots by role when the spec changes; a backend over
+    /// caller-provided memory ([`SliceBuffer`](crate::reference::SliceBuffer)) only checks that
+    /// the memory is large enough and lays the slots out for `spec` (changing the spec between
+    /// steps then reinterprets that memory).
     fn prepare(&mut self, spec: &SlotSpec) -> Result<(), Self::Error>;
 
     /// Read-only reduction over the group (see [`ReduceSpec`]).

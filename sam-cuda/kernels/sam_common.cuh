@@ -1,0 +1,310 @@
+// sam-cuda: definitions shared by every kernel.
+//
+// This file, reduce.cu and passes.cu are concatenated by the Rust side (src/kernels.rs) and
+// compiled at run time by NVRTC, once per context. NVRTC has no system headers: nothing here
+// includes any. The constants SAM_BLOCK, SAM_LANES, SAM_COMBINE_THREADS and every SAM_*
+// flag below are NOT defined in this file: the Rust side passes them as -D options from its
+// own constants (sam_core::kernel::BLOCK / LANES and src/abi.rs), so they have one source.
+//
+// Numerics: every element function below mirrors one Rust function of sam-core
+// (kernel.rs / base.rs) operation by operation, in f64, with the same association order and
+// the same rounding points (values widened on load, rounded once on store). The module is
+// compiled with --fmad=false: NVRTC's default (--fmad=true) would contract `a*b + c` into one
+// fused multiply-add with a single rounding, while Rust (LLVM without fast-math) rounds the
+// product and the sum separately. With contraction off, and IEEE-exact f64 +, -, *, / and
+// sqrt on the GPU (CUDA's double operations are correctly rounded), every elementwise pass
+// gives the same bits as the reference backend.
+
+#ifndef SAM_BLOCK
+#error "SAM_BLOCK must be defined by the host (sam_core::kernel::BLOCK)"
+#endif
+#ifndef SAM_LANES
+#error "SAM_LANES must be defined by the host (sam_core::kernel::LANES)"
+#endif
+#ifndef SAM_COMBINE_THREADS
+#error "SAM_COMBINE_THREADS must be defined by the host"
+#endif
+
+typedef unsigned long long sam_u64;
+typedef unsigned int sam_u32;
+
+static_assert(sizeof(sam_u64) == 8, "unsigned long long must be 64 bits");
+static_assert(sizeof(void*) == 8, "sam-cuda needs a 64-bit device address space");
+// The lane tree of the reduction is written out for exactly 8 lanes (sam-core's
+// BlockReducer::finish), and a block must split evenly into lanes.
+static_assert(SAM_LANES == 8, "the lane combine tree is written for 8 lanes");
+static_assert(SAM_BLOCK % SAM_LANES == 0, "a block must split evenly into lanes");
+static_assert((SAM_COMBINE_THREADS & (SAM_COMBINE_THREADS - 1)) == 0,
+              "SAM_COMBINE_THREADS must be a power of two");
+
+// ---------------------------------------------------------------------------------------------
+// Argument structs (by value, one per launch). Mirrored by #[repr(C)] structs in src/abi.rs;
+// layout_check.cu asserts every size, alignment and field offset against the Rust values.
+// Pointers are device addresses (CUdeviceptr) of the element type of the kernel (f32 or f64),
+// or 0 when the pass does not use them.
+// ---------------------------------------------------------------------------------------------
+
+// sam_core::Reduction (`finite` as 0/1; `empty` marks an empty node of the combine's tree and
+// is 0 in every result).
+struct SamReduction {
+    double perturb_sq;
+    double grad_sq;
+    double stash_sq;
+    double dot;
+    double perturb_max;
+    double grad_max;
+    double stash_max;
+    sam_u32 finite;
+    sam_u32 empty;
+};
+
+// Stage 1 of the reduce pass (sam_core::ReduceSpec).
+struct SamReduceArgs {
+    sam_u64 w;         // weights (read only for adaptive weighting)
+    sam_u64 g;         // gradient
+    sam_u64 stash;     // stash slot (read for STASH or DOT)
+    sam_u64 partials;  // SamReduction[blocks]: one result per canonical block
+    sam_u64 n;         // elements
+    sam_u64 blocks;    // ceil(n / SAM_BLOCK)
+    double scale_perturb;
+    double scale_grad;
+    double scale_stash;
+    double eta;        // adaptive offset
+    sam_u32 flags;     // SAM_RED_*
+    sam_u32 pad_;
+};
+
+// One pass of stage 2 of the reduce pass.
+struct SamCombineArgs {
+    sam_u64 partials;  // SamReduction[count], the results of stage 1 (read when leaf)
+    sam_u64 src;       // SamReduction[2^depth], the nodes of the previous pass (when !leaf)
+    sam_u64 out;       // SamReduction[gridDim.x], the nodes at depth - log2(blockDim.x)
+    sam_u64 count;     // number of partials (>= 1)
+    sam_u32 depth;     // depth of the input nodes in the pairwise tree
+    sam_u32 leaf;      // 1: first pass, nodes are derived from the partials
+};
+
+// sam_core::PerturbSpec.
+struct SamPerturbArgs {
+    sam_u64 w;
+    sam_u64 g;
+    sam_u64 backup;
+    sam_u64 stash;     // written when SAM_PERTURB_STASH
+    sam_u64 n;
+    double scale;
+    double coeff;
+    double eta;
+    sam_u32 flags;     // SAM_PERTURB_*
+    sam_u32 pad_;
+};
+
+// sam_core::SgdStep.
+struct SamSgdScalars {
+    double neg_lr;
+    double weight_decay;
+    double momentum;
+    double one_minus_dampening;
+    sam_u32 nesterov;
+    sam_u32 first;
+};
+
+// sam_core::AdamStep.
+struct SamAdamScalars {
+    double decay;
+    double l2;
+    double one_minus_beta1;
+    double beta2;
+    double one_minus_beta2;
+    double bc2_sqrt;
+    double neg_step_size;
+    double eps;
+    sam_u32 amsgrad;
+    sam_u32 pad_;
+};
+
+// sam_core::UpdateSpec.
+struct SamUpdateArgs {
+    sam_u64 w;
+    sam_u64 g;
+    sam_u64 backup;    // read when SAM_UPDATE_RESTORE
+    sam_u64 stash;     // read when SAM_UPDATE_READ_STASH
+    sam_u64 state[3];  // base-rule slots 0..n_state
+    sam_u64 avg[4];    // average slots (bit k of avg_mask)
+    sam_u64 n;
+    double mix_a;      // GradMix::Mix { a, b } (SAM_UPDATE_MIX)
+    double mix_b;
+    double post_a;     // PostMix { a, b } (SAM_UPDATE_POST)
+    double post_b;
+    double avg_weight[4];
+    SamSgdScalars sgd;
+    SamAdamScalars adam;
+    sam_u32 flags;     // SAM_UPDATE_*
+    sam_u32 base;      // SAM_BASE_*
+    sam_u32 n_state;   // 0..3
+    sam_u32 avg_mask;  // bit k: fold the new weights into average k
+};
+
+// fold_averages.
+struct SamFoldArgs {
+    sam_u64 w;
+    sam_u64 avg[4];
+    sam_u64 n;
+    double weight[4];
+    sam_u32 mask;
+    sam_u32 pad_;
+};
+
+// swap_average (raw bits).
+struct SamSwapArgs {
+    sam_u64 a;
+    sam_u64 b;
+    sam_u64 n;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Element functions (mirrors of sam-core).
+// ---------------------------------------------------------------------------------------------
+
+// sam-core buffer.rs `max`: `if b > a { b } else { a }` (a NaN `b` is ignored).
+__device__ __forceinline__ double sam_max(double a, double b) { return b > a ? b : a; }
+
+// sam-core base.rs `add`: a zero delta leaves `p` bit-identical (-0.0 stays -0.0).
+__device__ __forceinline__ double sam_add(double p, double delta) {
+    return delta == 0.0 ? p : p + delta;
+}
+
+// sam-core base.rs `lerp` (torch's CPU kernel).
+__device__ __forceinline__ double sam_lerp(double a, double b, double w) {
+    return fabs(w) < 0.5 ? a + w * (b - a) : b - (b - a) * (1.0 - w);
+}
+
+// sam-core kernel.rs `fold`.
+__device__ __forceinline__ double sam_fold(double avg, double w, double weight) {
+    return avg + (w - avg) * weight;
+}
+
+// Widening on load (exact) and rounding on store (round to nearest even, like Rust's `as`).
+__device__ __forceinline__ double sam_widen(float x) { return (double)x; }
+__device__ __forceinline__ double sam_widen(double x) { return x; }
+template <typename T> __device__ __forceinline__ T sam_narrow(double x);
+template <> __device__ __forceinline__ float sam_narrow<float>(double x) {
+    return __double2float_rn(x);
+}
+template <> __device__ __forceinline__ double sam_narrow<double>(double x) { return x; }
+
+// sam-core Reduction::ZERO.
+__device__ __forceinline__ SamReduction sam_reduction_zero() {
+    SamReduction r;
+    r.perturb_sq = 0.0;
+    r.grad_sq = 0.0;
+    r.stash_sq = 0.0;
+    r.dot = 0.0;
+    r.perturb_max = 0.0;
+    r.grad_max = 0.0;
+    r.stash_max = 0.0;
+    r.finite = 1u;
+    r.empty = 0u;
+    return r;
+}
+
+// sam-core Reduction::combine: `l` covers elements before `r`'s.
+__device__ __forceinline__ SamReduction sam_combine(const SamReduction& l, const SamReduction& r) {
+    SamReduction o;
+    o.perturb_sq = l.perturb_sq + r.perturb_sq;
+    o.grad_sq = l.grad_sq + r.grad_sq;
+    o.stash_sq = l.stash_sq + r.stash_sq;
+    o.dot = l.dot + r.dot;
+    o.perturb_max = sam_max(l.perturb_max, r.perturb_max);
+    o.grad_max = sam_max(l.grad_max, r.grad_max);
+    o.stash_max = sam_max(l.stash_max, r.stash_max);
+    o.finite = l.finite & r.finite;
+    o.empty = 0u;
+    return o;
+}
+
+// sam-core BlockReducer::push for one element (w, g, s already widened; 0.0 when not read).
+__device__ __forceinline__ void sam_push(SamReduction& acc, const SamReduceArgs& a, double w,
+                                         double g, double s) {
+    bool finite = isfinite(g);
+    if (a.flags & SAM_RED_PERTURB) {
+        double x = (a.flags & SAM_RED_ADAPTIVE) ? (fabs(w) + a.eta) * g : g;
+        finite = finite && isfinite(x);
+        double xs = x * a.scale_perturb;
+        acc.perturb_sq += xs * xs;
+        acc.perturb_max = sam_max(acc.perturb_max, fabs(x));
+    }
+    double gs = g * a.scale_grad;
+    if (a.flags & SAM_RED_GRAD) {
+        acc.grad_sq += gs * gs;
+        acc.grad_max = sam_max(acc.grad_max, fabs(g));
+    }
+    if (a.flags & (SAM_RED_STASH | SAM_RED_DOT)) {
+        finite = finite && isfinite(s);
+        double ss = s * a.scale_stash;
+        if (a.flags & SAM_RED_STASH) {
+            acc.stash_sq += ss * ss;
+            acc.stash_max = sam_max(acc.stash_max, fabs(s));
+        }
+        if (a.flags & SAM_RED_DOT) {
+            acc.dot += gs * ss;
+        }
+    }
+    acc.finite &= finite ? 1u : 0u;
+}
+
+// sam-core kernel.rs `perturb`.
+__device__ __forceinline__ double sam_perturb_elem(const SamPerturbArgs& a, double w, double g) {
+    double e;
+    if (a.flags & SAM_PERTURB_ADAPTIVE) {
+        double t = fabs(w) + a.eta;
+        e = t * (((t * g) * a.scale) * a.coeff);
+    } else {
+        e = (g * a.scale) * a.coeff;
+    }
+    return sam_add(w, e);
+}
+
+// sam-core SgdStep::apply: returns the new parameter, updates *buf.
+__device__ __forceinline__ double sam_sgd(const SamSgdScalars& k, double p, double d, double* buf) {
+    if (k.weight_decay != 0.0) {
+        d += k.weight_decay * p;
+    }
+    double b = *buf;
+    if (k.momentum != 0.0) {
+        b = k.first ? d : b * k.momentum + k.one_minus_dampening * d;
+        d = k.nesterov ? d + k.momentum * b : b;
+    }
+    *buf = b;
+    return sam_add(p, k.neg_lr * d);
+}
+
+// sam-core AdamStep::apply: state = [m, v, vmax], updated in place.
+__device__ __forceinline__ double sam_adam(const SamAdamScalars& k, double p, double d, double* st) {
+    if (k.decay != 1.0) {
+        p *= k.decay;
+    }
+    if (k.l2 != 0.0) {
+        d += k.l2 * p;
+    }
+    st[0] = sam_lerp(st[0], d, k.one_minus_beta1);
+    st[1] = st[1] * k.beta2 + (k.one_minus_beta2 * d) * d;
+    double vhat;
+    if (k.amsgrad) {
+        if (st[1] > st[2] || isnan(st[2])) {
+            st[2] = st[1];
+        }
+        vhat = st[2];
+    } else {
+        vhat = st[1];
+    }
+    double denom = sqrt(vhat) / k.bc2_sqrt + k.eps;
+    return sam_add(p, (k.neg_step_size * st[0]) / denom);
+}
+
+// 64-bit grid-stride loop helpers.
+__device__ __forceinline__ sam_u64 sam_thread_index() {
+    return (sam_u64)blockIdx.x * (sam_u64)blockDim.x + (sam_u64)threadIdx.x;
+}
+__device__ __forceinline__ sam_u64 sam_grid_stride() {
+    return (sam_u64)gridDim.x * (sam_u64)blockDim.x;
+}
