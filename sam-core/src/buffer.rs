@@ -267,8 +267,9 @@ pub struct UpdateSpec {
 ///   identity with the reference backend, or document their order and tolerance otherwise;
 /// - [`prepare`](Self::prepare) is called before any other pass of a step; it may allocate
 ///   (only when the spec changes) but never changes weights, gradients or existing slot values;
-/// - a pass that returns `Err` should leave the buffer unchanged where it can; the core restores
-///   weights from the backup after a failed write pass.
+/// - a pass that returns `Err` must leave its buffer unchanged (validate before writing); the
+///   core then restores the other groups (those already perturbed, or not yet stepped) so that
+///   no weight is left perturbed. `restore` itself should not fail once `perturb` succeeded.
 ///
 /// See `examples/custom_buffer.rs` for a complete user-defined implementation.
 pub trait ParamBuffer {

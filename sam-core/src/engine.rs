@@ -183,11 +183,9 @@ impl Engine {
         for i in 0..groups.len() {
             let s = spec(&groups[i].options);
             if let Err(e) = groups[i].buffer.perturb(&s) {
-                // The failed group may be half-written: its backup is complete up to where it
-                // failed, so restore it too, then the earlier ones.
-                for g in groups[..=i].iter_mut() {
-                    let _ = g.buffer.restore();
-                }
+                // A failed pass leaves its own buffer unchanged (the trait's contract; its backup
+                // may be stale, so it must not be restored); undo the groups perturbed before it.
+                let _ = Self::restore_all(&mut groups[..i]);
                 return Err(Error::Backend(e));
             }
         }
@@ -207,16 +205,37 @@ impl Engine {
         first
     }
 
-    /// Runs the restore-and-step pass on every group.
+    /// Runs the restore-and-step pass on every group. If a backend fails on group `i` (leaving it
+    /// unchanged, i.e. still perturbed), groups `i..` are restored from their backups when
+    /// `restore_on_error` (the weights of groups already stepped stay stepped: their base state
+    /// has moved on with them).
     pub fn update_all<B: ParamBuffer>(
         groups: &mut [Group<B>],
+        restore_on_error: bool,
         spec: impl Fn(usize, &GroupOptions) -> UpdateSpec,
     ) -> Result<(), Error<B::Error>> {
-        for (i, g) in groups.iter_mut().enumerate() {
-            let s = spec(i, &g.options);
-            g.buffer.update(&s).map_err(Error::Backend)?;
+        for i in 0..groups.len() {
+            let s = spec(i, &groups[i].options);
+            if let Err(e) = groups[i].buffer.update(&s) {
+                if restore_on_error {
+                    let _ = Self::restore_all(&mut groups[i..]);
+                }
+                return Err(Error::Backend(e));
+            }
         }
         Ok(())
+    }
+
+    /// Passes `r` through, restoring every group first if it is an error (for failures in the
+    /// perturbed phase before any group was stepped).
+    pub fn or_restore<B: ParamBuffer, R>(
+        groups: &mut [Group<B>],
+        r: Result<R, Error<B::Error>>,
+    ) -> Result<R, Error<B::Error>> {
+        if r.is_err() {
+            let _ = Self::restore_all(groups);
+        }
+        r
     }
 }
 

@@ -307,7 +307,8 @@ impl SamFamily for Gsam {
             scale_grad: s[1],
             scale_stash: s[2],
             ..ReduceSpec::FINITE_ONLY
-        })?;
+        });
+        let n = Engine::or_restore(groups, n)?;
         if !n.finite {
             return skip_second(groups);
         }
@@ -326,7 +327,7 @@ impl SamFamily for Gsam {
         let t = self.engine.steps;
         let step = t + 1;
         let this = &*self;
-        Engine::update_all(groups, |_, o| UpdateSpec {
+        Engine::update_all(groups, true, |_, o| UpdateSpec {
             restore: true,
             grad: GradMix::Mix { a, b: -alpha },
             base: base_step(o, step, this.lr_at(t, o.base().lr()), finish),

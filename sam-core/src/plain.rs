@@ -75,7 +75,7 @@ impl BaseOptimizer {
             return Ok(StepStatus::Skipped(SkipReason::NonFiniteClean));
         }
         let step = self.engine.steps + 1;
-        Engine::update_all(groups, |_, o| UpdateSpec {
+        Engine::update_all(groups, false, |_, o| UpdateSpec {
             restore: false,
             grad: GradMix::Current,
             base: o.base().step_coefficients(step, o.base().lr()),

@@ -260,7 +260,8 @@ pub(crate) fn check_second<B: ParamBuffer>(
     if !check {
         return Ok(None);
     }
-    let norms = Engine::norms(groups, |_, _| ReduceSpec::FINITE_ONLY)?;
+    let norms = Engine::norms(groups, |_, _| ReduceSpec::FINITE_ONLY);
+    let norms = Engine::or_restore(groups, norms)?;
     if norms.finite {
         return Ok(None);
     }
@@ -300,7 +301,7 @@ impl SamFamily for Sam {
             return Ok(skip);
         }
         let step = self.engine.steps + 1;
-        Engine::update_all(groups, |_, o| UpdateSpec {
+        Engine::update_all(groups, true, |_, o| UpdateSpec {
             restore: true,
             grad: GradMix::Current,
             base: base_step(o, step, o.base().lr(), finish),

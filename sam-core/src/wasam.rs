@@ -330,7 +330,7 @@ impl SamFamily for Wasam {
         } else {
             AverageFold::NONE
         };
-        Engine::update_all(groups, |_, o| UpdateSpec {
+        Engine::update_all(groups, true, |_, o| UpdateSpec {
             restore: true,
             grad: GradMix::Current,
             base: base_step(o, step, o.base().lr(), finish),

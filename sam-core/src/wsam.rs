@@ -272,7 +272,8 @@ impl SamFamily for Wsam {
                 grad: clip,
                 scale_grad: s[1],
                 ..ReduceSpec::FINITE_ONLY
-            })?;
+            });
+            let n = Engine::or_restore(groups, n)?;
             if !n.finite {
                 return skip_second(groups);
             }
@@ -282,7 +283,7 @@ impl SamFamily for Wsam {
         let alpha = self.alpha;
         let decouple = self.cfg.decouple;
         let step = self.engine.steps + 1;
-        Engine::update_all(groups, |_, o| {
+        Engine::update_all(groups, true, |_, o| {
             let lr = o.base().lr();
             let base: BaseStep = base_step(o, step, lr, finish);
             if decouple {
