@@ -96,7 +96,7 @@ fn step(which: &Which, budget: usize) -> (Vec<Vec<f64>>, bool) {
         ..Default::default()
     })
     .unwrap();
-    let mut stores = vec![
+    let mut stores = [
         Store::new(vec![1.0, -2.0, 0.5], vec![0.0; 3]),
         Store::new(vec![0.25, 3.0], vec![0.0; 2]),
     ];
