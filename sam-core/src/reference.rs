@@ -42,6 +42,9 @@ pub enum SliceError {
     },
     /// A pass ran before [`ParamBuffer::prepare`], or needs a slot the prepared spec lacks.
     MissingSlot,
+    /// The slot spec asks for more base-state slots (3) or averages
+    /// ([`MAX_AVERAGES`](crate::MAX_AVERAGES)) than any optimizer uses.
+    UnsupportedSlots,
 }
 
 impl fmt::Display for SliceError {
@@ -57,6 +60,9 @@ impl fmt::Display for SliceError {
                 )
             }
             SliceError::MissingSlot => f.write_str("a pass needs a slot that was not prepared"),
+            SliceError::UnsupportedSlots => {
+                f.write_str("at most 3 base-state slots and MAX_AVERAGES averages are supported")
+            }
         }
     }
 }
@@ -141,6 +147,9 @@ impl<T: Real> ParamBuffer for SliceBuffer<'_, T> {
     }
 
     fn prepare(&mut self, spec: &SlotSpec) -> Result<(), SliceError> {
+        if spec.state > 3 || usize::from(spec.averages) > crate::buffer::MAX_AVERAGES {
+            return Err(SliceError::UnsupportedSlots);
+        }
         let needed = spec.count().saturating_mul(self.w.len());
         if self.slots.len() < needed {
             return Err(SliceError::SlotsTooSmall {
@@ -244,12 +253,17 @@ impl<T: Real> ParamBuffer for SliceBuffer<'_, T> {
     }
 
     fn fold_averages(&mut self, fold: &AverageFold) -> Result<(), SliceError> {
+        // Check every slot before writing any, so an error changes nothing.
+        let mut starts = [None; crate::buffer::MAX_AVERAGES];
         for (k, wgt) in fold.weights.iter().enumerate() {
             if let Some(wgt) = wgt {
-                let r = self.range(Slot::Average(k as u8))?;
-                for (a, w) in self.slots[r].iter_mut().zip(self.w.iter()) {
-                    *a = T::from_f64(kernel::fold(a.to_f64(), w.to_f64(), *wgt));
-                }
+                starts[k] = Some((self.range(Slot::Average(k as u8))?.start, *wgt));
+            }
+        }
+        let n = self.w.len();
+        for (start, wgt) in starts.into_iter().flatten() {
+            for (a, w) in self.slots[start..start + n].iter_mut().zip(self.w.iter()) {
+                *a = T::from_f64(kernel::fold(a.to_f64(), w.to_f64(), wgt));
             }
         }
         Ok(())

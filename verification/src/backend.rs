@@ -1,26 +1,39 @@
 //! Storage backends the runner can replay a case on.
 
+use ndarray::{ArrayD, IxDyn};
 use sam_core::reference::{SliceBuffer, SliceError};
 use sam_core::{
-    AverageFold, ParamBuffer, PerturbSpec, Real, ReduceSpec, Reduction, SlotSpec, UpdateSpec,
+    AverageFold, ParamBuffer, PerturbSpec, Real, ReduceSpec, Reduction, Slot, SlotSpec, UpdateSpec,
 };
+use sam_cuda::{Context, CudaGroup, CudaReal};
+use sam_ndarray::NdGroup;
+
+/// The element types a case can be replayed in (`f32`, `f64`) on every backend.
+pub trait Element: Real + crate::objective::Scalar + CudaReal {}
+impl Element for f32 {}
+impl Element for f64 {}
 
 /// A storage backend for the replay: builds one buffer per parameter group and moves weights and
 /// gradients between the host and the buffer.
 pub trait ReplayBackend {
     /// The buffer type for element type `T`.
-    type Buf<T: Real>: ParamBuffer<Scalar = T>;
+    type Buf<T: Element>: ParamBuffer<Scalar = T>;
     /// The name used on the command line (`--backend NAME`).
     fn name(&self) -> &'static str;
-    /// A buffer holding these initial weights (gradient zero, no slots yet).
-    fn make<T: Real>(&self, init: Vec<T>) -> Result<Self::Buf<T>, String>;
+    /// A buffer holding these initial weights (gradient zero, no slots yet), made of tensors of
+    /// lengths `lens` (which sum to `init.len()`).
+    fn make<T: Element>(&self, init: Vec<T>, lens: &[usize]) -> Result<Self::Buf<T>, String>;
     /// Copies the weights out.
-    fn read_weights<T: Real>(&self, buf: &Self::Buf<T>, out: &mut [T]) -> Result<(), String>;
+    fn read_weights<T: Element>(&self, buf: &Self::Buf<T>, out: &mut [T]) -> Result<(), String>;
     /// Copies a gradient in.
-    fn write_grad<T: Real>(&self, buf: &mut Self::Buf<T>, grad: &[T]) -> Result<(), String>;
+    fn write_grad<T: Element>(&self, buf: &mut Self::Buf<T>, grad: &[T]) -> Result<(), String>;
     /// Copies running average `k` out.
-    fn read_average<T: Real>(&self, buf: &Self::Buf<T>, k: u8, out: &mut [T])
-    -> Result<(), String>;
+    fn read_average<T: Element>(
+        &self,
+        buf: &Self::Buf<T>,
+        k: u8,
+        out: &mut [T],
+    ) -> Result<(), String>;
 }
 
 /// The core's reference backend ([`SliceBuffer`]) over vectors owned by the runner.
@@ -103,13 +116,13 @@ fn copy<T: Copy>(out: &mut [T], src: &[T]) -> Result<(), String> {
 }
 
 impl ReplayBackend for CoreBackend {
-    type Buf<T: Real> = OwnedSlices<T>;
+    type Buf<T: Element> = OwnedSlices<T>;
 
     fn name(&self) -> &'static str {
         "core"
     }
 
-    fn make<T: Real>(&self, init: Vec<T>) -> Result<OwnedSlices<T>, String> {
+    fn make<T: Element>(&self, init: Vec<T>, _lens: &[usize]) -> Result<OwnedSlices<T>, String> {
         let g = vec![T::default(); init.len()];
         Ok(OwnedSlices {
             w: init,
@@ -119,15 +132,15 @@ impl ReplayBackend for CoreBackend {
         })
     }
 
-    fn read_weights<T: Real>(&self, buf: &OwnedSlices<T>, out: &mut [T]) -> Result<(), String> {
+    fn read_weights<T: Element>(&self, buf: &OwnedSlices<T>, out: &mut [T]) -> Result<(), String> {
         copy(out, &buf.w)
     }
 
-    fn write_grad<T: Real>(&self, buf: &mut OwnedSlices<T>, grad: &[T]) -> Result<(), String> {
+    fn write_grad<T: Element>(&self, buf: &mut OwnedSlices<T>, grad: &[T]) -> Result<(), String> {
         copy(&mut buf.g, grad)
     }
 
-    fn read_average<T: Real>(
+    fn read_average<T: Element>(
         &self,
         buf: &OwnedSlices<T>,
         k: u8,
@@ -136,8 +149,136 @@ impl ReplayBackend for CoreBackend {
         let n = buf.w.len();
         let i = buf
             .spec
-            .and_then(|s| s.index(sam_core::Slot::Average(k)))
+            .and_then(|s| s.index(Slot::Average(k)))
             .ok_or_else(|| format!("average {k} was never allocated"))?;
         copy(out, &buf.slots[i * n..(i + 1) * n])
+    }
+}
+
+/// The CPU backend `sam-ndarray`: each param of a group is its own tensor.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NdarrayBackend;
+
+impl ReplayBackend for NdarrayBackend {
+    type Buf<T: Element> = NdGroup<T>;
+
+    fn name(&self) -> &'static str {
+        "ndarray"
+    }
+
+    fn make<T: Element>(&self, init: Vec<T>, lens: &[usize]) -> Result<NdGroup<T>, String> {
+        let mut tensors = Vec::with_capacity(lens.len());
+        let mut at = 0;
+        for &l in lens {
+            let part = init
+                .get(at..at + l)
+                .ok_or("tensor lengths exceed the group")?
+                .to_vec();
+            tensors.push(ArrayD::from_shape_vec(IxDyn(&[l]), part).map_err(|e| e.to_string())?);
+            at += l;
+        }
+        NdGroup::new(tensors).map_err(|e| e.to_string())
+    }
+
+    fn read_weights<T: Element>(&self, buf: &NdGroup<T>, out: &mut [T]) -> Result<(), String> {
+        let mut at = 0;
+        for t in buf.weights() {
+            let s = t.as_slice().ok_or("non-contiguous tensor")?;
+            out.get_mut(at..at + s.len())
+                .ok_or("output too short")?
+                .copy_from_slice(s);
+            at += s.len();
+        }
+        Ok(())
+    }
+
+    fn write_grad<T: Element>(&self, buf: &mut NdGroup<T>, grad: &[T]) -> Result<(), String> {
+        let mut grads = buf.grads_mut();
+        let mut at = 0;
+        for i in 0..grads.len() {
+            let s = grads.slice_mut(i).ok_or("non-contiguous gradient")?;
+            let n = s.len();
+            s.copy_from_slice(grad.get(at..at + n).ok_or("gradient too short")?);
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn read_average<T: Element>(
+        &self,
+        buf: &NdGroup<T>,
+        k: u8,
+        out: &mut [T],
+    ) -> Result<(), String> {
+        copy(
+            out,
+            buf.slot(Slot::Average(k))
+                .ok_or_else(|| format!("average {k} was never allocated"))?,
+        )
+    }
+}
+
+/// The GPU backend `sam-cuda` (device 0). Without a CUDA driver or device every case fails with
+/// the reason.
+#[derive(Debug, Clone)]
+pub struct CudaBackend {
+    ctx: Result<Context, String>,
+}
+
+impl CudaBackend {
+    /// Opens device 0 (compiling the kernels), or records why it cannot.
+    pub fn new() -> Self {
+        CudaBackend {
+            ctx: Context::new(0).map_err(|e| format!("cuda backend unavailable: {e}")),
+        }
+    }
+}
+
+impl Default for CudaBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ReplayBackend for CudaBackend {
+    type Buf<T: Element> = CudaGroup<T>;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn make<T: Element>(&self, init: Vec<T>, lens: &[usize]) -> Result<CudaGroup<T>, String> {
+        let ctx = self.ctx.as_ref().map_err(Clone::clone)?;
+        let mut parts = Vec::with_capacity(lens.len());
+        let mut at = 0;
+        for &l in lens {
+            parts.push(
+                init.get(at..at + l)
+                    .ok_or("tensor lengths exceed the group")?,
+            );
+            at += l;
+        }
+        CudaGroup::from_slices(ctx, &parts).map_err(|e| e.to_string())
+    }
+
+    fn read_weights<T: Element>(&self, buf: &CudaGroup<T>, out: &mut [T]) -> Result<(), String> {
+        copy(out, &buf.download_weights().map_err(|e| e.to_string())?)
+    }
+
+    fn write_grad<T: Element>(&self, buf: &mut CudaGroup<T>, grad: &[T]) -> Result<(), String> {
+        buf.upload_grad(grad).map_err(|e| e.to_string())
+    }
+
+    fn read_average<T: Element>(
+        &self,
+        buf: &CudaGroup<T>,
+        k: u8,
+        out: &mut [T],
+    ) -> Result<(), String> {
+        copy(
+            out,
+            &buf.download_slot(Slot::Average(k))
+                .map_err(|e| e.to_string())?,
+        )
     }
 }

@@ -6,7 +6,7 @@ use sam_core::{
     Timeline, Wasam, Wsam, WsamConfig,
 };
 
-use crate::backend::ReplayBackend;
+use crate::backend::{Element, ReplayBackend};
 use crate::case::{BaseHyper, Case, Dtype, GroupSpec, ScheduleSpec, VariantSpec};
 use crate::compare::{Mismatch, first_mismatch};
 use crate::objective::Problem;
@@ -209,7 +209,7 @@ impl Layout {
 }
 
 /// Reads θ out of the groups.
-fn read_theta<T: Real, K: ReplayBackend>(
+fn read_theta<T: Element, K: ReplayBackend>(
     backend: &K,
     layout: &Layout,
     groups: &[Group<K::Buf<T>>],
@@ -231,7 +231,7 @@ fn to_f64<T: Real>(v: &[T]) -> Vec<f64> {
 /// Replays `case` in element type `T` on `backend`.
 pub fn replay<T, K>(case: &Case, backend: &K) -> Result<Trajectory, ReplayError>
 where
-    T: Real + crate::objective::Scalar,
+    T: Element,
     K: ReplayBackend,
 {
     let problem = Problem::<T>::new(&case.objective);
@@ -244,7 +244,8 @@ where
     let with_rho = !matches!(case.variant, VariantSpec::Gsam { .. });
     let mut groups = Vec::with_capacity(case.groups.len());
     for (gi, g) in case.groups.iter().enumerate() {
-        let buf = backend.make(layout.gather_group(gi, &theta0))?;
+        let lens: Vec<usize> = layout.spans[gi].iter().map(|&(_, l)| l).collect();
+        let buf = backend.make(layout.gather_group(gi, &theta0), &lens)?;
         groups.push(Group::with_options(buf, group_options(g, with_rho)?));
     }
     let mut theta = theta0.clone();

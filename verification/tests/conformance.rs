@@ -1,12 +1,21 @@
-//! Every vendored conformance case replays within tolerance on the core backend.
+//! Every vendored conformance case replays within tolerance on the core and ndarray backends.
 
 use std::path::PathBuf;
 
-use sam_verification::backend::CoreBackend;
+use sam_verification::backend::{CoreBackend, NdarrayBackend, ReplayBackend};
 use sam_verification::{collect_cases, run_file};
 
 #[test]
 fn all_vendored_cases_pass_on_core() {
+    all_pass(&CoreBackend);
+}
+
+#[test]
+fn all_vendored_cases_pass_on_ndarray() {
+    all_pass(&NdarrayBackend);
+}
+
+fn all_pass<K: ReplayBackend>(backend: &K) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cases");
     let files = collect_cases(&[dir]).unwrap();
     assert!(
@@ -16,7 +25,7 @@ fn all_vendored_cases_pass_on_core() {
     );
     let mut failed = Vec::new();
     for f in &files {
-        let r = run_file(f, &CoreBackend);
+        let r = run_file(f, backend);
         println!("{}", r.line());
         if !r.passed() {
             failed.push(r.line());

@@ -3,17 +3,19 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use sam_verification::backend::{CoreBackend, ReplayBackend};
+use sam_verification::backend::{CoreBackend, CudaBackend, NdarrayBackend, ReplayBackend};
 use sam_verification::{collect_cases, run_file};
 
-const USAGE: &str = "usage: sam-conform [--backend core] PATH...
+const USAGE: &str = "usage: sam-conform [--backend core|ndarray|cuda] PATH...
 
 Replays every conformance case (a .json file, or a directory of them) through sam-core on the
 chosen storage backend and compares the trajectory with the case's tolerance.
 Prints `PASS name` or `FAIL name: reason` per case, then `N passed, M failed`;
 exits 1 if any case failed, 2 on a usage error.
 
-backends: core (the reference backend, default)";
+backends: core     the reference backend of sam-core (default)
+          ndarray  sam-ndarray (CPU; each param is its own tensor)
+          cuda     sam-cuda (GPU device 0; every case fails with the reason if there is none)";
 
 fn main() -> ExitCode {
     let mut backend = String::from("core");
@@ -39,6 +41,8 @@ fn main() -> ExitCode {
     }
     match backend.as_str() {
         "core" => run(&CoreBackend, &paths),
+        "ndarray" => run(&NdarrayBackend, &paths),
+        "cuda" => run(&CudaBackend::new(), &paths),
         other => usage(&format!("unknown backend `{other}`")),
     }
 }

@@ -1,0 +1,327 @@
+//! Training one model with one optimizer through `sam-ndarray` groups.
+
+use std::error::Error;
+use std::time::Instant;
+
+use indicatif::ProgressBar;
+use ndarray::{Axis, s};
+use sam_core::{
+    BaseOptimizer, BaseRule, Group, Gsam, GsamConfig, Proportional, RhoSchedule, Sam, SamConfig,
+    Schedule, ScheduleConfig, ScheduleShape, SgdConfig, StepStatus, Timeline, Wasam, Wsam,
+    WsamConfig,
+};
+use sam_ndarray::NdGroup;
+
+use crate::data::Dataset;
+use crate::mlp::{Eval, Mlp, flatten};
+use crate::rng::Rng;
+
+/// The optimizers compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Sgd,
+    Sam,
+    Asam,
+    Gsam,
+    Wsam,
+    Wasam,
+}
+
+impl Kind {
+    /// All of them, in table order.
+    pub const ALL: [Kind; 6] = [
+        Kind::Sgd,
+        Kind::Sam,
+        Kind::Asam,
+        Kind::Gsam,
+        Kind::Wsam,
+        Kind::Wasam,
+    ];
+
+    /// Lower-case name (command line, JSON).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Sgd => "sgd",
+            Kind::Sam => "sam",
+            Kind::Asam => "asam",
+            Kind::Gsam => "gsam",
+            Kind::Wsam => "wsam",
+            Kind::Wasam => "wasam",
+        }
+    }
+
+    /// Display name (table, plots).
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Sgd => "SGD",
+            Kind::Sam => "SAM",
+            Kind::Asam => "ASAM",
+            Kind::Gsam => "GSAM",
+            Kind::Wsam => "WSAM",
+            Kind::Wasam => "WASAM",
+        }
+    }
+
+    /// From a command-line name.
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(s))
+    }
+}
+
+/// Training hyperparameters (shared by every optimizer unless named after one).
+#[derive(Debug, Clone, Copy)]
+pub struct Hyper {
+    /// Epochs.
+    pub epochs: usize,
+    /// Mini-batch size.
+    pub batch: usize,
+    /// Peak learning rate (cosine decay to 0 over the run).
+    pub lr: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// L2 weight decay.
+    pub weight_decay: f64,
+    /// ρ of SAM, WSAM, WASAM and GSAM's ρ_max.
+    pub rho: f64,
+    /// ρ of ASAM.
+    pub asam_rho: f64,
+    /// η of ASAM.
+    pub asam_eta: f64,
+    /// GSAM's ρ at lr = 0 (ρ follows the lr from `rho` down to this).
+    pub gsam_rho_min: f64,
+    /// GSAM's α.
+    pub gsam_alpha: f64,
+    /// WSAM's γ.
+    pub wsam_gamma: f64,
+    /// WASAM starts averaging after this fraction of the steps.
+    pub swa_start: f64,
+}
+
+/// One epoch's numbers.
+#[derive(Debug, Clone, Copy)]
+pub struct EpochLog {
+    /// Evaluation (test or validation) accuracy and loss at the end of the epoch (WASAM: of
+    /// the average once it exists).
+    pub eval: Eval,
+    /// Mean clean mini-batch loss seen during the epoch.
+    pub train_loss: f64,
+}
+
+impl RunOutput {
+    /// Total seconds in training steps.
+    pub fn train_seconds(&self) -> f64 {
+        self.epoch_seconds.iter().sum()
+    }
+}
+
+/// The median (robust to other processes stealing the CPU for a while); NaN if empty.
+pub fn median(v: &[f64]) -> f64 {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        0.5 * (v[m - 1] + v[m])
+    }
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct RunOutput {
+    /// Per epoch.
+    pub epochs: Vec<EpochLog>,
+    /// Final weights, flat (WASAM: the running average).
+    pub weights: Vec<f64>,
+    /// Seconds spent in the training steps of each epoch (no evaluation).
+    pub epoch_seconds: Vec<f64>,
+    /// Steps attempted.
+    pub steps: u64,
+    /// Steps the optimizer skipped (NaN/∞ gradient; weights left unchanged).
+    pub skipped: u64,
+}
+
+enum Opt {
+    Base(BaseOptimizer),
+    Sam(Sam),
+    Gsam(Gsam),
+    Wsam(Wsam),
+    Wasam(Wasam),
+}
+
+type Groups = [Group<NdGroup<f64>>; 1];
+type BoxErr = Box<dyn Error>;
+
+fn sgd(h: &Hyper, lr: f64) -> Result<BaseRule, BoxErr> {
+    Ok(BaseRule::sgd(SgdConfig {
+        lr,
+        momentum: h.momentum,
+        weight_decay: h.weight_decay,
+        ..Default::default()
+    })?)
+}
+
+/// Evaluates the live weights, or WASAM's average once it holds a snapshot.
+fn evaluate(
+    opt: &mut Opt,
+    groups: &mut Groups,
+    mlp: &Mlp,
+    eval: &Dataset,
+) -> Result<(Eval, Vec<f64>), BoxErr> {
+    if let Opt::Wasam(w) = opt {
+        if w.counts().first().copied().unwrap_or(0) > 0 {
+            let sw = w.swap(groups, 0)?;
+            let weights = sw.groups()[0].buffer.weights();
+            let (e, _) = mlp.forward(weights, eval.x.view(), &eval.y, false)?;
+            let flat = flatten(weights);
+            sw.swap_back()?;
+            return Ok((e, flat));
+        }
+    }
+    let weights = groups[0].buffer.weights();
+    let (e, _) = mlp.forward(weights, eval.x.view(), &eval.y, false)?;
+    Ok((e, flatten(weights)))
+}
+
+/// Trains `mlp` on `train` with optimizer `kind`; `seed` fixes the initialisation and the
+/// mini-batch order (the same for every optimizer, so runs with the same seed are paired).
+pub fn train(
+    kind: Kind,
+    h: &Hyper,
+    mlp: &Mlp,
+    train: &Dataset,
+    eval: &Dataset,
+    seed: u64,
+    pb: &ProgressBar,
+) -> Result<RunOutput, BoxErr> {
+    let mut init_rng = Rng::new("init", seed);
+    let mut order_rng = Rng::new("batches", seed);
+    let n = train.len();
+    let batch = h.batch.clamp(1, n);
+    let per_epoch = n.div_ceil(batch);
+    let total = (per_epoch * h.epochs).max(1) as u64;
+    let lr_schedule = Schedule::new(ScheduleConfig {
+        shape: ScheduleShape::Cosine,
+        t_max: total,
+        max_value: h.lr,
+        min_value: 0.0,
+        init_value: h.lr,
+        warmup_steps: 0,
+        clamp: true,
+    })?;
+
+    let mut groups: Groups = [Group::new(
+        NdGroup::new(mlp.init(&mut init_rng))?,
+        sgd(h, h.lr)?,
+    )];
+    let mut opt = match kind {
+        Kind::Sgd => Opt::Base(BaseOptimizer::new()),
+        Kind::Sam => Opt::Sam(Sam::new(SamConfig {
+            rho: h.rho,
+            ..Default::default()
+        })?),
+        Kind::Asam => Opt::Sam(Sam::new(SamConfig {
+            rho: h.asam_rho,
+            adaptive: true,
+            eta: h.asam_eta,
+            ..Default::default()
+        })?),
+        Kind::Gsam => {
+            let rho = RhoSchedule::Proportional(Proportional {
+                max_lr: h.lr,
+                min_lr: 0.0,
+                max_value: h.rho,
+                min_value: h.gsam_rho_min,
+            });
+            let mut cfg = GsamConfig::new(rho);
+            cfg.alpha = h.gsam_alpha;
+            cfg.lr_schedule = Some(lr_schedule);
+            cfg.timeline = Timeline::Synced;
+            Opt::Gsam(Gsam::new(cfg)?)
+        }
+        Kind::Wsam => Opt::Wsam(Wsam::new(WsamConfig {
+            rho: h.rho,
+            gamma: h.wsam_gamma,
+            ..Default::default()
+        })?),
+        Kind::Wasam => {
+            let start = ((total as f64) * h.swa_start).floor() as u64;
+            Opt::Wasam(Wasam::new(
+                SamConfig {
+                    rho: h.rho,
+                    ..Default::default()
+                },
+                &[start.min(total - 1)],
+            )?)
+        }
+    };
+
+    let mut logs = Vec::with_capacity(h.epochs);
+    let mut order: Vec<usize> = (0..n).collect();
+    let (mut t, mut skipped) = (0u64, 0u64);
+    let mut epoch_seconds = Vec::with_capacity(h.epochs);
+    let mut last_weights = flatten(groups[0].buffer.weights());
+    for _epoch in 0..h.epochs {
+        let start = Instant::now();
+        order_rng.shuffle(&mut order);
+        let xs = train.x.select(Axis(0), &order);
+        let ys: Vec<usize> = order.iter().map(|&i| train.y[i]).collect();
+        let mut loss_sum = 0.0;
+        for b in 0..per_epoch {
+            let (lo, hi) = (b * batch, ((b + 1) * batch).min(n));
+            let xb = xs.slice(s![lo..hi, ..]);
+            let yb = &ys[lo..hi];
+            if !matches!(opt, Opt::Gsam(_)) {
+                groups[0].options = groups[0].options.with_base(sgd(h, lr_schedule.value(t))?);
+            }
+            let mut closure = |gs: &mut [Group<NdGroup<f64>>]| -> Result<f64, BoxErr> {
+                let (w, mut g) = gs[0].buffer.weights_and_grads_mut();
+                Ok(mlp.backward_into(w, xb, yb, &mut g)?)
+            };
+            let (loss, status) = match &mut opt {
+                Opt::Base(o) => {
+                    let loss = closure(&mut groups)?;
+                    (loss, o.step(&mut groups)?)
+                }
+                Opt::Sam(o) => o
+                    .step(&mut groups, &mut closure)
+                    .map(|r| (r.loss, r.status))?,
+                Opt::Gsam(o) => o
+                    .step(&mut groups, &mut closure)
+                    .map(|r| (r.loss, r.status))?,
+                Opt::Wsam(o) => o
+                    .step(&mut groups, &mut closure)
+                    .map(|r| (r.loss, r.status))?,
+                Opt::Wasam(o) => o
+                    .step(&mut groups, &mut closure)
+                    .map(|r| (r.loss, r.status))?,
+            };
+            if status != StepStatus::Applied {
+                skipped += 1;
+            }
+            loss_sum += loss * (hi - lo) as f64;
+            t += 1;
+        }
+        epoch_seconds.push(start.elapsed().as_secs_f64());
+        let (e, weights) = evaluate(&mut opt, &mut groups, mlp, eval)?;
+        last_weights = weights;
+        logs.push(EpochLog {
+            eval: e,
+            train_loss: loss_sum / n as f64,
+        });
+        pb.set_message(format!("acc {:.2}%", 100.0 * e.accuracy()));
+        pb.inc(1);
+    }
+    Ok(RunOutput {
+        epochs: logs,
+        weights: last_weights,
+        epoch_seconds,
+        steps: t,
+        skipped,
+    })
+}

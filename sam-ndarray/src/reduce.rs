@@ -1,0 +1,260 @@
+//! The reduce pass in the canonical order of `sam_core::kernel`.
+//!
+//! The group's elements are numbered across the tensor concatenation; block `b` covers elements
+//! `b·BLOCK .. (b+1)·BLOCK` (it may span several tensors) and is accumulated by a
+//! [`BlockReducer`] with element `i` in lane `i % LANES` (`BLOCK` is a multiple of `LANES`, so
+//! this is the kernel's `j % LANES`); blocks are combined by [`kernel::pairwise`], or, with the
+//! `rayon` feature, by the same tree whose two halves run under `rayon::join`.
+
+use ndarray::ArrayD;
+use sam_core::kernel::{self, BLOCK, BlockReducer, LANES};
+use sam_core::{Real, ReduceSpec, Reduction, Weighting};
+
+/// What a block needs to read.
+pub(crate) struct ReduceCtx<'a, T> {
+    /// Parameter arrays (standard layout, checked by the caller).
+    pub w: &'a [ArrayD<T>],
+    /// Gradient arrays.
+    pub g: &'a [ArrayD<T>],
+    /// The stash slot over the whole group (empty when the spec does not read it).
+    pub stash: &'a [T],
+    /// Tensor offsets (`w.len() + 1` values).
+    pub offsets: &'a [usize],
+    /// Elements in the group.
+    pub len: usize,
+    /// The specification.
+    pub spec: ReduceSpec,
+}
+
+/// A block function specialised for one combination of a spec's discriminants.
+pub(crate) type BlockFn<T> = fn(&ReduceCtx<'_, T>, usize) -> Reduction;
+
+/// The whole reduction: the canonical pairwise tree over the blocks.
+pub(crate) fn run<T: Real>(ctx: &ReduceCtx<'_, T>, _min_blocks: usize) -> Reduction {
+    let f = select::<T>(&ctx.spec);
+    let n = kernel::block_count(ctx.len);
+    #[cfg(feature = "rayon")]
+    {
+        par_pairwise(0, n, _min_blocks.max(1), &|b| f(ctx, b))
+    }
+    #[cfg(not(feature = "rayon"))]
+    {
+        kernel::pairwise(0, n, &mut |b| f(ctx, b))
+    }
+}
+
+/// [`kernel::pairwise`] with the halves of every range longer than `cut` blocks evaluated by
+/// `rayon::join`: the same tree (`mid = lo + (hi − lo)/2`, left combined with right), hence the
+/// same bits, whatever the thread count.
+#[cfg(feature = "rayon")]
+fn par_pairwise<F>(lo: usize, hi: usize, cut: usize, f: &F) -> Reduction
+where
+    F: Fn(usize) -> Reduction + Sync,
+{
+    let n = hi.saturating_sub(lo);
+    if n <= cut {
+        return kernel::pairwise(lo, hi, &mut |b| f(b));
+    }
+    let mid = lo + n / 2;
+    let (left, right) = rayon::join(
+        || par_pairwise(lo, mid, cut, f),
+        || par_pairwise(mid, hi, cut, f),
+    );
+    left.combine(right)
+}
+
+/// Picks the block function for a spec's discriminants.
+fn select<T: Real>(spec: &ReduceSpec) -> BlockFn<T> {
+    match spec.perturb {
+        None => select_gsd::<T, 0>(spec),
+        Some(Weighting::Plain) => select_gsd::<T, 1>(spec),
+        Some(Weighting::Adaptive { .. }) => select_gsd::<T, 2>(spec),
+    }
+}
+
+fn select_gsd<T: Real, const P: u8>(spec: &ReduceSpec) -> BlockFn<T> {
+    // Unit scales (every first try) as constants: the compiler drops the multiplications by
+    // 1 (exact: `x · 1 = x`).
+    let unit = spec.scale_perturb == 1.0 && spec.scale_grad == 1.0 && spec.scale_stash == 1.0;
+    match (spec.grad, spec.stash, spec.dot, unit) {
+        (false, false, false, false) => block::<T, P, false, false, false, false>,
+        (false, false, true, false) => block::<T, P, false, false, true, false>,
+        (false, true, false, false) => block::<T, P, false, true, false, false>,
+        (false, true, true, false) => block::<T, P, false, true, true, false>,
+        (true, false, false, false) => block::<T, P, true, false, false, false>,
+        (true, false, true, false) => block::<T, P, true, false, true, false>,
+        (true, true, false, false) => block::<T, P, true, true, false, false>,
+        (true, true, true, false) => block::<T, P, true, true, true, false>,
+        (false, false, false, true) => block::<T, P, false, false, false, true>,
+        (false, false, true, true) => block::<T, P, false, false, true, true>,
+        (false, true, false, true) => block::<T, P, false, true, false, true>,
+        (false, true, true, true) => block::<T, P, false, true, true, true>,
+        (true, false, false, true) => block::<T, P, true, false, false, true>,
+        (true, false, true, true) => block::<T, P, true, false, true, true>,
+        (true, true, false, true) => block::<T, P, true, true, false, true>,
+        (true, true, true, true) => block::<T, P, true, true, true, true>,
+    }
+}
+
+/// Block `b`. The spec is rebuilt with constant discriminants (and the original scalars), so
+/// the inlined `BlockReducer::push` has no per-element branches on it.
+fn block<T: Real, const P: u8, const G: bool, const S: bool, const D: bool, const U: bool>(
+    ctx: &ReduceCtx<'_, T>,
+    b: usize,
+) -> Reduction {
+    let eta = match ctx.spec.perturb {
+        Some(Weighting::Adaptive { eta }) => eta,
+        _ => 0.0,
+    };
+    let spec = ReduceSpec {
+        perturb: match P {
+            0 => None,
+            1 => Some(Weighting::Plain),
+            _ => Some(Weighting::Adaptive { eta }),
+        },
+        grad: G,
+        stash: S,
+        dot: D,
+        scale_perturb: if U { 1.0 } else { ctx.spec.scale_perturb },
+        scale_grad: if U { 1.0 } else { ctx.spec.scale_grad },
+        scale_stash: if U { 1.0 } else { ctx.spec.scale_stash },
+    };
+    let start = b * BLOCK;
+    let end = (start + BLOCK).min(ctx.len);
+    let mut r = BlockReducer::new(&spec);
+    // The tensor holding `start` (the last of any empty tensors sharing its offset).
+    let mut t = ctx
+        .offsets
+        .partition_point(|&o| o <= start)
+        .saturating_sub(1);
+    let mut i = start;
+    while i < end && t + 1 < ctx.offsets.len() {
+        let (o0, o1) = (ctx.offsets[t], ctx.offsets[t + 1]);
+        let seg_end = o1.min(end);
+        if seg_end > i {
+            let (lo, hi) = (i - o0, seg_end - o0);
+            let g = part(&ctx.g[t], lo, hi);
+            let w = if P == 2 { part(&ctx.w[t], lo, hi) } else { &[] };
+            let s = if S || D {
+                ctx.stash.get(i..seg_end).unwrap_or(&[])
+            } else {
+                &[]
+            };
+            segment::<T, P, S, D>(&mut r, i % LANES, w, g, s);
+            i = seg_end;
+        }
+        t += 1;
+    }
+    r.finish()
+}
+
+/// Elements `lo..hi` of a standard-layout array (empty if it were not: checked by the caller).
+#[inline(always)]
+fn part<T>(a: &ArrayD<T>, lo: usize, hi: usize) -> &[T] {
+    a.as_slice().and_then(|s| s.get(lo..hi)).unwrap_or(&[])
+}
+
+// The lane dispatch below is written for 8 lanes, and lanes are counted from the block start.
+const _: () = assert!(LANES == 8 && BLOCK % LANES == 0);
+
+/// Pushes into a lane given at run time, through constant lane indices (so the reducer's lanes
+/// can live in registers).
+#[inline(always)]
+fn push_dyn(r: &mut BlockReducer, lane: usize, w: f64, g: f64, s: f64) {
+    match lane % LANES {
+        0 => r.push(0, w, g, s),
+        1 => r.push(1, w, g, s),
+        2 => r.push(2, w, g, s),
+        3 => r.push(3, w, g, s),
+        4 => r.push(4, w, g, s),
+        5 => r.push(5, w, g, s),
+        6 => r.push(6, w, g, s),
+        _ => r.push(7, w, g, s),
+    }
+}
+
+/// One chunk of `LANES` elements of each operand, widened.
+#[allow(clippy::type_complexity)]
+#[inline(always)]
+fn load<T: Real>(w: &[T], g: &[T], s: &[T]) -> ([f64; LANES], [f64; LANES], [f64; LANES]) {
+    let (mut wv, mut gv, mut sv) = ([0.0; LANES], [0.0; LANES], [0.0; LANES]);
+    for l in 0..LANES {
+        wv[l] = w[l].to_f64();
+        gv[l] = g[l].to_f64();
+        sv[l] = s[l].to_f64();
+    }
+    (wv, gv, sv)
+}
+
+/// Pushes one chunk of `LANES` elements, element `l` into lane `l`.
+#[inline(always)]
+fn push_lanes(r: &mut BlockReducer, w: &[f64; LANES], g: &[f64; LANES], s: &[f64; LANES]) {
+    macro_rules! lanes {
+        ($($l:literal)*) => { $( r.push($l, w[$l], g[$l], s[$l]); )* };
+    }
+    lanes!(0 1 2 3 4 5 6 7);
+}
+
+/// Accumulates consecutive elements whose first one is in lane `lane0`. Operands the spec does
+/// not read are not loaded (the gradient slice stands in for them; the reducer ignores them).
+#[inline(always)]
+fn segment<T: Real, const P: u8, const S: bool, const D: bool>(
+    r: &mut BlockReducer,
+    lane0: usize,
+    w: &[T],
+    g: &[T],
+    s: &[T],
+) {
+    let w = if P == 2 { w } else { g };
+    let s = if S || D { s } else { g };
+    let n = g.len().min(w.len()).min(s.len());
+    let (w, g, s) = (&w[..n], &g[..n], &s[..n]);
+    let head = ((LANES - lane0 % LANES) % LANES).min(n);
+    for j in 0..head {
+        push_dyn(r, lane0 + j, w[j].to_f64(), g[j].to_f64(), s[j].to_f64());
+    }
+    let full = head + (n - head) / LANES * LANES;
+    let mut chunks = w[head..full]
+        .chunks_exact(LANES)
+        .zip(g[head..full].chunks_exact(LANES))
+        .zip(s[head..full].chunks_exact(LANES));
+    if P == 0 {
+        // No perturbation term (the finiteness check of a second gradient, GSAM/WSAM norms).
+        // Non-finite values are rare: while a chunk's gradient (and stash, if read) is finite,
+        // the compiler knows it inside the inlined `push` and drops its per-element checks;
+        // from the first chunk with a non-finite value on, the plain loop below takes over.
+        // Both loops make exactly the same `push` calls, in the same order. (With a
+        // perturbation term this split measured slower: it is not used there.)
+        let mut pending = None;
+        for ((wc, gc), sc) in chunks.by_ref() {
+            let (wv, gv, sv) = load(wc, gc, sc);
+            let mut finite = true;
+            for l in 0..LANES {
+                finite &= gv[l].is_finite() & (!(S || D) || sv[l].is_finite());
+            }
+            if !finite {
+                pending = Some((wv, gv, sv));
+                break;
+            }
+            push_lanes(r, &wv, &gv, &sv);
+        }
+        match pending {
+            Some((wv, gv, sv)) => push_lanes(r, &wv, &gv, &sv),
+            None => return tail(r, lane0, full, w, g, s),
+        }
+    }
+    for ((wc, gc), sc) in chunks {
+        let (wv, gv, sv) = load(wc, gc, sc);
+        push_lanes(r, &wv, &gv, &sv);
+    }
+    tail(r, lane0, full, w, g, s);
+}
+
+/// The elements of a segment after its last whole chunk.
+#[inline(always)]
+fn tail<T: Real>(r: &mut BlockReducer, lane0: usize, full: usize, w: &[T], g: &[T], s: &[T]) {
+    let n = g.len().min(w.len()).min(s.len());
+    for j in full..n {
+        push_dyn(r, lane0 + j, w[j].to_f64(), g[j].to_f64(), s[j].to_f64());
+    }
+}
