@@ -6,7 +6,7 @@
 //! built from tensor shapes ([`Fixture`]), deterministic value generators, proptest strategies
 //! for every pass specification ([`strategy`]), a deterministic gradient oracle for end-to-end
 //! runs ([`write_grads_nd`], [`write_grads_ref`]), and, with the `rayon` feature, fixed thread
-//! pools to rerun a check under ([`pools`]).
+//! pools to rerun a check under (`pools`, with the `rayon` feature).
 //!
 //! NaN: Rust does not specify the sign and payload of a NaN produced by arithmetic (and LLVM
 //! may commute operands), so two NaNs compare equal here whatever their bits; every other
@@ -488,7 +488,7 @@ pub fn pools() -> &'static [rayon::ThreadPool] {
 }
 
 /// Runs `check` once on the current thread; with the `rayon` feature, also inside each of
-/// [`pools`] (so the same check sees 1, 2, 3 and 7 threads).
+/// `pools` (so the same check sees 1, 2, 3 and 7 threads).
 pub fn on_every_pool(check: impl Fn() + Sync) {
     check();
     #[cfg(feature = "rayon")]
