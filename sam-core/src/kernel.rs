@@ -39,10 +39,16 @@ pub fn block_count(len: usize) -> usize {
 ///
 /// Push the block's elements in order with their lane `j % LANES` (`j` counted from the block's
 /// first element), then [`finish`](Self::finish).
+///
+/// Finiteness is tracked per lane as an `f64` probe, `probe += v·0` for every value checked:
+/// the probe stays `±0` while every value is finite and becomes NaN at the first NaN or ±∞.
+/// That is exactly the flag [`Reduction::finite`] promises, and unlike a `bool &=` it
+/// vectorises with the sums.
 #[derive(Debug, Clone)]
 pub struct BlockReducer {
     spec: ReduceSpec,
     lanes: [Reduction; LANES],
+    probe: [f64; LANES],
 }
 
 impl BlockReducer {
@@ -52,6 +58,7 @@ impl BlockReducer {
         BlockReducer {
             spec: *spec,
             lanes: [Reduction::ZERO; LANES],
+            probe: [0.0; LANES],
         }
     }
 
@@ -60,14 +67,18 @@ impl BlockReducer {
     #[inline(always)]
     pub fn push(&mut self, lane: usize, w: f64, g: f64, s: f64) {
         let spec = &self.spec;
-        let acc = &mut self.lanes[lane % LANES];
-        let mut finite = g.is_finite();
+        let lane = lane % LANES;
+        let acc = &mut self.lanes[lane];
+        let mut probe = g * 0.0;
         if let Some(weighting) = spec.perturb {
             let x = match weighting {
                 Weighting::Plain => g,
-                Weighting::Adaptive { eta } => (libm::fabs(w) + eta) * g,
+                Weighting::Adaptive { eta } => {
+                    let x = (libm::fabs(w) + eta) * g;
+                    probe += x * 0.0;
+                    x
+                }
             };
-            finite &= x.is_finite();
             let xs = x * spec.scale_perturb;
             acc.perturb_sq += xs * xs;
             acc.perturb_max = max(acc.perturb_max, libm::fabs(x));
@@ -78,7 +89,7 @@ impl BlockReducer {
             acc.grad_max = max(acc.grad_max, libm::fabs(g));
         }
         if spec.reads_stash() {
-            finite &= s.is_finite();
+            probe += s * 0.0;
             let ss = s * spec.scale_stash;
             if spec.stash {
                 acc.stash_sq += ss * ss;
@@ -88,13 +99,16 @@ impl BlockReducer {
                 acc.dot += gs * ss;
             }
         }
-        acc.finite &= finite;
+        self.probe[lane] += probe;
     }
 
     /// The block's result: lanes combined as `((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7))`.
     #[inline]
     pub fn finish(self) -> Reduction {
-        let l = self.lanes;
+        let mut l = self.lanes;
+        for (lane, probe) in l.iter_mut().zip(self.probe) {
+            lane.finite = probe == 0.0;
+        }
         let a = l[0].combine(l[1]).combine(l[2].combine(l[3]));
         let b = l[4].combine(l[5]).combine(l[6].combine(l[7]));
         a.combine(b)
