@@ -47,7 +47,15 @@ pub fn block_count(len: usize) -> usize {
 #[derive(Debug, Clone)]
 pub struct BlockReducer {
     spec: ReduceSpec,
-    lanes: [Reduction; LANES],
+    // One array per quantity (lanes side by side), so a backend's unrolled 8-lane loop keeps
+    // each quantity in SIMD registers.
+    perturb_sq: [f64; LANES],
+    grad_sq: [f64; LANES],
+    stash_sq: [f64; LANES],
+    dot: [f64; LANES],
+    perturb_max: [f64; LANES],
+    grad_max: [f64; LANES],
+    stash_max: [f64; LANES],
     probe: [f64; LANES],
 }
 
@@ -57,7 +65,13 @@ impl BlockReducer {
     pub fn new(spec: &ReduceSpec) -> Self {
         BlockReducer {
             spec: *spec,
-            lanes: [Reduction::ZERO; LANES],
+            perturb_sq: [0.0; LANES],
+            grad_sq: [0.0; LANES],
+            stash_sq: [0.0; LANES],
+            dot: [0.0; LANES],
+            perturb_max: [0.0; LANES],
+            grad_max: [0.0; LANES],
+            stash_max: [0.0; LANES],
             probe: [0.0; LANES],
         }
     }
@@ -67,8 +81,7 @@ impl BlockReducer {
     #[inline(always)]
     pub fn push(&mut self, lane: usize, w: f64, g: f64, s: f64) {
         let spec = &self.spec;
-        let lane = lane % LANES;
-        let acc = &mut self.lanes[lane];
+        let l = lane % LANES;
         let mut probe = g * 0.0;
         if let Some(weighting) = spec.perturb {
             let x = match weighting {
@@ -80,37 +93,43 @@ impl BlockReducer {
                 }
             };
             let xs = x * spec.scale_perturb;
-            acc.perturb_sq += xs * xs;
-            acc.perturb_max = max(acc.perturb_max, libm::fabs(x));
+            self.perturb_sq[l] += xs * xs;
+            self.perturb_max[l] = max(self.perturb_max[l], libm::fabs(x));
         }
         let gs = g * spec.scale_grad;
         if spec.grad {
-            acc.grad_sq += gs * gs;
-            acc.grad_max = max(acc.grad_max, libm::fabs(g));
+            self.grad_sq[l] += gs * gs;
+            self.grad_max[l] = max(self.grad_max[l], libm::fabs(g));
         }
         if spec.reads_stash() {
             probe += s * 0.0;
             let ss = s * spec.scale_stash;
             if spec.stash {
-                acc.stash_sq += ss * ss;
-                acc.stash_max = max(acc.stash_max, libm::fabs(s));
+                self.stash_sq[l] += ss * ss;
+                self.stash_max[l] = max(self.stash_max[l], libm::fabs(s));
             }
             if spec.dot {
-                acc.dot += gs * ss;
+                self.dot[l] += gs * ss;
             }
         }
-        self.probe[lane] += probe;
+        self.probe[l] += probe;
     }
 
     /// The block's result: lanes combined as `((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7))`.
     #[inline]
     pub fn finish(self) -> Reduction {
-        let mut l = self.lanes;
-        for (lane, probe) in l.iter_mut().zip(self.probe) {
-            lane.finite = probe == 0.0;
-        }
-        let a = l[0].combine(l[1]).combine(l[2].combine(l[3]));
-        let b = l[4].combine(l[5]).combine(l[6].combine(l[7]));
+        let lane = |l: usize| Reduction {
+            perturb_sq: self.perturb_sq[l],
+            grad_sq: self.grad_sq[l],
+            stash_sq: self.stash_sq[l],
+            dot: self.dot[l],
+            perturb_max: self.perturb_max[l],
+            grad_max: self.grad_max[l],
+            stash_max: self.stash_max[l],
+            finite: self.probe[l] == 0.0,
+        };
+        let a = lane(0).combine(lane(1)).combine(lane(2).combine(lane(3)));
+        let b = lane(4).combine(lane(5)).combine(lane(6).combine(lane(7)));
         a.combine(b)
     }
 }
