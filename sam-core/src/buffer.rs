@@ -142,8 +142,8 @@ pub struct Reduction {
     pub grad_max: f64,
     /// `max |stash|` (unscaled).
     pub stash_max: f64,
-    /// Whether every value read (the gradient; the stash when read; `T⊙g` when adaptive) was
-    /// finite.
+    /// Whether every value read (the gradient; the stash when read; the weights when adaptive)
+    /// was finite.
     pub finite: bool,
 }
 

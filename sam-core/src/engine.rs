@@ -78,7 +78,7 @@ pub struct Norms {
 pub struct Engine {
     pub phase: Phase,
     pub steps: u64,
-    shape: Option<(usize, usize)>,
+    shape: Option<(usize, usize, u64)>,
 }
 
 impl Engine {
@@ -110,12 +110,23 @@ impl Engine {
         let total = groups
             .iter()
             .fold(0usize, |acc, g| acc.saturating_add(g.buffer.len()));
-        let shape = (groups.len(), total);
+        // A fingerprint of every group's slot layout: a change would make backends over
+        // caller-provided memory reinterpret the slots.
+        let layout = groups.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, g| {
+            let s = slots(&g.options);
+            let v = u64::from(s.backup)
+                | u64::from(s.stash) << 1
+                | u64::from(s.state) << 8
+                | u64::from(s.averages) << 16;
+            (h ^ v).wrapping_mul(0x0100_0000_01b3)
+        });
+        let shape = (groups.len(), total, layout);
         match self.shape {
             Some(s) if s != shape => {
                 return Err(Error::InvalidGroups {
-                    message: "the number of groups or of elements differs from earlier steps \
-                              (pass the same groups to every step, or make a new optimizer)",
+                    message: "the number of groups, of elements, or a group's slot layout (its \
+                              base rule's state) differs from earlier steps (pass the same groups \
+                              with the same kind of base rule to every step, or make a new optimizer)",
                 });
             }
             _ => {}
@@ -170,7 +181,16 @@ impl Engine {
             perturb: libm::sqrt(r.perturb_sq) / scales[0],
             grad: libm::sqrt(r.grad_sq) / scales[1],
             stash: libm::sqrt(r.stash_sq) / scales[2],
-            dot: r.dot / scales[1] / scales[2],
+            dot: {
+                // One exact division by the product of the two powers of two when it is a
+                // normal number (two divisions could overflow in between).
+                let p = scales[1] * scales[2];
+                if p.is_normal() {
+                    r.dot / p
+                } else {
+                    r.dot / scales[1] / scales[2]
+                }
+            },
             finite: r.finite,
         })
     }

@@ -45,6 +45,12 @@ pub enum Error<E = Infallible> {
         /// What is wrong.
         message: &'static str,
     },
+    /// A checkpoint state that no run can produce (for example a fold pending before any
+    /// step). Nothing changed.
+    InvalidState {
+        /// What is inconsistent.
+        message: &'static str,
+    },
     /// The storage backend reported an error. If it came from a pass that writes, the core has
     /// restored the weights of every group it could; backends document what a failed pass leaves.
     Backend(E),
@@ -61,6 +67,7 @@ impl<E> Error<E> {
             Error::NonFiniteGradient => Error::NonFiniteGradient,
             Error::NormOverflow => Error::NormOverflow,
             Error::InvalidGroups { message } => Error::InvalidGroups { message },
+            Error::InvalidState { message } => Error::InvalidState { message },
             Error::Backend(never) => match never {},
         }
     }
@@ -83,6 +90,7 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
                 f.write_str("the gradient norm overflows the scalar type; nothing was changed")
             }
             Error::InvalidGroups { message } => write!(f, "invalid parameter groups: {message}"),
+            Error::InvalidState { message } => write!(f, "invalid optimizer state: {message}"),
             Error::Backend(e) => write!(f, "storage backend error: {e}"),
         }
     }

@@ -227,11 +227,21 @@ impl Gsam {
                 message: "GSAM uses one global rho schedule and adaptivity: remove per-group rho/adaptive overrides",
             });
         }
-        let rho = self.rho_at(self.engine.steps);
+        let t = self.engine.steps;
+        let rho = self.rho_at(t);
         if !(rho >= 0.0 && rho.is_finite()) {
             return Err(Error::InvalidHyperparameter {
                 name: "rho",
                 message: "the rho schedule gave a negative or non-finite value",
+            });
+        }
+        if groups.iter().any(|g| {
+            let lr = self.lr_at(t, g.options.base().lr());
+            !(lr >= 0.0 && lr.is_finite())
+        }) {
+            return Err(Error::InvalidHyperparameter {
+                name: "lr",
+                message: "the lr schedule gave a negative or non-finite value",
             });
         }
         let weighting = self.weighting();
@@ -244,6 +254,9 @@ impl Gsam {
         })?;
         if !norms.finite {
             return Err(Error::NonFiniteGradient);
+        }
+        if !norms.perturb_scaled.is_finite() {
+            return Err(Error::NormOverflow);
         }
         Engine::perturb_all(groups, |_| perturb_spec(weighting, rho, eps, &norms, true))?;
         Ok(Perturbed::new(self, groups))
@@ -321,11 +334,22 @@ impl SamFamily for Gsam {
             Engine::restore_all(groups)?;
             return Err(Error::NormOverflow);
         }
-        let cos = n.dot / (n.grad * n.stash + eps);
+        // cos = 0 when its denominator is 0 (then the dot product is 0 too: a zero gradient).
+        let den = n.grad * n.stash + eps;
+        let cos = if den > 0.0 { n.dot / den } else { 0.0 };
         let alpha = self.cfg.alpha;
-        let a = 1.0 + alpha * cos * n.stash / (n.grad + eps);
+        let a = if cos == 0.0 {
+            1.0
+        } else {
+            1.0 + alpha * cos * n.stash / (n.grad + eps)
+        };
+        if !a.is_finite() {
+            // ‖g₂‖ is so small next to ‖g₁‖ that the coefficient overflows (f64 extremes).
+            Engine::restore_all(groups)?;
+            return Err(Error::NormOverflow);
+        }
         let t = self.engine.steps;
-        let step = t + 1;
+        let step = t.saturating_add(1);
         let this = &*self;
         Engine::update_all(groups, true, |_, o| UpdateSpec {
             restore: true,

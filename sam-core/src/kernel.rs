@@ -87,9 +87,10 @@ impl BlockReducer {
             let x = match weighting {
                 Weighting::Plain => g,
                 Weighting::Adaptive { eta } => {
-                    let x = (libm::fabs(w) + eta) * g;
-                    probe += x * 0.0;
-                    x
+                    // Finiteness is a property of the operands: a product that overflows for
+                    // finite w and g is an overflow of the norm, reported as such by the core.
+                    probe += w * 0.0;
+                    (libm::fabs(w) + eta) * g
                 }
             };
             let xs = x * spec.scale_perturb;

@@ -97,7 +97,7 @@ pub use guard::{Perturbed, SamFamily};
 pub use plain::BaseOptimizer;
 pub use real::Real;
 pub use sam::{Sam, SamConfig};
-pub use schedule::{Proportional, Schedule, ScheduleConfig, ScheduleShape};
+pub use schedule::{MAX_STEP, MAX_VALUE, Proportional, Schedule, ScheduleConfig, ScheduleShape};
 pub use wasam::{Swapped, Wasam, WasamState};
 pub use wsam::{Wsam, WsamConfig};
 

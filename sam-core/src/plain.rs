@@ -74,7 +74,7 @@ impl BaseOptimizer {
         if !n.finite {
             return Ok(StepStatus::Skipped(SkipReason::NonFiniteClean));
         }
-        let step = self.engine.steps + 1;
+        let step = self.engine.steps.saturating_add(1);
         Engine::update_all(groups, false, |_, o| UpdateSpec {
             restore: false,
             grad: GradMix::Current,

@@ -169,7 +169,9 @@ impl Sam {
         &'a mut self,
         groups: &'a mut [Group<B>],
     ) -> Result<Perturbed<'a, Self, B>, Error<B::Error>> {
-        sam_perturb(&self.cfg, &mut self.engine, groups, sam_slots)?;
+        let norms = sam_norms(&self.cfg, &mut self.engine, groups, sam_slots)?;
+        let cfg = self.cfg;
+        Engine::perturb_all(groups, |o| cfg.perturb_spec(o, &norms, false))?;
         Ok(Perturbed::new(self, groups))
     }
 
@@ -203,13 +205,14 @@ impl Sam {
     }
 }
 
-/// The first half of SAM/ASAM (shared with WASAM): checks, global norm, perturbation.
-pub(crate) fn sam_perturb<B: ParamBuffer>(
+/// The checks and the global norm of SAM/ASAM's first half (shared with WASAM), before any
+/// write.
+pub(crate) fn sam_norms<B: ParamBuffer>(
     cfg: &SamConfig,
     engine: &mut Engine,
     groups: &mut [Group<B>],
     slots: impl Fn(&GroupOptions) -> SlotSpec,
-) -> Result<(), Error<B::Error>> {
+) -> Result<Norms, Error<B::Error>> {
     engine.begin(groups, slots)?;
     let norms = Engine::norms(groups, |o, s| ReduceSpec {
         perturb: Some(cfg.weighting(o)),
@@ -219,11 +222,14 @@ pub(crate) fn sam_perturb<B: ParamBuffer>(
     if !norms.finite {
         return Err(Error::NonFiniteGradient);
     }
-    Engine::perturb_all(groups, |o| cfg.perturb_spec(o, &norms, false))
+    if !norms.perturb_scaled.is_finite() {
+        // Finite weights and gradients whose product (|w|+η)·g overflows (f64 only).
+        return Err(Error::NormOverflow);
+    }
+    Ok(norms)
 }
 
-/// `c = ρ/(n_s + ε·s)` at the norm's scale (`0` for a zero gradient; a scaled ε that overflows
-/// makes `c = 0`, which is right: then ε dwarfs the norm).
+/// `c = ρ/(n_s + ε·s)` at the norm's scale `s` (`0` for a zero gradient).
 pub(crate) fn perturb_spec(
     weighting: Weighting,
     rho: f64,
@@ -233,7 +239,17 @@ pub(crate) fn perturb_spec(
 ) -> PerturbSpec {
     let s = norms.perturb_scale;
     let n = norms.perturb_scaled;
-    let coeff = if n > 0.0 { rho / (n + eps * s) } else { 0.0 };
+    let coeff = if n > 0.0 {
+        let eps_s = eps * s;
+        if eps_s.is_finite() {
+            rho / (n + eps_s)
+        } else {
+            // ε·s overflows (huge ε, tiny f64 gradient): divide through by s instead.
+            (rho / s) / (n / s + eps)
+        }
+    } else {
+        0.0
+    };
     PerturbSpec {
         stash,
         weighting,
@@ -300,7 +316,7 @@ impl SamFamily for Sam {
         if let Some(skip) = check_second(groups, self.cfg.check_second_gradient)? {
             return Ok(skip);
         }
-        let step = self.engine.steps + 1;
+        let step = self.engine.steps.saturating_add(1);
         Engine::update_all(groups, true, |_, o| UpdateSpec {
             restore: true,
             grad: GradMix::Current,

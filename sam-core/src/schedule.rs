@@ -26,6 +26,12 @@
 
 use crate::error::{Error, invalid};
 
+/// Largest step count a schedule accepts (`2^53`, exact in `f64`).
+pub const MAX_STEP: u64 = 1 << 53;
+
+/// Largest magnitude of a schedule value (so that every `S(k)` is finite, even far past `t_max`).
+pub const MAX_VALUE: f64 = 1e280;
+
 /// The shape after warm-up.
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -69,8 +75,9 @@ pub struct ScheduleConfig {
 pub struct Schedule(ScheduleConfig);
 
 impl Schedule {
-    /// Validates a schedule: finite values, `t_max > warmup_steps` for decaying shapes,
-    /// polynomial power finite and > 0.
+    /// Validates a schedule: values within ±[`MAX_VALUE`], `t_max > warmup_steps` for decaying
+    /// shapes, step counts at most [`MAX_STEP`], polynomial power finite and > 0. Then `value(k)`
+    /// is finite for every `k`.
     pub fn new(c: ScheduleConfig) -> Result<Self, Error> {
         if !(c.max_value.is_finite() && c.min_value.is_finite() && c.init_value.is_finite()) {
             return Err(invalid(
@@ -80,6 +87,18 @@ impl Schedule {
         }
         if !matches!(c.shape, ScheduleShape::Constant) && c.t_max <= c.warmup_steps {
             return Err(invalid("t_max", "t_max must be greater than warmup_steps"));
+        }
+        // Step counts beyond 2^53 are not exact in f64 (t_max − warmup_steps could round to 0).
+        if c.t_max > MAX_STEP || c.warmup_steps > MAX_STEP {
+            return Err(invalid(
+                "t_max",
+                "t_max and warmup_steps must be at most 2^53",
+            ));
+        }
+        // With every value within ±MAX_VALUE, S(k) is finite for every k up to u64::MAX.
+        let within = |v: f64| v.abs() <= MAX_VALUE;
+        if !(within(c.max_value) && within(c.min_value) && within(c.init_value)) {
+            return Err(invalid("schedule", "schedule values must be within ±1e280"));
         }
         if let ScheduleShape::Polynomial { power } = c.shape {
             if !(power > 0.0 && power.is_finite()) {
@@ -134,7 +153,9 @@ impl Schedule {
                 c.min_value + (c.max_value - c.min_value) * (libm::cos(phase) + 1.0) / 2.0
             }
             ScheduleShape::Polynomial { power } => {
+                // Past t_max the base would turn negative (NaN for fractional powers): hold at 0.
                 let frac = 1.0 - (kf - w) / (t - w);
+                let frac = if frac > 0.0 { frac } else { 0.0 };
                 c.min_value + (c.max_value - c.min_value) * libm::pow(frac, power)
             }
         }
@@ -163,11 +184,13 @@ impl Proportional {
         if !(self.max_lr.is_finite()
             && self.min_lr.is_finite()
             && self.max_value.is_finite()
-            && self.min_value.is_finite())
+            && self.min_value.is_finite()
+            && (self.max_lr - self.min_lr).is_finite()
+            && (self.max_value - self.min_value).is_finite())
         {
             return Err(invalid(
                 "proportional",
-                "max_lr, min_lr, max_value and min_value must be finite",
+                "max_lr, min_lr, max_value and min_value (and their differences) must be finite",
             ));
         }
         Ok(())

@@ -5,7 +5,7 @@ use crate::engine::{Engine, Phase, StepReport, StepStatus};
 use crate::error::{Error, invalid};
 use crate::group::{Group, GroupOptions};
 use crate::guard::{Finish, Perturbed, SamFamily, closure_step, private};
-use crate::sam::{SamConfig, base_step, check_second, sam_perturb};
+use crate::sam::{SamConfig, base_step, check_second, sam_norms};
 
 /// Host-side state of [`Wasam`] for a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -61,6 +61,7 @@ pub struct Wasam {
     starts: heapless::Vec<u64, MAX_AVERAGES>,
     counts: [u64; MAX_AVERAGES],
     pending_fold: bool,
+    swapped: u8,
     engine: Engine,
 }
 
@@ -79,6 +80,7 @@ impl Wasam {
             starts,
             counts: [0; MAX_AVERAGES],
             pending_fold: false,
+            swapped: 0,
             engine: Engine::new(),
         })
     }
@@ -128,9 +130,15 @@ impl Wasam {
         })
     }
 
-    /// Resumes from a checkpoint.
+    /// Resumes from a checkpoint. A state with a fold pending before any step is refused
+    /// ([`Error::InvalidState`]).
     pub fn load_state(&mut self, state: &WasamState) -> Result<(), Error> {
         self.engine.expect(Phase::Idle)?;
+        if state.pending_fold && state.steps == 0 {
+            return Err(Error::InvalidState {
+                message: "a fold cannot be pending before the first step",
+            });
+        }
         self.engine = Engine::new();
         self.engine.steps = state.steps;
         self.counts = state.counts;
@@ -152,9 +160,45 @@ impl Wasam {
     fn count_fold(&mut self, fold: &AverageFold) {
         for (c, w) in self.counts.iter_mut().zip(fold.weights.iter()) {
             if w.is_some() {
-                *c += 1;
+                *c = c.saturating_add(1);
             }
         }
+    }
+
+    /// The averages' slot layout for a group.
+    fn slots(&self) -> impl Fn(&GroupOptions) -> SlotSpec + use<> {
+        let n_avg = self.starts.len() as u8;
+        move |o: &GroupOptions| SlotSpec {
+            backup: true,
+            stash: false,
+            state: o.base().state_slots(),
+            averages: n_avg,
+        }
+    }
+
+    /// The fold owed for a step finished with an external base optimizer, if any.
+    fn pending(&self) -> Option<AverageFold> {
+        match (self.pending_fold, self.engine.steps.checked_sub(1)) {
+            (true, Some(t)) => Some(self.fold_for(t)),
+            _ => None,
+        }
+    }
+
+    /// Applies a pending fold. The flag is cleared first: if a backend fails part-way, no group
+    /// is ever folded twice.
+    fn apply_pending<B: ParamBuffer>(
+        &mut self,
+        groups: &mut [Group<B>],
+    ) -> Result<(), Error<B::Error>> {
+        if let Some(fold) = self.pending() {
+            self.pending_fold = false;
+            for g in groups.iter_mut() {
+                g.buffer.fold_averages(&fold).map_err(Error::Backend)?;
+            }
+            self.count_fold(&fold);
+        }
+        self.pending_fold = false;
+        Ok(())
     }
 
     /// Folds the weights into the averages if a step was finished with an external base
@@ -164,32 +208,22 @@ impl Wasam {
         &mut self,
         groups: &mut [Group<B>],
     ) -> Result<(), Error<B::Error>> {
-        self.engine.expect(Phase::Idle)?;
-        if self.pending_fold {
-            let fold = self.fold_for(self.engine.steps - 1);
-            for g in groups.iter_mut() {
-                g.buffer.fold_averages(&fold).map_err(Error::Backend)?;
-            }
-            self.count_fold(&fold);
-            self.pending_fold = false;
-        }
-        Ok(())
+        let slots = self.slots();
+        self.engine.begin(groups, slots)?;
+        self.apply_pending(groups)
     }
 
-    /// First half of a step (see [`Sam::first_step`](crate::Sam::first_step)).
+    /// First half of a step (see [`Sam::first_step`](crate::Sam::first_step)). A fold still owed
+    /// to the averages is applied once the step's checks have passed.
     pub fn first_step<'a, B: ParamBuffer>(
         &'a mut self,
         groups: &'a mut [Group<B>],
     ) -> Result<Perturbed<'a, Self, B>, Error<B::Error>> {
-        self.update_averages(groups)?;
-        let n_avg = self.starts.len() as u8;
-        let slots = move |o: &GroupOptions| SlotSpec {
-            backup: true,
-            stash: false,
-            state: o.base().state_slots(),
-            averages: n_avg,
-        };
-        sam_perturb(&self.cfg, &mut self.engine, groups, slots)?;
+        let slots = self.slots();
+        let norms = sam_norms(&self.cfg, &mut self.engine, groups, slots)?;
+        self.apply_pending(groups)?;
+        let cfg = self.cfg;
+        Engine::perturb_all(groups, |o| cfg.perturb_spec(o, &norms, false))?;
         Ok(Perturbed::new(self, groups))
     }
 
@@ -207,14 +241,27 @@ impl Wasam {
         closure_step(self, groups, closure, |o, g| o.first_step(g))
     }
 
-    /// Restores the weights after a leaked guard (no-op when idle).
+    /// Restores the live weights after a leaked [`Perturbed`] or [`Swapped`] guard (no-op when
+    /// idle).
     pub fn recover<B: ParamBuffer>(
         &mut self,
         groups: &mut [Group<B>],
     ) -> Result<(), Error<B::Error>> {
-        if self.engine.phase == Phase::Perturbed {
-            Engine::restore_all(groups)?;
-            self.engine.phase = Phase::Idle;
+        match self.engine.phase {
+            Phase::Perturbed => {
+                Engine::restore_all(groups)?;
+                self.engine.phase = Phase::Idle;
+            }
+            Phase::Swapped => {
+                // A leaked `Swapped` guard: swap the live weights back.
+                for g in groups.iter_mut() {
+                    g.buffer
+                        .swap_average(self.swapped)
+                        .map_err(Error::Backend)?;
+                }
+                self.engine.phase = Phase::Idle;
+            }
+            Phase::Idle => {}
         }
         Ok(())
     }
@@ -226,12 +273,17 @@ impl Wasam {
         groups: &'a mut [Group<B>],
         k: u8,
     ) -> Result<Swapped<'a, B>, Error<B::Error>> {
-        self.update_averages(groups)?;
-        if usize::from(k) >= self.starts.len() || self.counts[usize::from(k)] == 0 {
+        // Decide before writing anything (a pending fold may give average k its first snapshot).
+        let ki = usize::from(k);
+        let snapshot_owed = self
+            .pending()
+            .is_some_and(|f| f.weights.get(ki).is_some_and(Option::is_some));
+        if ki >= self.starts.len() || (self.counts[ki] == 0 && !snapshot_owed) {
             return Err(Error::InvalidGroups {
                 message: "that average does not exist or holds no snapshot yet",
             });
         }
+        self.update_averages(groups)?;
         for i in 0..groups.len() {
             if let Err(e) = groups[i].buffer.swap_average(k) {
                 for g in groups[..i].iter_mut() {
@@ -241,6 +293,7 @@ impl Wasam {
             }
         }
         self.engine.phase = Phase::Swapped;
+        self.swapped = k;
         Ok(Swapped {
             engine: &mut self.engine,
             groups,
@@ -324,7 +377,7 @@ impl SamFamily for Wasam {
             return Ok(skip);
         }
         let t = self.engine.steps;
-        let step = t + 1;
+        let step = t.saturating_add(1);
         let fold = if finish == Finish::Base {
             self.fold_for(t)
         } else {

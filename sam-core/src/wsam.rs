@@ -196,6 +196,9 @@ impl Wsam {
         if !norms.finite {
             return Err(Error::NonFiniteGradient);
         }
+        if !norms.perturb_scaled.is_finite() {
+            return Err(Error::NormOverflow);
+        }
         let eps = self.cfg.sam_eps;
         Engine::perturb_all(groups, |o| {
             perturb_spec(
@@ -282,7 +285,7 @@ impl SamFamily for Wsam {
         let c0 = self.clip1;
         let alpha = self.alpha;
         let decouple = self.cfg.decouple;
-        let step = self.engine.steps + 1;
+        let step = self.engine.steps.saturating_add(1);
         Engine::update_all(groups, true, |_, o| {
             let lr = o.base().lr();
             let base: BaseStep = base_step(o, step, lr, finish);

@@ -227,8 +227,13 @@ __device__ __forceinline__ void sam_push(SamReduction& acc, const SamReduceArgs&
                                          double g, double s) {
     bool finite = isfinite(g);
     if (a.flags & SAM_RED_PERTURB) {
-        double x = (a.flags & SAM_RED_ADAPTIVE) ? (fabs(w) + a.eta) * g : g;
-        finite = finite && isfinite(x);
+        // Finiteness of the operands (a product that overflows is reported by the core as a
+        // norm overflow), as sam-core's BlockReducer::push.
+        double x = g;
+        if (a.flags & SAM_RED_ADAPTIVE) {
+            finite = finite && isfinite(w);
+            x = (fabs(w) + a.eta) * g;
+        }
         double xs = x * a.scale_perturb;
         acc.perturb_sq += xs * xs;
         acc.perturb_max = sam_max(acc.perturb_max, fabs(x));
