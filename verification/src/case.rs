@@ -29,6 +29,10 @@ pub const MAX_TRAJECTORY: usize = 50_000_000;
 /// Largest `samples · n_elements` of a softmax or mlp objective (the work of one evaluation).
 pub const MAX_EVAL_COST: usize = 100_000_000;
 
+/// Largest `steps · samples · elements` (`steps · n²` for quadratic): the work of a replay,
+/// a few seconds in a release build.
+pub const MAX_REPLAY_COST: usize = 2_000_000_000;
+
 /// The schema identifier this parser accepts.
 pub const SCHEMA: &str = "sam-conformance/1";
 
@@ -730,6 +734,17 @@ pub fn parse_case(bytes: &[u8]) -> std::result::Result<Case, CaseError> {
         MAX_TRAJECTORY,
     )?;
     let objective = parse_objective(&root.obj("objective")?, &params, dtype)?;
+    // The replay evaluates the objective twice per step: bound the total work.
+    let eval_cost = match &objective {
+        Objective::Quadratic { n, .. } => n.checked_mul(*n),
+        Objective::Softmax { n, .. } | Objective::Mlp { n, .. } => n.checked_mul(n_elements),
+    };
+    cap(
+        "steps",
+        "steps × samples × elements (replay work)",
+        eval_cost.and_then(|c| c.checked_mul(steps)),
+        MAX_REPLAY_COST,
+    )?;
 
     let optimizer = root.obj("optimizer")?;
     let (variant, base, opt_rho, opt_adaptive) = parse_optimizer(&optimizer)?;
