@@ -3,10 +3,10 @@
 use crate::buffer::{
     AverageFold, GradMix, ParamBuffer, ReduceSpec, SlotSpec, UpdateSpec, Weighting,
 };
-use crate::engine::{Engine, OptimizerState, Phase, StepReport, StepStatus};
+use crate::engine::{Engine, StepStatus};
 use crate::error::{Error, invalid};
 use crate::group::{Group, GroupOptions};
-use crate::guard::{Finish, Perturbed, SamFamily, closure_step, private};
+use crate::guard::{Finish, Perturbed, SamFamily, private};
 use crate::sam::{base_step, perturb_spec, skip_second};
 use crate::schedule::{Proportional, Schedule};
 
@@ -156,16 +156,6 @@ impl Gsam {
         gsam_slots(options)
     }
 
-    /// The current phase.
-    pub fn phase(&self) -> Phase {
-        self.engine.phase
-    }
-
-    /// Number of steps applied so far (the schedules' step index).
-    pub fn steps(&self) -> u64 {
-        self.engine.steps
-    }
-
     /// The lr step `t` uses in a group whose own lr is `group_lr`.
     pub fn lr_at(&self, t: u64, group_lr: f64) -> f64 {
         match (&self.cfg.lr_schedule, self.cfg.timeline) {
@@ -188,22 +178,6 @@ impl Gsam {
             // Rejected at construction.
             (RhoSchedule::Proportional(p), None) => p.max_value,
         }
-    }
-
-    /// The host-side state for a checkpoint (only between steps).
-    pub fn state(&self) -> Result<OptimizerState, Error> {
-        self.engine.expect(Phase::Idle)?;
-        Ok(OptimizerState {
-            steps: self.engine.steps,
-        })
-    }
-
-    /// Resumes from a checkpoint (only between steps).
-    pub fn load_state(&mut self, state: &OptimizerState) -> Result<(), Error> {
-        self.engine.expect(Phase::Idle)?;
-        self.engine = Engine::new();
-        self.engine.steps = state.steps;
-        Ok(())
     }
 
     fn weighting(&self) -> Weighting {
@@ -260,33 +234,6 @@ impl Gsam {
         }
         Engine::perturb_all(groups, |_| perturb_spec(weighting, rho, eps, &norms, true))?;
         Ok(Perturbed::new(self, groups))
-    }
-
-    /// A whole step driven by a closure (see [`Sam::step`](crate::Sam::step)); returns the clean
-    /// loss.
-    pub fn step<B, L, C, F>(
-        &mut self,
-        groups: &mut [Group<B>],
-        closure: F,
-    ) -> Result<StepReport<L>, C>
-    where
-        B: ParamBuffer,
-        C: From<Error<B::Error>>,
-        F: FnMut(&mut [Group<B>]) -> Result<L, C>,
-    {
-        closure_step(self, groups, closure, |o, g| o.first_step(g))
-    }
-
-    /// Restores the weights after a leaked guard (no-op when idle).
-    pub fn recover<B: ParamBuffer>(
-        &mut self,
-        groups: &mut [Group<B>],
-    ) -> Result<(), Error<B::Error>> {
-        if self.engine.phase == Phase::Perturbed {
-            Engine::restore_all(groups)?;
-            self.engine.phase = Phase::Idle;
-        }
-        Ok(())
     }
 }
 
@@ -362,3 +309,5 @@ impl SamFamily for Gsam {
         Ok(StepStatus::Applied)
     }
 }
+
+crate::guard::family_methods!(Gsam, simple_state);

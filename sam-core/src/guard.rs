@@ -151,3 +151,77 @@ where
     let status = guard.second_step()?;
     Ok(StepReport { loss, status })
 }
+
+/// The methods every SAM-family optimizer shares: phase, step count, the closure-driven step,
+/// and (with `simple_state`) checkpoints of the step count and recovery from a leaked guard.
+macro_rules! family_methods {
+    ($t:ty) => {
+        impl $t {
+            /// The current phase.
+            pub fn phase(&self) -> $crate::Phase {
+                self.engine.phase
+            }
+
+            /// Number of steps applied so far (skipped steps do not count).
+            pub fn steps(&self) -> u64 {
+                self.engine.steps
+            }
+
+            /// A whole step driven by a closure that writes the gradient at the current weights
+            /// into every buffer and returns the loss. It is called twice: at the clean weights
+            /// (its loss is reported) and at the perturbed weights. A closure error aborts the
+            /// step with the weights restored; a non-finite gradient skips it
+            /// ([`StepStatus::Skipped`](crate::StepStatus::Skipped)).
+            pub fn step<B, L, C, F>(
+                &mut self,
+                groups: &mut [$crate::Group<B>],
+                closure: F,
+            ) -> Result<$crate::StepReport<L>, C>
+            where
+                B: $crate::ParamBuffer,
+                C: From<$crate::Error<B::Error>>,
+                F: FnMut(&mut [$crate::Group<B>]) -> Result<L, C>,
+            {
+                $crate::guard::closure_step(self, groups, closure, |o, g| o.first_step(g))
+            }
+        }
+    };
+    ($t:ty, simple_state) => {
+        $crate::guard::family_methods!($t);
+
+        impl $t {
+            /// The host-side state for a checkpoint (only between steps).
+            pub fn state(&self) -> Result<$crate::OptimizerState, $crate::Error> {
+                self.engine.expect($crate::Phase::Idle)?;
+                Ok($crate::OptimizerState {
+                    steps: self.engine.steps,
+                })
+            }
+
+            /// Resumes from a checkpoint taken with `state` (only between steps).
+            pub fn load_state(
+                &mut self,
+                state: &$crate::OptimizerState,
+            ) -> Result<(), $crate::Error> {
+                self.engine.expect($crate::Phase::Idle)?;
+                self.engine = $crate::engine::Engine::new();
+                self.engine.steps = state.steps;
+                Ok(())
+            }
+
+            /// Restores the weights after a leaked [`Perturbed`](crate::Perturbed) guard (no-op
+            /// when idle).
+            pub fn recover<B: $crate::ParamBuffer>(
+                &mut self,
+                groups: &mut [$crate::Group<B>],
+            ) -> Result<(), $crate::Error<B::Error>> {
+                if self.engine.phase == $crate::Phase::Perturbed {
+                    $crate::engine::Engine::restore_all(groups)?;
+                    self.engine.phase = $crate::Phase::Idle;
+                }
+                Ok(())
+            }
+        }
+    };
+}
+pub(crate) use family_methods;

@@ -4,10 +4,10 @@ use crate::BaseStep;
 use crate::buffer::{
     AverageFold, GradMix, ParamBuffer, PerturbSpec, ReduceSpec, SlotSpec, UpdateSpec, Weighting,
 };
-use crate::engine::{Engine, Norms, OptimizerState, Phase, SkipReason, StepReport, StepStatus};
+use crate::engine::{Engine, Norms, SkipReason, StepStatus};
 use crate::error::{Error, invalid};
 use crate::group::{Group, GroupOptions};
-use crate::guard::{Finish, Perturbed, SamFamily, closure_step, private};
+use crate::guard::{Finish, Perturbed, SamFamily, private};
 
 /// Hyperparameters of [`Sam`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -136,32 +136,6 @@ impl Sam {
         sam_slots(options)
     }
 
-    /// The current phase.
-    pub fn phase(&self) -> Phase {
-        self.engine.phase
-    }
-
-    /// Number of steps applied so far.
-    pub fn steps(&self) -> u64 {
-        self.engine.steps
-    }
-
-    /// The host-side state for a checkpoint (only between steps).
-    pub fn state(&self) -> Result<OptimizerState, Error> {
-        self.engine.expect(Phase::Idle)?;
-        Ok(OptimizerState {
-            steps: self.engine.steps,
-        })
-    }
-
-    /// Resumes from a checkpoint taken with [`state`](Self::state) (only between steps).
-    pub fn load_state(&mut self, state: &OptimizerState) -> Result<(), Error> {
-        self.engine.expect(Phase::Idle)?;
-        self.engine = Engine::new();
-        self.engine.steps = state.steps;
-        Ok(())
-    }
-
     /// First half of a step: with the clean gradient in every buffer, perturbs the weights and
     /// returns the guard of the perturbed phase. Nothing is written if it fails (a non-finite
     /// gradient is [`Error::NonFiniteGradient`]).
@@ -173,35 +147,6 @@ impl Sam {
         let cfg = self.cfg;
         Engine::perturb_all(groups, |o| cfg.perturb_spec(o, &norms, false))?;
         Ok(Perturbed::new(self, groups))
-    }
-
-    /// A whole step driven by a closure that writes the gradient at the current weights into
-    /// every buffer and returns the loss. It is called twice: at the clean weights (its loss is
-    /// reported) and at the perturbed weights. A closure error aborts the step with the weights
-    /// restored; a non-finite gradient skips it ([`StepStatus::Skipped`]).
-    pub fn step<B, L, C, F>(
-        &mut self,
-        groups: &mut [Group<B>],
-        closure: F,
-    ) -> Result<StepReport<L>, C>
-    where
-        B: ParamBuffer,
-        C: From<Error<B::Error>>,
-        F: FnMut(&mut [Group<B>]) -> Result<L, C>,
-    {
-        closure_step(self, groups, closure, |o, g| o.first_step(g))
-    }
-
-    /// Restores the weights after a leaked [`Perturbed`] guard (no-op when idle).
-    pub fn recover<B: ParamBuffer>(
-        &mut self,
-        groups: &mut [Group<B>],
-    ) -> Result<(), Error<B::Error>> {
-        if self.engine.phase == Phase::Perturbed {
-            Engine::restore_all(groups)?;
-            self.engine.phase = Phase::Idle;
-        }
-        Ok(())
     }
 }
 
@@ -328,3 +273,5 @@ impl SamFamily for Sam {
         Ok(StepStatus::Applied)
     }
 }
+
+crate::guard::family_methods!(Sam, simple_state);

@@ -1,10 +1,10 @@
 //! WASAM: SAM with stochastic weight averaging of the iterates.
 
 use crate::buffer::{AverageFold, GradMix, MAX_AVERAGES, ParamBuffer, SlotSpec, UpdateSpec};
-use crate::engine::{Engine, Phase, StepReport, StepStatus};
+use crate::engine::{Engine, Phase, StepStatus};
 use crate::error::{Error, invalid};
 use crate::group::{Group, GroupOptions};
-use crate::guard::{Finish, Perturbed, SamFamily, closure_step, private};
+use crate::guard::{Finish, Perturbed, SamFamily, private};
 use crate::sam::{SamConfig, base_step, check_second, sam_norms};
 
 /// Host-side state of [`Wasam`] for a checkpoint.
@@ -108,16 +108,6 @@ impl Wasam {
             state: options.base().state_slots(),
             averages: self.starts.len() as u8,
         }
-    }
-
-    /// The current phase.
-    pub fn phase(&self) -> Phase {
-        self.engine.phase
-    }
-
-    /// Number of steps applied so far.
-    pub fn steps(&self) -> u64 {
-        self.engine.steps
     }
 
     /// The host-side state for a checkpoint (only between steps, not while swapped).
@@ -225,20 +215,6 @@ impl Wasam {
         let cfg = self.cfg;
         Engine::perturb_all(groups, |o| cfg.perturb_spec(o, &norms, false))?;
         Ok(Perturbed::new(self, groups))
-    }
-
-    /// A whole step driven by a closure (see [`Sam::step`](crate::Sam::step)).
-    pub fn step<B, L, C, F>(
-        &mut self,
-        groups: &mut [Group<B>],
-        closure: F,
-    ) -> Result<StepReport<L>, C>
-    where
-        B: ParamBuffer,
-        C: From<Error<B::Error>>,
-        F: FnMut(&mut [Group<B>]) -> Result<L, C>,
-    {
-        closure_step(self, groups, closure, |o, g| o.first_step(g))
     }
 
     /// Restores the live weights after a leaked [`Perturbed`] or [`Swapped`] guard (no-op when
@@ -396,3 +372,5 @@ impl SamFamily for Wasam {
         Ok(StepStatus::Applied)
     }
 }
+
+crate::guard::family_methods!(Wasam);

@@ -4,10 +4,10 @@ use crate::BaseStep;
 use crate::buffer::{
     AverageFold, GradMix, ParamBuffer, PostMix, ReduceSpec, SlotSpec, UpdateSpec, Weighting,
 };
-use crate::engine::{Engine, OptimizerState, Phase, StepReport, StepStatus};
+use crate::engine::{Engine, StepStatus};
 use crate::error::{Error, invalid};
 use crate::group::{Group, GroupOptions};
-use crate::guard::{Finish, Perturbed, SamFamily, closure_step, private};
+use crate::guard::{Finish, Perturbed, SamFamily, private};
 use crate::sam::{base_step, perturb_spec, skip_second};
 
 /// Hyperparameters of [`Wsam`].
@@ -144,32 +144,6 @@ impl Wsam {
         wsam_slots(options)
     }
 
-    /// The current phase.
-    pub fn phase(&self) -> Phase {
-        self.engine.phase
-    }
-
-    /// Number of steps applied so far.
-    pub fn steps(&self) -> u64 {
-        self.engine.steps
-    }
-
-    /// The host-side state for a checkpoint (only between steps).
-    pub fn state(&self) -> Result<OptimizerState, Error> {
-        self.engine.expect(Phase::Idle)?;
-        Ok(OptimizerState {
-            steps: self.engine.steps,
-        })
-    }
-
-    /// Resumes from a checkpoint (only between steps).
-    pub fn load_state(&mut self, state: &OptimizerState) -> Result<(), Error> {
-        self.engine.expect(Phase::Idle)?;
-        self.engine = Engine::new();
-        self.engine.steps = state.steps;
-        Ok(())
-    }
-
     fn weighting(&self, o: &GroupOptions) -> Weighting {
         if o.adaptive().unwrap_or(self.cfg.adaptive) {
             Weighting::Adaptive { eta: self.cfg.eta }
@@ -211,32 +185,6 @@ impl Wsam {
         })?;
         self.clip1 = clip_factor(self.cfg.max_norm, norms.grad);
         Ok(Perturbed::new(self, groups))
-    }
-
-    /// A whole step driven by a closure (see [`Sam::step`](crate::Sam::step)).
-    pub fn step<B, L, C, F>(
-        &mut self,
-        groups: &mut [Group<B>],
-        closure: F,
-    ) -> Result<StepReport<L>, C>
-    where
-        B: ParamBuffer,
-        C: From<Error<B::Error>>,
-        F: FnMut(&mut [Group<B>]) -> Result<L, C>,
-    {
-        closure_step(self, groups, closure, |o, g| o.first_step(g))
-    }
-
-    /// Restores the weights after a leaked guard (no-op when idle).
-    pub fn recover<B: ParamBuffer>(
-        &mut self,
-        groups: &mut [Group<B>],
-    ) -> Result<(), Error<B::Error>> {
-        if self.engine.phase == Phase::Perturbed {
-            Engine::restore_all(groups)?;
-            self.engine.phase = Phase::Idle;
-        }
-        Ok(())
     }
 }
 
@@ -317,3 +265,5 @@ impl SamFamily for Wsam {
         Ok(StepStatus::Applied)
     }
 }
+
+crate::guard::family_methods!(Wsam, simple_state);
