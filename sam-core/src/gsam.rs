@@ -7,7 +7,7 @@ use crate::engine::{Engine, StepStatus};
 use crate::error::{Error, invalid};
 use crate::group::{Group, GroupOptions};
 use crate::guard::{Finish, Perturbed, SamFamily, private};
-use crate::sam::{base_step, perturb_spec, skip_second};
+use crate::sam::{base_step, perturb_spec, skip_second, stash_slots};
 use crate::schedule::{Proportional, Schedule};
 
 /// Where ρ comes from.
@@ -153,7 +153,7 @@ impl Gsam {
 
     /// The slots a group needs: backup, stash and the base rule's state.
     pub fn slot_spec(&self, options: &GroupOptions) -> SlotSpec {
-        gsam_slots(options)
+        stash_slots(options)
     }
 
     /// The lr step `t` uses in a group whose own lr is `group_lr`.
@@ -220,7 +220,7 @@ impl Gsam {
         }
         let weighting = self.weighting();
         let eps = self.cfg.perturb_eps;
-        self.engine.begin(groups, gsam_slots)?;
+        self.engine.begin(groups, stash_slots)?;
         let norms = Engine::norms(groups, |_, s| ReduceSpec {
             perturb: Some(weighting),
             scale_perturb: s[0],
@@ -234,15 +234,6 @@ impl Gsam {
         }
         Engine::perturb_all(groups, |_| perturb_spec(weighting, rho, eps, &norms, true))?;
         Ok(Perturbed::new(self, groups))
-    }
-}
-
-fn gsam_slots(options: &GroupOptions) -> SlotSpec {
-    SlotSpec {
-        backup: true,
-        stash: true,
-        state: options.base().state_slots(),
-        averages: 0,
     }
 }
 

@@ -203,6 +203,14 @@ pub(crate) fn perturb_spec(
     }
 }
 
+/// Slots of the variants that combine two gradients (GSAM, WSAM): backup, stash, base state.
+pub(crate) fn stash_slots(options: &GroupOptions) -> SlotSpec {
+    SlotSpec {
+        stash: true,
+        ..sam_slots(options)
+    }
+}
+
 /// Slots of SAM/ASAM: the backup and the base rule's state.
 pub(crate) fn sam_slots(options: &GroupOptions) -> SlotSpec {
     SlotSpec {

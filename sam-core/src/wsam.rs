@@ -8,7 +8,7 @@ use crate::engine::{Engine, StepStatus};
 use crate::error::{Error, invalid};
 use crate::group::{Group, GroupOptions};
 use crate::guard::{Finish, Perturbed, SamFamily, private};
-use crate::sam::{base_step, perturb_spec, skip_second};
+use crate::sam::{base_step, perturb_spec, skip_second, stash_slots};
 
 /// Hyperparameters of [`Wsam`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -141,7 +141,7 @@ impl Wsam {
 
     /// The slots a group needs: backup, stash and the base rule's state.
     pub fn slot_spec(&self, options: &GroupOptions) -> SlotSpec {
-        wsam_slots(options)
+        stash_slots(options)
     }
 
     fn weighting(&self, o: &GroupOptions) -> Weighting {
@@ -157,7 +157,7 @@ impl Wsam {
         &'a mut self,
         groups: &'a mut [Group<B>],
     ) -> Result<Perturbed<'a, Self, B>, Error<B::Error>> {
-        self.engine.begin(groups, wsam_slots)?;
+        self.engine.begin(groups, stash_slots)?;
         let clip = self.cfg.max_norm.is_some();
         let this = &*self;
         let norms = Engine::norms(groups, |o, s| ReduceSpec {
@@ -185,15 +185,6 @@ impl Wsam {
         })?;
         self.clip1 = clip_factor(self.cfg.max_norm, norms.grad);
         Ok(Perturbed::new(self, groups))
-    }
-}
-
-fn wsam_slots(options: &GroupOptions) -> SlotSpec {
-    SlotSpec {
-        backup: true,
-        stash: true,
-        state: options.base().state_slots(),
-        averages: 0,
     }
 }
 
