@@ -69,6 +69,12 @@ pub struct Norms {
     pub grad: f64,
     pub stash: f64,
     pub dot: f64,
+    /// `‖s_g·g‖`, `‖s_s·stash‖`, `Σ(s_g·g)(s_s·stash)` and the scales `s_g`, `s_s`.
+    pub grad_scaled: f64,
+    pub stash_scaled: f64,
+    pub dot_scaled: f64,
+    pub grad_scale: f64,
+    pub stash_scale: f64,
     pub finite: bool,
 }
 
@@ -191,6 +197,11 @@ impl Engine {
                     r.dot / scales[1] / scales[2]
                 }
             },
+            grad_scaled: libm::sqrt(r.grad_sq),
+            stash_scaled: libm::sqrt(r.stash_sq),
+            dot_scaled: r.dot,
+            grad_scale: scales[1],
+            stash_scale: scales[2],
             finite: r.finite,
         })
     }

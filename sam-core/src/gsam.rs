@@ -264,17 +264,25 @@ impl SamFamily for Gsam {
             return skip_second(groups);
         }
         let eps = self.cfg.perturb_eps;
-        if !(n.grad.is_finite()
-            && n.stash.is_finite()
-            && n.dot.is_finite()
-            && (n.grad * n.stash).is_finite())
-        {
+        if !(n.grad.is_finite() && n.stash.is_finite()) {
             Engine::restore_all(groups)?;
             return Err(Error::NormOverflow);
         }
-        // cos = 0 when its denominator is 0 (then the dot product is 0 too: a zero gradient).
-        let den = n.grad * n.stash + eps;
-        let cos = if den > 0.0 { n.dot / den } else { 0.0 };
+        // cos = ⟨g₁,g₂⟩/(‖g₂‖‖g₁‖ + ε), evaluated at the reduction's scales (the same value,
+        // with nothing unscaled that could overflow): dot_s/(n₂ₛ·n₁ₛ + ε·s₂·s₁). A zero
+        // denominator means a zero gradient (cos = 0); an infinite ε·s₂·s₁ means ε dwarfs the
+        // norms (cos = 0 to within rounding).
+        let eps_s = if eps == 0.0 {
+            0.0
+        } else {
+            (eps * n.grad_scale) * n.stash_scale
+        };
+        let den = n.grad_scaled * n.stash_scaled + eps_s;
+        let cos = if den > 0.0 && den.is_finite() {
+            n.dot_scaled / den
+        } else {
+            0.0
+        };
         let alpha = self.cfg.alpha;
         let a = if cos == 0.0 {
             1.0
