@@ -256,7 +256,6 @@ impl GsamRaw {
             adaptive: self.adaptive,
             eta: self.eta,
             perturb_eps: self.perturb_eps,
-            check_second_gradient: self.check_second_gradient,
         })
     }
 

@@ -348,7 +348,6 @@ where
                 adaptive: *adaptive,
                 eta: 0.0,
                 perturb_eps: *perturb_eps,
-                check_second_gradient: true,
             };
             let mut opt = Gsam::new(cfg)?;
             let lr0 = case.groups.first().map_or(0.0, |g| g.base.lr());
