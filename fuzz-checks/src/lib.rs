@@ -60,14 +60,14 @@ pub mod variant;
 use std::sync::OnceLock;
 
 /// A contract violation found by the harness and reported. All but
-/// [`GsamDotSubnormalScale`](Finding::GsamDotSubnormalScale) are fixed in `sam-core` (see
+/// [`GsamScaledEps`](Finding::GsamScaledEps) are fixed in `sam-core` (see
 /// `docs/bad-input.md`, "Findings fixed"); their regression inputs are hard checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Finding {
     /// Fixed. A validated `Schedule` (or GSAM's `lr_at`) yielded NaN or ±∞: polynomial shape past
     /// `t_max`, or `max − min` overflowing, or step counts beyond 2^53. Now values are within
-    /// ±`MAX_VALUE` and step counts ≤ `MAX_STEP`, the polynomial base is clamped at 0 past `t_max`, and GSAM
-    /// refuses a negative or non-finite lr with `InvalidHyperparameter { name: "lr" }`.
+    /// ±`MAX_VALUE` and step counts ≤ `MAX_STEP`, the polynomial base is clamped at 0 past
+    /// `t_max`, and GSAM refuses a negative or non-finite lr with `InvalidHyperparameter`.
     ScheduleNotFinite,
     /// Fixed. `load_state` accepted a step count (or WASAM snapshot count) of `u64::MAX`, and
     /// the next step panicked on `steps + 1` (debug) or wrapped. Now the counters saturate.
@@ -94,10 +94,10 @@ pub enum Finding {
     /// diverged. Now `Engine::begin` refuses a changed layout with `InvalidGroups` (a checkpoint
     /// load resets its record).
     SliceRespec,
-    /// Fixed (for a normal product of the scales; see
-    /// [`GsamDotSubnormalScale`](Finding::GsamDotSubnormalScale)). `Engine::norms` unscaled the
-    /// GSAM dot product as `dot / s_g / s_s`, which overflowed in between although ⟨g₁,g₂⟩ is
-    /// finite, and the second step failed with `NormOverflow`.
+    /// Fixed. `Engine::norms` unscaled the GSAM dot product as `dot / s_g / s_s`, which
+    /// overflowed in between although ⟨g₁,g₂⟩ is finite, and the second step failed with
+    /// `NormOverflow`. Now GSAM's cosine is evaluated at the reduction's scales (nothing
+    /// unscaled).
     GsamDotOverflow,
     /// Fixed. With ε ≥ ~1.4e8 and gradients below 1e-140 (`f64`), `ε·s` overflowed at the
     /// rescaling scale and the perturbation coefficient was set to 0. Now `(ρ/s)/(n_s/s + ε)`.
@@ -107,12 +107,19 @@ pub enum Finding {
     /// lr from the schedule). Now `cos = 0` for a zero denominator, `a = 1` for `cos = 0`, and
     /// `NormOverflow` (weights restored) when `a` overflows.
     GsamNonFinite,
-    /// Open. The fix of [`GsamDotOverflow`](Finding::GsamDotOverflow) divides by the product of
-    /// the two scales only when it is a *normal* number; when it is subnormal (max |g₂| ≥ 2^1023,
-    /// so `s_g = 2^-1024`, and max |g₁| in [¼, ½), so `s_s = 2`) the two divisions in turn
-    /// still overflow in between when ⟨g₁,g₂⟩ ≥ 2^1023, although it is finite, and the second
-    /// step fails with `NormOverflow`.
+    /// Fixed. The first fix of [`GsamDotOverflow`](Finding::GsamDotOverflow) divided by the
+    /// product of the two scales only when it was a *normal* number; when it was subnormal (max
+    /// |g₂| ≥ 2^1023, so `s_g = 2^-1024`, and max |g₁| in [¼, ½), so `s_s = 2`) the two divisions
+    /// in turn still overflowed in between, and the second step failed with `NormOverflow`. Now
+    /// the cosine is evaluated at the reduction's scales.
     GsamDotSubnormalScale,
+    /// Open. GSAM's cosine at the reduction's scales, `dot_s/(n₂ₛ·n₁ₛ + ε·s₂·s₁)`, computes
+    /// `ε·s₂·s₁` as `(ε·s₂)·s₁`, which overflows in between when `s₂` is large (a tiny `g₂`) and
+    /// `s₁` small (a huge `g₁`) although `ε·s₂·s₁` is finite — the cosine is then taken as 0
+    /// (`a = 1`) instead of `⟨g₁,g₂⟩/(‖g₂‖‖g₁‖ + ε)`: the step direction differs wherever `g₁`
+    /// is 0, and a coefficient `a` that overflows is not reported (`NormOverflow`) — or
+    /// underflows in between the other way round (ε is lost from the cosine).
+    GsamScaledEps,
 }
 
 /// Findings still open in `sam-core` / `sam-verification`; see [`Finding`].
@@ -200,6 +207,7 @@ impl Finding {
         Finding::GsamDotOverflow,
         Finding::HugeEpsFlush,
         Finding::GsamDotSubnormalScale,
+        Finding::GsamScaledEps,
     ];
 
     /// The finding of this name (its `Debug` form), if any.

@@ -1210,7 +1210,7 @@ fn judge<B: Inspect>(w: &World<B>, m: &Model, g1: &[Vec<f64>]) -> Judge {
 }
 
 /// The predicted second half: `Ok(None)` applied, `Ok(Some(skip))`, or an error's name; with
-/// the open finding a mismatch would be an instance of, if any.
+/// the open finding a different outcome would be an instance of, if any.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SecondPred {
     /// The outcome.
@@ -1251,14 +1251,17 @@ fn predict_second(
 /// (the stash) and second gradient `g2`, per group.
 ///
 /// The norms are those of `Engine::norms`: the canonical reduction of `sam_core::kernel`
-/// (which every backend reproduces bit for bit), repeated at power-of-two scales when a sum
-/// overflows or the values are tiny, then unscaled; they are cross-checked against independent
-/// ones ([`norm`], a scaled dot product). Then, as documented: a skip if `g₂` is not finite;
-/// `NormOverflow` unless `‖g₂‖` and `‖g₁‖` are finite; `cos` evaluated at the reduction's
-/// scales, `dot_s/(n₂ₛ·n₁ₛ + ε·s₂·s₁)` (`0` when that denominator is 0 or infinite), `a = 1`
-/// when `cos = 0`, else `1 + α·cos·‖g₁‖/(‖g₂‖ + ε)`; `NormOverflow` if `a` is not finite; else
-/// applied. (Evaluating the cosine at the scales fixed
-/// [`Finding::GsamDotSubnormalScale`]: no unscaled dot product is formed.)
+/// (which every backend reproduces bit for bit), repeated at power-of-two scales `s₂`, `s₁`
+/// when a sum overflows or the values are tiny. Then, as documented: a skip if `g₂` (or the
+/// stash) is not finite; `NormOverflow` unless `‖g₂‖` and `‖g₁‖` are finite; the cosine
+/// `⟨g₁,g₂⟩/(‖g₂‖‖g₁‖ + ε)` evaluated at the reduction's scales, `dot_s/(n₂ₛ·n₁ₛ + ε·s₂·s₁)`
+/// (`0` when that denominator is 0 or infinite); `a = 1` when `cos = 0`, else
+/// `1 + α·cos·‖g₁‖/(‖g₂‖ + ε)`; `NormOverflow` if `a` is not finite; else applied. The norms and
+/// the cosine are cross-checked against independent ones ([`norm`], a scaled dot product).
+///
+/// `ε·s₂·s₁` is `ε` times the (exact) product of the scales whenever that product is
+/// representable, else `(ε·s₂)·s₁` (past finding [`Finding::GsamScaledEps`]: the core used to
+/// multiply in turn always, overflowing or underflowing in between).
 pub fn gsam_second(
     alpha: f64,
     eps: f64,
@@ -1296,40 +1299,44 @@ pub fn gsam_second(
     if !r.finite {
         return Ok(SecondPred::of(Ok(Some(SkipReason::NonFiniteSecond))));
     }
-    let grad = r.grad_sq.sqrt() / scales[1];
-    let stash = r.stash_sq.sqrt() / scales[2];
-    // The unscaled dot product, only to cross-check the reduction (the core never forms it).
-    let p = scales[1] * scales[2];
-    let exact = if p != 0.0 && p.is_finite() {
-        r.dot / p
-    } else {
-        r.dot / scales[1] / scales[2]
-    };
-    if exact.is_finite() {
-        cross_check(grad, stash, exact, g1, g2)?;
-    }
-    let pred = |outcome| {
-        Ok(SecondPred {
-            outcome,
-            finding: None,
-        })
-    };
+    let (grad_s, stash_s) = (r.grad_sq.sqrt(), r.stash_sq.sqrt());
+    let (grad, stash) = (grad_s / scales[1], stash_s / scales[2]);
     if !(grad.is_finite() && stash.is_finite()) {
-        return pred(Err("NormOverflow"));
+        return Ok(SecondPred::of(Err("NormOverflow")));
     }
-    // cos at the reduction's scales: dot_s/(n₂ₛ·n₁ₛ + ε·s₂·s₁); 0 for a zero or infinite
-    // denominator.
+    // Both scales are powers of two: ε times their product is one rounding whenever the product
+    // is representable (a product of 0 or ∞ means scales on the same side of 1, and then the
+    // two steps lose nothing a single one would keep). The two steps differ from it only when
+    // they overflow, or underflow below the normal range (where a subnormal ε·s₂·s₁ next to
+    // n₂ₛ·n₁ₛ ≥ 4e-47 does not change the cosine).
+    let p = scales[1] * scales[2];
     let eps_s = if eps == 0.0 {
         0.0
+    } else if p != 0.0 && p.is_finite() {
+        eps * p
     } else {
         (eps * scales[1]) * scales[2]
     };
-    let den = r.grad_sq.sqrt() * r.stash_sq.sqrt() + eps_s;
+    let finding = None;
+    let pred = |outcome| Ok(SecondPred { outcome, finding });
+    let den = grad_s * stash_s + eps_s;
     let cos = if den > 0.0 && den.is_finite() {
         r.dot / den
     } else {
         0.0
     };
+    // Products of the dot product below the subnormal range are lost (at most 2^-1074 each at
+    // the reduction's scales). An infinite denominator is documented to mean that ε dwarfs the
+    // norms: the cosine is then 0 by definition (it matters only through `a`, where
+    // α·cos·‖g₁‖/(‖g₂‖+ε) is then below the rounding of 1 unless α is astronomical).
+    let lost = if !den.is_finite() {
+        f64::INFINITY
+    } else if den > 0.0 {
+        (g1.iter().map(Vec::len).sum::<usize>() as f64 + 1.0) * f64::from_bits(1) / den
+    } else {
+        0.0
+    };
+    cross_check(grad, stash, cos, lost, eps, g1, g2)?;
     let a = if cos == 0.0 {
         1.0
     } else {
@@ -1341,48 +1348,54 @@ pub fn gsam_second(
     pred(Ok(None))
 }
 
-/// GSAM's norms and dot product (as the core computes them) against independent ones: a coarse
-/// bound (`1e-6` relative, and the underflow of scaled products) that catches a wrong
-/// reduction or unscaling, not rounding.
+/// GSAM's norms and cosine (as the core computes them) against independent ones: a coarse bound
+/// (`1e-6` relative, an absolute `1e-300`, and `lost` for the cosine: the products lost below
+/// the subnormal range) that catches a wrong reduction, scaling or formula, not rounding.
 fn cross_check(
     grad: f64,
     stash: f64,
-    dot: f64,
+    cos: f64,
+    lost: f64,
+    eps: f64,
     g1: &[Vec<f64>],
     g2: &[Vec<f64>],
 ) -> Result<(), Violation> {
     const RTOL: f64 = 1e-6;
     const ATOL: f64 = 1e-300;
     let (a, b) = (g1.concat(), g2.concat());
-    let close = |x: f64, y: f64, scale: f64, slack: f64| {
+    let close = |x: f64, y: f64, scale: f64| {
         !(x.is_finite() && y.is_finite() && scale.is_finite())
-            || (x - y).abs() <= RTOL * scale + slack + ATOL
+            || (x - y).abs() <= RTOL * scale + ATOL
     };
     let (n1, n2) = (norm(&a), norm(&b));
     let ma = a.iter().fold(0.0f64, |m, x| m.max(x.abs()));
     let mb = b.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    let (dot_i, sum_abs, slack) = if ma > 0.0 && mb > 0.0 {
+    // cos = ⟨a,b⟩/(‖a‖‖b‖ + ε), everything relative to the largest magnitudes (‖·‖ ≥ 1 there).
+    let (cos_i, scale) = if ma > 0.0 && mb > 0.0 {
         let (d, s) = a.iter().zip(&b).fold((0.0, 0.0), |(d, s), (x, y)| {
             let p = (x / ma) * (y / mb);
             (d + p, s + p.abs())
         });
-        // Back to the unscaled values, through the product of the maxima when it is a normal
-        // number (exact): multiplying by a tiny maximum first would round in the subnormal range.
-        let p = ma * mb;
-        let unscale = |v: f64| if p.is_normal() { v * p } else { v * ma * mb };
-        // Scaled products below the subnormal range are lost on both sides.
-        let tiny = unscale((a.len() as f64 + 1.0) * f64::from_bits(1 << 14));
-        (unscale(d), unscale(s), tiny)
+        let ra: Vec<f64> = a.iter().map(|x| x / ma).collect();
+        let rb: Vec<f64> = b.iter().map(|y| y / mb).collect();
+        // ε/(max|a|·max|b|) in logarithms (the product of the maxima may leave the range).
+        let e = if eps == 0.0 {
+            0.0
+        } else {
+            (eps.ln() - ma.ln() - mb.ln()).exp()
+        };
+        let den = norm(&ra) * norm(&rb) + e;
+        (d / den, s / den)
     } else {
-        (0.0, 0.0, 0.0)
+        (0.0, 0.0)
     };
-    if close(grad, n2, n2, 0.0) && close(stash, n1, n1, 0.0) && close(dot, dot_i, sum_abs, slack) {
+    if close(grad, n2, n2) && close(stash, n1, n1) && close(cos, cos_i, scale + lost / RTOL) {
         return Ok(());
     }
     Err(Violation::new(
         None,
         format!(
-            "GSAM second half: the reduction gives ‖g₂‖ = {grad:e}, ‖g₁‖ = {stash:e}, ⟨g₁,g₂⟩ = {dot:e}; independently {n2:e}, {n1:e}, {dot_i:e} (Σ|g₁g₂| = {sum_abs:e})"
+            "GSAM second half: the reduction gives ‖g₂‖ = {grad:e}, ‖g₁‖ = {stash:e}, cos = {cos:e}; independently {n2:e}, {n1:e}, {cos_i:e} (Σ|g₁g₂|/(‖g₁‖‖g₂‖+ε) = {scale:e})"
         ),
     ))
 }
@@ -2480,35 +2493,56 @@ pub fn check_ndarray(data: &[u8], policy: &Policy) {
 mod tests {
     use super::*;
 
-    fn outcome(g1: &[f64], g2: &[f64], alpha: f64, eps: f64) -> SecondPred {
-        gsam_second(alpha, eps, &[g1.to_vec()], &[g2.to_vec()]).expect("consistent norms")
+    fn outcome(
+        g1: &[f64],
+        g2: &[f64],
+        alpha: f64,
+        eps: f64,
+    ) -> Result<Option<SkipReason>, &'static str> {
+        let p = gsam_second(alpha, eps, &[g1.to_vec()], &[g2.to_vec()]).expect("consistent");
+        assert_eq!(p.finding, None, "{g1:?} {g2:?} {eps}");
+        p.outcome
     }
 
     #[test]
     fn gsam_second_prediction() {
-        let applied = SecondPred::of(Ok(None));
-        let overflow = SecondPred::of(Err("NormOverflow"));
+        let applied = Ok(None);
+        let overflow = Err("NormOverflow");
+        let skip = Ok(Some(SkipReason::NonFiniteSecond));
         assert_eq!(outcome(&[1.0, 2.0], &[0.5, -1.0], 0.4, 1e-12), applied);
         assert_eq!(
             outcome(&[1.0, f64::NAN], &[0.5, -1.0], 0.4, 1e-12),
-            SecondPred::of(Ok(Some(SkipReason::NonFiniteSecond))),
+            skip,
             "the stash is read too (the first half keeps a non-finite one out)"
         );
         assert_eq!(
             outcome(&[1.0, 2.0], &[0.5, f64::INFINITY], 0.4, 1e-12),
-            SecondPred::of(Ok(Some(SkipReason::NonFiniteSecond)))
+            skip
         );
         // Zero gradients with ε = 0: cos = 0.
         assert_eq!(outcome(&[0.0; 2], &[0.0; 2], 0.4, 0.0), applied);
-        // ‖g₁‖·‖g₂‖ would overflow unscaled; the cosine at the scales is fine (cos = 1).
+        // ‖g₂‖ overflows.
+        assert_eq!(
+            outcome(&[1.0, 1.0], &[f64::MAX, f64::MAX], 0.4, 0.0),
+            overflow
+        );
+        // ‖g₁‖·‖g₂‖ overflows, but the cosine is taken at the reduction's scales.
         assert_eq!(outcome(&[1e200], &[1e200], 0.4, 0.0), applied);
         // a = 1 + α·cos·‖g₁‖/‖g₂‖ overflows.
         assert_eq!(outcome(&[1e10, 0.0], &[1e-300, 0.0], 0.4, 0.0), overflow);
-        // Σg₂² overflows, the product of the scales is normal.
+        // Σg₂² overflows: rescaled.
         assert_eq!(outcome(&[0.01; 3], &[1e308; 3], 0.4, 1e-12), applied);
-        // The product of the scales is subnormal (past finding GsamDotSubnormalScale): applied.
+        // Scales 2^-1024 and 2 (their product is subnormal; finding GsamDotSubnormalScale).
         let big = 2f64.powi(1023);
         assert_eq!(outcome(&[0.49; 2], &[big, big * 1.7], 0.4, 1e-12), applied);
+        // ε·s₂·s₁ overflows: cos = 0.
+        assert_eq!(outcome(&[1e-300; 2], &[1e-300; 2], 0.4, 1e300), applied);
+        // ε·s₂ overflows but ε·s₂·s₁ = 7.45 is finite (past finding GsamScaledEps): cos is
+        // 0.0876, a = 1 + α·cos·‖g₁‖/(‖g₂‖+ε) = 3.5e297, applied; with α = 1e13 it overflows.
+        let p = gsam_second(0.4, 1e9, &[vec![1e308, 0.0]], &[vec![1e-300; 2]]).expect("ok");
+        assert_eq!(p, SecondPred::of(Ok(None)));
+        let p = gsam_second(1e13, 1e9, &[vec![1e308, 0.0]], &[vec![1e-300; 2]]).expect("ok");
+        assert_eq!(p.outcome, Err("NormOverflow"));
     }
 
     #[test]

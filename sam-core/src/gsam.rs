@@ -268,8 +268,13 @@ impl SamFamily for Gsam {
         // with nothing unscaled that could overflow): dot_s/(n₂ₛ·n₁ₛ + ε·s₂·s₁). A zero
         // denominator means a zero gradient (cos = 0); an infinite ε·s₂·s₁ means ε dwarfs the
         // norms (cos = 0 to within rounding).
+        // s₂·s₁ is an exact power of two when representable: then one multiplication by ε
+        // (multiplying in turn could overflow or underflow in between).
+        let p = n.grad_scale * n.stash_scale;
         let eps_s = if eps == 0.0 {
             0.0
+        } else if p != 0.0 && p.is_finite() {
+            eps * p
         } else {
             (eps * n.grad_scale) * n.stash_scale
         };
