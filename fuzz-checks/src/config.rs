@@ -9,9 +9,9 @@
 //! validated object computes (schedule values, GSAM's ρ and lr, WSAM's α) are finite.
 
 use sam_core::{
-    AdamConfig, BaseRule, Error, GroupOptions, Gsam, GsamConfig, Proportional, RhoSchedule, Sam,
-    SamConfig, Schedule, ScheduleConfig, ScheduleShape, SgdConfig, Timeline, Wasam, Wsam,
-    WsamConfig,
+    AdamConfig, BaseRule, Error, GroupOptions, Gsam, GsamConfig, Optimizer, Perturbation,
+    Proportional, RhoSchedule, Sam, SamConfig, Schedule, ScheduleConfig, ScheduleShape, SgdConfig,
+    Timeline, Wasam, Wsam, WsamConfig,
 };
 
 use crate::palette::{self, hyper};
@@ -230,14 +230,8 @@ pub struct GsamRaw {
     pub lr_schedule: Option<ScheduleConfig>,
     /// The timeline.
     pub timeline: Timeline,
-    /// Adaptive.
-    pub adaptive: bool,
-    /// η.
-    pub eta: f64,
-    /// ε.
-    pub perturb_eps: f64,
-    /// Second-gradient check flag.
-    pub check_second_gradient: bool,
+    /// The climb (`adaptive`, `eta`, `eps`; its `rho` is unused: ρ comes from `rho`).
+    pub perturbation: Perturbation,
 }
 
 impl GsamRaw {
@@ -250,12 +244,10 @@ impl GsamRaw {
         let lr_schedule = self.lr_schedule.map(Schedule::new).transpose()?;
         Gsam::new(GsamConfig {
             alpha: self.alpha,
-            rho,
+            perturbation: self.perturbation,
+            rho_schedule: Some(rho),
             lr_schedule,
             timeline: self.timeline,
-            adaptive: self.adaptive,
-            eta: self.eta,
-            perturb_eps: self.perturb_eps,
         })
     }
 
@@ -263,8 +255,8 @@ impl GsamRaw {
     pub fn in_domain(&self) -> bool {
         let p_ok = |p: &Proportional| proportional_in_domain(p);
         nonneg(self.alpha)
-            && nonneg(self.eta)
-            && nonneg(self.perturb_eps)
+            && nonneg(self.perturbation.eta)
+            && nonneg(self.perturbation.eps)
             && match &self.rho {
                 Ok(c) => schedule_in_domain(c),
                 Err(p) => p_ok(p) && self.lr_schedule.is_some(),
@@ -297,14 +289,16 @@ fn sam_raw(s: &mut Src<'_>, wild: bool) -> SamConfig {
         }
     };
     SamConfig {
-        rho: h(s, 0.0, 2.0),
-        adaptive: s.bool(),
-        eta: if s.bool() { 0.0 } else { h(s, 0.0, 1.0) },
-        eps: s.pick(&[1e-12_f64, 0.0, 1e-12, 1e-3]).max(if wild {
-            hyper(s, 0.0, 1.0)
-        } else {
-            0.0
-        }),
+        perturbation: Perturbation {
+            rho: h(s, 0.0, 2.0),
+            adaptive: s.bool(),
+            eta: if s.bool() { 0.0 } else { h(s, 0.0, 1.0) },
+            eps: s.pick(&[1e-12_f64, 0.0, 1e-12, 1e-3]).max(if wild {
+                hyper(s, 0.0, 1.0)
+            } else {
+                0.0
+            }),
+        },
         check_second_gradient: !s.chance(1, 8),
     }
 }
@@ -332,43 +326,66 @@ impl VariantRaw {
                 } else {
                     Ok(schedule_raw(s, wild, 0.0, 1.0))
                 };
-                VariantRaw::Gsam(GsamRaw {
-                    alpha: h(s, 0.0, 2.0),
-                    rho,
-                    lr_schedule,
-                    timeline: if s.bool() {
-                        Timeline::Upstream
-                    } else {
-                        Timeline::Synced
-                    },
-                    adaptive: s.chance(1, 3),
-                    eta: if s.bool() { 0.0 } else { h(s, 0.0, 1.0) },
-                    perturb_eps: s.pick(&[1e-12_f64, 0.0, 1e-12, 1e-6]).max(if wild {
-                        hyper(s, 0.0, 1.0)
-                    } else {
-                        0.0
-                    }),
-                    check_second_gradient: s.bool(),
-                })
-            }
-            2 => VariantRaw::Wsam(WsamConfig {
-                rho: h(s, 0.0, 2.0),
-                gamma: h(s, 0.0, 0.99),
-                adaptive: s.chance(1, 3),
-                eta: if s.bool() { 0.0 } else { h(s, 0.0, 1.0) },
-                decouple: s.bool(),
-                max_norm: if s.bool() {
-                    None
+                // Draws in the order of the stored inputs' decoding.
+                let alpha = h(s, 0.0, 2.0);
+                let timeline = if s.bool() {
+                    Timeline::Upstream
                 } else {
-                    Some(h(s, 1e-3, 100.0))
-                },
-                sam_eps: s.pick(&[1e-12_f64, 0.0, 1e-12]).max(if wild {
+                    Timeline::Synced
+                };
+                let adaptive = s.chance(1, 3);
+                let eta = if s.bool() { 0.0 } else { h(s, 0.0, 1.0) };
+                let eps = s.pick(&[1e-12_f64, 0.0, 1e-12, 1e-6]).max(if wild {
                     hyper(s, 0.0, 1.0)
                 } else {
                     0.0
-                }),
-                check_second_gradient: !s.chance(1, 8),
-            }),
+                });
+                // Formerly GSAM's `check_second_gradient` (always on now); still drawn so that
+                // stored inputs decode as before.
+                let _ = s.bool();
+                VariantRaw::Gsam(GsamRaw {
+                    alpha,
+                    rho,
+                    lr_schedule,
+                    timeline,
+                    perturbation: Perturbation {
+                        rho: 0.0,
+                        adaptive,
+                        eta,
+                        eps,
+                    },
+                })
+            }
+            2 => {
+                // Draws in the order of the stored inputs' decoding.
+                let rho = h(s, 0.0, 2.0);
+                let gamma = h(s, 0.0, 0.99);
+                let adaptive = s.chance(1, 3);
+                let eta = if s.bool() { 0.0 } else { h(s, 0.0, 1.0) };
+                let decouple = s.bool();
+                let max_norm = if s.bool() {
+                    None
+                } else {
+                    Some(h(s, 1e-3, 100.0))
+                };
+                let eps = s.pick(&[1e-12_f64, 0.0, 1e-12]).max(if wild {
+                    hyper(s, 0.0, 1.0)
+                } else {
+                    0.0
+                });
+                VariantRaw::Wsam(WsamConfig {
+                    perturbation: Perturbation {
+                        rho,
+                        adaptive,
+                        eta,
+                        eps,
+                    },
+                    gamma,
+                    decouple,
+                    max_norm,
+                    check_second_gradient: !s.chance(1, 8),
+                })
+            }
             3 => {
                 let cfg = sam_raw(s, wild);
                 let n = if wild { s.usize(0, 6) } else { s.usize(1, 4) };
@@ -383,19 +400,18 @@ impl VariantRaw {
 
     /// The documented domain.
     pub fn in_domain(&self) -> bool {
-        let sam_ok = |c: &SamConfig| nonneg(c.rho) && nonneg(c.eta) && nonneg(c.eps);
+        let climb_ok = |p: &Perturbation| nonneg(p.rho) && nonneg(p.eta) && nonneg(p.eps);
+        let sam_ok = |c: &SamConfig| climb_ok(&c.perturbation);
         match self {
             VariantRaw::Sam(c) => sam_ok(c),
             VariantRaw::Gsam(g) => g.in_domain(),
             VariantRaw::Wsam(c) => {
-                nonneg(c.rho)
+                climb_ok(&c.perturbation)
                     && unit(c.gamma)
-                    && nonneg(c.eta)
-                    && nonneg(c.sam_eps)
                     && c.max_norm.is_none_or(|m| m > 0.0 && m.is_finite())
             }
             VariantRaw::Wasam(c, starts) => {
-                sam_ok(c) && (1..=sam_core::MAX_AVERAGES).contains(&starts.len())
+                sam_ok(c) && (1..=sam_core::backend::MAX_AVERAGES).contains(&starts.len())
             }
             VariantRaw::Base => true,
         }
@@ -628,7 +644,7 @@ fn run(s: &mut Src<'_>, wild: bool) -> Result<(), Violation> {
     match built {
         Ok(Opt::Gsam(g)) => {
             let cfg = *g.config();
-            if let RhoSchedule::Schedule(sch) = &cfg.rho {
+            if let Some(RhoSchedule::Schedule(sch)) = &cfg.rho_schedule {
                 check_schedule_values("GSAM rho schedule", sch)?;
             }
             if let Some(sch) = &cfg.lr_schedule {

@@ -1,11 +1,11 @@
 //! Read and write access to a backend's storage, for the checks: [`Inspect`] for the reference
 //! backend ([`SliceBuffer`]) and for `sam-ndarray` ([`NdGroup`]).
 
+use sam_core::backend::{ParamBuffer, Real, Slot};
 use sam_core::reference::SliceBuffer;
-use sam_core::{ParamBuffer, Real, Slot};
 use sam_ndarray::NdGroup;
 
-/// Every slot role a buffer may hold, in [`SlotSpec`](sam_core::SlotSpec) order.
+/// Every slot role a buffer may hold, in [`SlotSpec`](sam_core::backend::SlotSpec) order.
 pub const ROLES: [Slot; 9] = [
     Slot::Backup,
     Slot::Stash,

@@ -59,8 +59,7 @@ pub mod variant;
 
 use std::sync::OnceLock;
 
-/// A contract violation found by the harness and reported. All but
-/// [`GsamScaledEps`](Finding::GsamScaledEps) are fixed in `sam-core` (see
+/// A contract violation found by the harness and reported. All are fixed in `sam-core` (see
 /// `docs/bad-input.md`, "Findings fixed"); their regression inputs are hard checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Finding {
@@ -113,13 +112,17 @@ pub enum Finding {
     /// in turn still overflowed in between, and the second step failed with `NormOverflow`. Now
     /// the cosine is evaluated at the reduction's scales.
     GsamDotSubnormalScale,
-    /// Open. GSAM's cosine at the reduction's scales, `dot_s/(n₂ₛ·n₁ₛ + ε·s₂·s₁)`, computes
-    /// `ε·s₂·s₁` as `(ε·s₂)·s₁`, which overflows in between when `s₂` is large (a tiny `g₂`) and
-    /// `s₁` small (a huge `g₁`) although `ε·s₂·s₁` is finite — the cosine is then taken as 0
-    /// (`a = 1`) instead of `⟨g₁,g₂⟩/(‖g₂‖‖g₁‖ + ε)`: the step direction differs wherever `g₁`
-    /// is 0, and a coefficient `a` that overflows is not reported (`NormOverflow`) — or
-    /// underflows in between the other way round (ε is lost from the cosine).
+    /// Fixed. GSAM's cosine at the reduction's scales, `dot_s/(n₂ₛ·n₁ₛ + ε·s₂·s₁)`, computed
+    /// `ε·s₂·s₁` as `(ε·s₂)·s₁`, which overflowed in between when `s₂` is large (a tiny `g₂`) and
+    /// `s₁` small (a huge `g₁`) although `ε·s₂·s₁` is finite — the cosine was then taken as 0
+    /// (`a = 1`) instead of `⟨g₁,g₂⟩/(‖g₂‖‖g₁‖ + ε)` — or underflowed the other way round. Now
+    /// `ε` times the exact product of the scales.
     GsamScaledEps,
+    /// Fixed. A radius tiny next to the gradient norm (ρ = 1e-300 with ‖g‖ = 8e38) made the
+    /// perturbation coefficient `ρ/(‖T⊙g‖ + ε)` flush to 0, so no perturbation was applied
+    /// although `e = ρ·g/‖g‖` is representable. Now the coefficient is formed at a further
+    /// power-of-two scale of the norm whenever it would not be normal (`perturbation.rs`).
+    TinyRhoFlush,
 }
 
 /// Findings still open in `sam-core` / `sam-verification`; see [`Finding`].
@@ -208,6 +211,7 @@ impl Finding {
         Finding::HugeEpsFlush,
         Finding::GsamDotSubnormalScale,
         Finding::GsamScaledEps,
+        Finding::TinyRhoFlush,
     ];
 
     /// The finding of this name (its `Debug` form), if any.

@@ -25,18 +25,18 @@
 use std::mem;
 
 use ndarray::{ArrayD, IxDyn};
-use sam_core::reference::{SliceBuffer, SliceError};
-use sam_core::{
-    Error, Group, MAX_AVERAGES, ParamBuffer, Phase, Real, ReduceSpec, Reduction, SkipReason, Slot,
-    SlotSpec, StepStatus, kernel,
+use sam_core::backend::{
+    MAX_AVERAGES, ParamBuffer, Real, ReduceSpec, Reduction, Slot, SlotSpec, kernel,
 };
+use sam_core::reference::{SliceBuffer, SliceError};
+use sam_core::{Error, Group, Optimizer, Phase, SamOptimizer, SkipReason, StepStatus};
 use sam_ndarray::NdGroup;
 
 use crate::config::{GroupRaw, Opt, VariantRaw};
 use crate::inspect::{GroupSnap, Inspect, ROLES, first_diff, kept, same, same_modulo_nan};
 use crate::palette;
 use crate::src::Src;
-use crate::variant::{PerturbParams, Variant, base_raw};
+use crate::variant::{PerturbParams, base_raw};
 use crate::{Finding, Policy, Violation};
 
 /// Weights and gradients of the finiteness class lie in `[-BOUND_VALUE, BOUND_VALUE]`.
@@ -1008,8 +1008,16 @@ pub fn check_perturbation(
             // The core computes the coefficient at a power-of-two scale s ≤ 2^997 of the norm; a
             // zero perturbation where ε·s overflows is a regression of the fixed HugeEpsFlush.
             let flushed = measured == 0.0 && big < 1e-140 && (p.eps * 2f64.powi(997)).is_infinite();
+            // A zero perturbation where ρ/n is below the smallest normal f64 is a regression of
+            // the fixed TinyRhoFlush.
+            let tiny = measured == 0.0 && !flushed && p.rho / n < f64::MIN_POSITIVE;
+            let finding = if flushed {
+                Some(Finding::HugeEpsFlush)
+            } else {
+                tiny.then_some(Finding::TinyRhoFlush)
+            };
             return Err(Violation::new(
-                flushed.then_some(Finding::HugeEpsFlush),
+                finding,
                 format!(
                     "first step: group {i} perturbation norm {measured:e}·rho, expected {expected:e}·rho (rho {}, eps {}, n {n:e}, bound {bound:e}·rho)",
                     p.rho, p.eps
@@ -1043,13 +1051,13 @@ struct FirstOut {
 }
 
 /// `first_step`, write `g2`, finish; the guard's borrows end when this returns.
-fn run_first<V: Variant, B: Inspect>(
+fn run_first<V: SamOptimizer, B: Inspect>(
     opt: &mut V,
     groups: &mut [Group<B>],
     g2r: &Recipe,
     finish: Finish,
 ) -> Result<FirstOut, (Pred, &'static str)> {
-    let mut guard = match opt.first(groups) {
+    let mut guard = match opt.first_step(groups) {
         Ok(g) => g,
         Err(e) => return Err((kind(&e), err_name(&e))),
     };
@@ -1195,7 +1203,7 @@ fn judge<B: Inspect>(w: &World<B>, m: &Model, g1: &[Vec<f64>]) -> Judge {
             _ => None,
         },
         gsam: match &w.opt {
-            Opt::Gsam(v) => Some((v.config().alpha, v.config().perturb_eps)),
+            Opt::Gsam(v) => Some((v.config().alpha, v.config().perturbation.eps)),
             _ => None,
         },
         // A call that reinterprets slot memory leaves the class (its base state is garbage).
@@ -1250,7 +1258,7 @@ fn predict_second(
 /// The exact prediction of GSAM's second half (`gsam.rs`, `second`) for clean gradient `g1`
 /// (the stash) and second gradient `g2`, per group.
 ///
-/// The norms are those of `Engine::norms`: the canonical reduction of `sam_core::kernel`
+/// The norms are those of `Engine::norms`: the canonical reduction of `sam_core::backend::kernel`
 /// (which every backend reproduces bit for bit), repeated at power-of-two scales `s₂`, `s₁`
 /// when a sum overflows or the values are tiny. Then, as documented: a skip if `g₂` (or the
 /// stash) is not finite; `NormOverflow` unless `‖g₂‖` and `‖g₁‖` are finite; the cosine
@@ -1452,7 +1460,7 @@ fn judge_first_error(
 }
 
 /// Runs one guarded step (`first_step` … finish) on variant `V`.
-fn guarded<V: Variant, B: Inspect>(
+fn guarded<V: SamOptimizer, B: Inspect>(
     opt: &mut V,
     groups: &mut [Group<B>],
     j: &Judge,
@@ -1484,7 +1492,7 @@ fn guarded<V: Variant, B: Inspect>(
     check_same(&base, &out.perturbed, "first_step", false, None)?;
     let g2 = out.g2;
     let now = snaps(groups);
-    let phase = opt.phase_now();
+    let phase = opt.phase();
     let label = match finish {
         Finish::Second => "second_step",
         Finish::External => "restore_with_gradient",
@@ -1580,7 +1588,7 @@ fn guarded<V: Variant, B: Inspect>(
 
 /// Runs one closure-driven step on variant `V`; `j` was computed with the clean gradient the
 /// closure writes on its first call.
-fn closure<V: Variant, B: Inspect>(
+fn closure<V: SamOptimizer, B: Inspect>(
     opt: &mut V,
     groups: &mut [Group<B>],
     j: &Judge,
@@ -1590,9 +1598,9 @@ fn closure<V: Variant, B: Inspect>(
     m: &mut Model,
 ) -> Result<Outcome, Violation> {
     let before = strip(snaps(groups), j.first.reinterpret);
-    let phase_before = opt.phase_now();
+    let phase_before = opt.phase();
     let mut seen: Vec<Vec<Vec<f64>>> = Vec::new();
-    let r = opt.closure_step(groups, |gs: &mut [Group<B>]| {
+    let r = opt.step(groups, |gs: &mut [Group<B>]| {
         let call = seen.len() + 1;
         write_recipe(gs, if call == 1 { g1r } else { g2r });
         seen.push(grads_of(gs));
@@ -1603,12 +1611,12 @@ fn closure<V: Variant, B: Inspect>(
         }
     });
     let now = snaps(groups);
-    if opt.phase_now() != phase_before {
+    if opt.phase() != phase_before {
         return Err(Violation::new(
             None,
             format!(
                 "closure step changed the phase from {phase_before:?} to {:?}",
-                opt.phase_now()
+                opt.phase()
             ),
         ));
     }
@@ -1715,7 +1723,7 @@ fn base_step<B: Inspect>(
 ) -> Result<Outcome, Violation> {
     let before = strip(snaps(groups), j.first.reinterpret);
     let g1: Vec<Vec<f64>> = before.iter().map(|s| s.g.clone()).collect();
-    let r = b.step(groups);
+    let r = b.apply(groups);
     let now = snaps(groups);
     match r {
         Err(e) => {
@@ -2136,20 +2144,7 @@ fn checkpoint(
         }};
     }
     match opt {
-        Opt::Base(b) => {
-            let mut st = b.state();
-            if let Some(s) = steps {
-                st.steps = s;
-            }
-            b.load_state(&st);
-            if b.state() != st {
-                return Err(Violation::new(
-                    None,
-                    "load_state did not restore the step count".into(),
-                ));
-            }
-            Ok(("checkpoint: loaded".into(), true))
-        }
+        Opt::Base(o) => plain!(o),
         Opt::Sam(o) => plain!(o),
         Opt::Gsam(o) => plain!(o),
         Opt::Wsam(o) => plain!(o),

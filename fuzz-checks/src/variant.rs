@@ -1,72 +1,26 @@
-//! One interface over the optimizers of `sam-core`, for the step checks.
+//! What the step checks need to know about an optimizer built from a drawn configuration.
+//!
+//! The checks drive the optimizers through `sam_core::Optimizer` and `sam_core::SamOptimizer`;
+//! this module only answers questions about the drawn variant (its perturbation parameters,
+//! whether it stashes, whether it checks the second gradient).
 
-use sam_core::{
-    BaseOptimizer, Error, Group, GroupOptions, Gsam, ParamBuffer, Perturbed, Phase, Sam, SamFamily,
-    SlotSpec, StepReport, Wasam, Wsam,
-};
+use sam_core::backend::SlotSpec;
+use sam_core::{BaseOptimizer, GroupOptions, Optimizer, Phase};
 
 use crate::config::{BaseRaw, Opt};
 
-/// The two-gradient optimizers, through one trait.
-pub trait Variant: SamFamily + Sized {
-    /// `first_step`.
-    fn first<'a, B: ParamBuffer>(
-        &'a mut self,
-        groups: &'a mut [Group<B>],
-    ) -> Result<Perturbed<'a, Self, B>, Error<B::Error>>;
-    /// `step` with a closure.
-    fn closure_step<B, C, F>(&mut self, groups: &mut [Group<B>], f: F) -> Result<StepReport<()>, C>
-    where
-        B: ParamBuffer,
-        C: From<Error<B::Error>>,
-        F: FnMut(&mut [Group<B>]) -> Result<(), C>;
-    /// `recover`.
-    fn recover_groups<B: ParamBuffer>(
-        &mut self,
-        groups: &mut [Group<B>],
-    ) -> Result<(), Error<B::Error>>;
-    /// `phase`.
-    fn phase_now(&self) -> Phase;
-}
-
-macro_rules! variant {
-    ($t:ty) => {
-        impl Variant for $t {
-            fn first<'a, B: ParamBuffer>(
-                &'a mut self,
-                groups: &'a mut [Group<B>],
-            ) -> Result<Perturbed<'a, Self, B>, Error<B::Error>> {
-                self.first_step(groups)
-            }
-            fn closure_step<B, C, F>(
-                &mut self,
-                groups: &mut [Group<B>],
-                f: F,
-            ) -> Result<StepReport<()>, C>
-            where
-                B: ParamBuffer,
-                C: From<Error<B::Error>>,
-                F: FnMut(&mut [Group<B>]) -> Result<(), C>,
-            {
-                self.step(groups, f)
-            }
-            fn recover_groups<B: ParamBuffer>(
-                &mut self,
-                groups: &mut [Group<B>],
-            ) -> Result<(), Error<B::Error>> {
-                self.recover(groups)
-            }
-            fn phase_now(&self) -> Phase {
-                self.phase()
-            }
+/// Calls the same `Optimizer` method on whichever optimizer an [`Opt`] holds.
+macro_rules! each {
+    ($opt:expr, $o:ident => $e:expr) => {
+        match $opt {
+            Opt::Sam($o) => $e,
+            Opt::Gsam($o) => $e,
+            Opt::Wsam($o) => $e,
+            Opt::Wasam($o) => $e,
+            Opt::Base($o) => $e,
         }
     };
 }
-
-variant!(Sam);
-variant!(Gsam);
-variant!(Wsam);
-variant!(Wasam);
 
 /// How a variant perturbs one group: `(ρ, Some(η) if adaptive, ε)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -82,71 +36,36 @@ pub struct PerturbParams {
 impl Opt {
     /// The optimizer's phase (the base optimizer is always idle).
     pub fn phase(&self) -> Phase {
-        match self {
-            Opt::Sam(o) => o.phase(),
-            Opt::Gsam(o) => o.phase(),
-            Opt::Wsam(o) => o.phase(),
-            Opt::Wasam(o) => o.phase(),
-            Opt::Base(_) => Phase::Idle,
-        }
+        each!(self, o => o.phase())
     }
 
     /// Steps applied.
     pub fn steps(&self) -> u64 {
-        match self {
-            Opt::Sam(o) => o.steps(),
-            Opt::Gsam(o) => o.steps(),
-            Opt::Wsam(o) => o.steps(),
-            Opt::Wasam(o) => o.steps(),
-            Opt::Base(o) => o.steps(),
-        }
+        each!(self, o => o.steps())
     }
 
     /// The slots a group needs.
     pub fn slot_spec(&self, o: &GroupOptions) -> SlotSpec {
-        match self {
-            Opt::Sam(v) => v.slot_spec(o),
-            Opt::Gsam(v) => v.slot_spec(o),
-            Opt::Wsam(v) => v.slot_spec(o),
-            Opt::Wasam(v) => v.slot_spec(o),
-            Opt::Base(v) => v.slot_spec(o),
-        }
+        each!(self, v => v.slot_spec(o))
     }
 
     /// How the next first step perturbs a group (`None` for the base optimizer).
     pub fn perturb_params(&self, o: &GroupOptions) -> Option<PerturbParams> {
-        let pick = |adaptive: bool, eta: f64| adaptive.then_some(eta);
+        let group = |p: &sam_core::Perturbation| PerturbParams {
+            rho: o.rho().unwrap_or(p.rho),
+            eta: o.adaptive().unwrap_or(p.adaptive).then_some(p.eta),
+            eps: p.eps,
+        };
         match self {
-            Opt::Sam(v) => {
-                let c = v.config();
-                Some(PerturbParams {
-                    rho: o.rho().unwrap_or(c.rho),
-                    eta: pick(o.adaptive().unwrap_or(c.adaptive), c.eta),
-                    eps: c.eps,
-                })
-            }
-            Opt::Wasam(v) => {
-                let c = v.config();
-                Some(PerturbParams {
-                    rho: o.rho().unwrap_or(c.rho),
-                    eta: pick(o.adaptive().unwrap_or(c.adaptive), c.eta),
-                    eps: c.eps,
-                })
-            }
-            Opt::Wsam(v) => {
-                let c = v.config();
-                Some(PerturbParams {
-                    rho: o.rho().unwrap_or(c.rho),
-                    eta: pick(o.adaptive().unwrap_or(c.adaptive), c.eta),
-                    eps: c.sam_eps,
-                })
-            }
+            Opt::Sam(v) => Some(group(&v.config().perturbation)),
+            Opt::Wasam(v) => Some(group(&v.config().perturbation)),
+            Opt::Wsam(v) => Some(group(&v.config().perturbation)),
             Opt::Gsam(v) => {
-                let c = v.config();
+                let p = &v.config().perturbation;
                 Some(PerturbParams {
                     rho: v.rho_at(v.steps()),
-                    eta: pick(c.adaptive, c.eta),
-                    eps: c.perturb_eps,
+                    eta: p.adaptive.then_some(p.eta),
+                    eps: p.eps,
                 })
             }
             Opt::Base(_) => None,
@@ -171,10 +90,7 @@ impl Opt {
 
     /// The lr the next step uses in a group.
     pub fn lr_used(&self, o: &GroupOptions) -> f64 {
-        match self {
-            Opt::Gsam(v) => v.lr_at(v.steps(), o.base().lr()),
-            _ => o.base().lr(),
-        }
+        each!(self, v => v.lr_at(v.steps(), o.base().lr()))
     }
 
     /// The base optimizer, if that is the variant.

@@ -8,12 +8,16 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use ndarray::{ArrayD, IxDyn};
+use sam_core::backend::{
+    AverageFold, MAX_AVERAGES, ParamBuffer, PerturbSpec, ReduceSpec, Reduction, Slot, SlotSpec,
+    UpdateSpec,
+};
 use sam_core::reference::{SliceBuffer, SliceError};
 use sam_core::{
-    AdamConfig, AverageFold, BaseOptimizer, BaseRule, Error, Group, GroupOptions, Gsam, GsamConfig,
-    OptimizerState, ParamBuffer, PerturbSpec, Phase, ReduceSpec, Reduction, RhoSchedule, Sam,
-    SamConfig, Schedule, ScheduleConfig, ScheduleShape, SgdConfig, SkipReason, Slot, SlotSpec,
-    StepStatus, UpdateSpec, Wasam, WasamState, Wsam, WsamConfig,
+    AdamConfig, BaseOptimizer, BaseRule, Error, Group, GroupOptions, Gsam, GsamConfig, Optimizer,
+    OptimizerState, Perturbation, Phase, RhoSchedule, Sam, SamConfig, SamOptimizer, Schedule,
+    ScheduleConfig, ScheduleShape, SgdConfig, SkipReason, StepStatus, Wasam, WasamState, Wsam,
+    WsamConfig,
 };
 use sam_ndarray::{NdError, NdGroup};
 use sam_verification::backend::CoreBackend;
@@ -64,33 +68,93 @@ fn bits(v: &[f64]) -> Vec<u64> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-/// Every two-gradient variant, with the second-gradient check on.
-#[derive(Debug)]
-enum V {
-    Sam(Sam),
-    Gsam(Gsam),
-    Wsam(Wsam),
-    Wasam(Wasam),
+/// What the contract tests do with a two-gradient optimizer, for any [`SamOptimizer`]: one
+/// generic implementation, so a list of variants can be driven as `Box<dyn Probe>`.
+trait Probe: std::fmt::Debug {
+    /// A closure step writing `g1` then `g2`.
+    fn step_with(
+        &mut self,
+        gs: &mut [Group<SliceBuffer<'_, f64>>],
+        g1: &[f64],
+        g2: &[f64],
+    ) -> R<StepStatus>;
+    /// The first step; the perturbed weights of group 0 (the guard restores on drop).
+    fn perturbed(&mut self, gs: &mut [Group<SliceBuffer<'_, f64>>]) -> R<Vec<f64>>;
+    /// Leaks a first step's guard, tries a second first step, recovers; the phases around.
+    fn leak_then_recover(
+        &mut self,
+        gs: &mut [Group<SliceBuffer<'_, f64>>],
+    ) -> (Phase, R<()>, R<()>, Phase);
+    /// `Optimizer::phase`.
+    fn phase_now(&self) -> Phase;
+    /// `Optimizer::steps`.
+    fn steps_done(&self) -> u64;
+    /// Scratch slots (backup, stash) per parameter in front of the base state.
+    fn scratch(&self) -> usize;
 }
 
+impl<O: SamOptimizer + std::fmt::Debug> Probe for O {
+    fn step_with(
+        &mut self,
+        gs: &mut [Group<SliceBuffer<'_, f64>>],
+        g1: &[f64],
+        g2: &[f64],
+    ) -> R<StepStatus> {
+        let mut calls = 0;
+        let r = self.step(gs, |gs: &mut [Group<SliceBuffer<'_, f64>>]| {
+            calls += 1;
+            gs[0]
+                .buffer
+                .grad_mut()
+                .copy_from_slice(if calls == 1 { g1 } else { g2 });
+            Ok::<_, Error<SliceError>>(())
+        })?;
+        Ok(r.status)
+    }
+
+    fn perturbed(&mut self, gs: &mut [Group<SliceBuffer<'_, f64>>]) -> R<Vec<f64>> {
+        Ok(self.first_step(gs)?.groups()[0].buffer.weights().to_vec())
+    }
+
+    fn leak_then_recover(
+        &mut self,
+        gs: &mut [Group<SliceBuffer<'_, f64>>],
+    ) -> (Phase, R<()>, R<()>, Phase) {
+        std::mem::forget(self.first_step(gs).expect("first step"));
+        let p = self.phase();
+        let again = self.first_step(gs).map(|_| ());
+        (p, again, self.recover(gs), self.phase())
+    }
+
+    fn phase_now(&self) -> Phase {
+        self.phase()
+    }
+
+    fn steps_done(&self) -> u64 {
+        self.steps()
+    }
+
+    fn scratch(&self) -> usize {
+        let spec = self.slot_spec(&GroupOptions::new(sgd()));
+        usize::from(spec.backup) + usize::from(spec.stash)
+    }
+}
+
+type V = Box<dyn Probe>;
+
+/// Every two-gradient variant, with the second-gradient check on.
 fn variants() -> Vec<V> {
     vec![
-        V::Sam(Sam::new(SamConfig::default()).expect("valid")),
-        V::Sam(
-            Sam::new(SamConfig {
-                adaptive: true,
-                ..Default::default()
-            })
-            .expect("valid"),
-        ),
-        V::Gsam(
+        Box::new(Sam::new(SamConfig::default()).expect("valid")),
+        Box::new(Sam::new(Perturbation::asam(0.05, 0.0).into()).expect("valid")),
+        Box::new(
             Gsam::new(GsamConfig::new(RhoSchedule::Schedule(
                 Schedule::constant(0.05).expect("valid"),
             )))
             .expect("valid"),
         ),
-        V::Wsam(Wsam::new(WsamConfig::default()).expect("valid")),
-        V::Wsam(
+        Box::new(Wsam::new(WsamConfig::default()).expect("valid")),
+        Box::new(
             Wsam::new(WsamConfig {
                 decouple: false,
                 max_norm: Some(1.0),
@@ -98,100 +162,11 @@ fn variants() -> Vec<V> {
             })
             .expect("valid"),
         ),
-        V::Wasam(Wasam::new(SamConfig::default(), &[0]).expect("valid")),
+        Box::new(Wasam::new(SamConfig::default(), &[0]).expect("valid")),
     ]
 }
 
 type R<T> = Result<T, Error<SliceError>>;
-
-impl V {
-    /// A closure step writing `g1` then `g2`.
-    fn step(
-        &mut self,
-        gs: &mut [Group<SliceBuffer<'_, f64>>],
-        g1: &[f64],
-        g2: &[f64],
-    ) -> R<StepStatus> {
-        let mut calls = 0;
-        let f = |gs: &mut [Group<SliceBuffer<'_, f64>>]| {
-            calls += 1;
-            gs[0]
-                .buffer
-                .grad_mut()
-                .copy_from_slice(if calls == 1 { g1 } else { g2 });
-            Ok::<_, Error<SliceError>>(())
-        };
-        Ok(match self {
-            V::Sam(o) => o.step(gs, f)?.status,
-            V::Gsam(o) => o.step(gs, f)?.status,
-            V::Wsam(o) => o.step(gs, f)?.status,
-            V::Wasam(o) => o.step(gs, f)?.status,
-        })
-    }
-
-    fn first_then<X>(
-        &mut self,
-        gs: &mut [Group<SliceBuffer<'_, f64>>],
-        then: impl FnOnce(&[f64]) -> X,
-    ) -> R<X> {
-        Ok(match self {
-            V::Sam(o) => then(o.first_step(gs)?.groups()[0].buffer.weights()),
-            V::Gsam(o) => then(o.first_step(gs)?.groups()[0].buffer.weights()),
-            V::Wsam(o) => then(o.first_step(gs)?.groups()[0].buffer.weights()),
-            V::Wasam(o) => then(o.first_step(gs)?.groups()[0].buffer.weights()),
-        })
-    }
-
-    fn phase(&self) -> Phase {
-        match self {
-            V::Sam(o) => o.phase(),
-            V::Gsam(o) => o.phase(),
-            V::Wsam(o) => o.phase(),
-            V::Wasam(o) => o.phase(),
-        }
-    }
-
-    fn steps(&self) -> u64 {
-        match self {
-            V::Sam(o) => o.steps(),
-            V::Gsam(o) => o.steps(),
-            V::Wsam(o) => o.steps(),
-            V::Wasam(o) => o.steps(),
-        }
-    }
-
-    fn leak_then_recover(
-        &mut self,
-        gs: &mut [Group<SliceBuffer<'_, f64>>],
-    ) -> (Phase, R<()>, R<()>, Phase) {
-        match self {
-            V::Sam(o) => {
-                std::mem::forget(o.first_step(gs).expect("first step"));
-                let p = o.phase();
-                let again = o.first_step(gs).map(|_| ());
-                (p, again, o.recover(gs), o.phase())
-            }
-            V::Gsam(o) => {
-                std::mem::forget(o.first_step(gs).expect("first step"));
-                let p = o.phase();
-                let again = o.first_step(gs).map(|_| ());
-                (p, again, o.recover(gs), o.phase())
-            }
-            V::Wsam(o) => {
-                std::mem::forget(o.first_step(gs).expect("first step"));
-                let p = o.phase();
-                let again = o.first_step(gs).map(|_| ());
-                (p, again, o.recover(gs), o.phase())
-            }
-            V::Wasam(o) => {
-                std::mem::forget(o.first_step(gs).expect("first step"));
-                let p = o.phase();
-                let again = o.first_step(gs).map(|_| ());
-                (p, again, o.recover(gs), o.phase())
-            }
-        }
-    }
-}
 
 const W: [f64; 4] = [0.5, -1.25, 2.0, 0.0];
 const G: [f64; 4] = [0.25, 1.0, -0.5, 2.0];
@@ -202,7 +177,7 @@ fn warmed(v: &mut V) -> Vec<Store> {
     {
         let mut gs = groups(&mut st, sgd());
         assert_eq!(
-            v.step(&mut gs, &G, &G).expect("a good step"),
+            v.step_with(&mut gs, &G, &G).expect("a good step"),
             StepStatus::Applied
         );
     }
@@ -224,11 +199,14 @@ fn nan_or_inf_in_clean_gradient_changes_nothing_in_every_variant() {
                 let mut gs = groups(&mut st, sgd());
                 gs[0].buffer.grad_mut().copy_from_slice(&g1);
                 assert!(
-                    matches!(v.first_then(&mut gs, |_| ()), Err(Error::NonFiniteGradient)),
+                    matches!(
+                        v.perturbed(&mut gs).map(|_| ()),
+                        Err(Error::NonFiniteGradient)
+                    ),
                     "{v:?}"
                 );
                 assert_eq!(
-                    v.step(&mut gs, &g1, &G).expect("a skip, not an error"),
+                    v.step_with(&mut gs, &g1, &G).expect("a skip, not an error"),
                     StepStatus::Skipped(SkipReason::NonFiniteClean)
                 );
             }
@@ -237,13 +215,13 @@ fn nan_or_inf_in_clean_gradient_changes_nothing_in_every_variant() {
                 (bits(&before[0].w), bits(&before[0].s)),
                 "{v:?}"
             );
-            assert_eq!(v.steps(), 1);
+            assert_eq!(v.steps_done(), 1);
         }
         // The base optimizer alone skips too.
         let mut st = vec![store(&W, &[bad, 0.0, 0.0, 0.0])];
         let mut gs = groups(&mut st, sgd());
         assert_eq!(
-            BaseOptimizer::new().step(&mut gs),
+            BaseOptimizer::new().apply(&mut gs),
             Ok(StepStatus::Skipped(SkipReason::NonFiniteClean))
         );
         drop(gs);
@@ -261,7 +239,7 @@ fn nan_in_second_gradient_restores_and_skips_in_every_variant() {
         {
             let mut gs = groups(&mut st, sgd());
             assert_eq!(
-                v.step(&mut gs, &G, &g2).expect("a skip"),
+                v.step_with(&mut gs, &G, &g2).expect("a skip"),
                 StepStatus::Skipped(SkipReason::NonFiniteSecond),
                 "{v:?}"
             );
@@ -269,17 +247,14 @@ fn nan_in_second_gradient_restores_and_skips_in_every_variant() {
         // Weights and the base state (momentum; averages) are bit-identical; backup and stash
         // are scratch.
         assert_eq!(bits(&st[0].w), bits(&before[0].w), "{v:?}");
-        let scratch = match &v {
-            V::Gsam(_) | V::Wsam(_) => 2,
-            _ => 1,
-        };
+        let scratch = v.scratch();
         assert_eq!(
             bits(&st[0].s[scratch * 4..]),
             bits(&before[0].s[scratch * 4..]),
             "{v:?}"
         );
-        assert_eq!(v.steps(), 1);
-        assert_eq!(v.phase(), Phase::Idle);
+        assert_eq!(v.steps_done(), 1);
+        assert_eq!(v.phase_now(), Phase::Idle);
     }
 }
 
@@ -312,11 +287,7 @@ fn infinite_weights_adaptive_is_nonfinite_gradient_plain_proceeds() {
     let g = [0.5, 0.5];
     let mut st = vec![store(&w, &g)];
     let mut gs = groups(&mut st, sgd());
-    let mut asam = Sam::new(SamConfig {
-        adaptive: true,
-        ..Default::default()
-    })
-    .expect("valid");
+    let mut asam = Sam::new(Perturbation::asam(0.05, 0.0).into()).expect("valid");
     assert!(matches!(
         asam.first_step(&mut gs),
         Err(Error::NonFiniteGradient)
@@ -335,14 +306,17 @@ fn zero_gradient_does_not_perturb_and_steps_on_the_second_gradient() {
     for mut v in variants() {
         let mut st = vec![store(&W, &[0.0; 4])];
         let mut gs = groups(&mut st, sgd());
-        let perturbed = v.first_then(&mut gs, bits).expect("zero gradient is fine");
+        let perturbed = v
+            .perturbed(&mut gs)
+            .map(|w| bits(&w))
+            .expect("zero gradient is fine");
         assert_eq!(
             perturbed,
             bits(&W),
             "{v:?}: a zero gradient must not move the weights"
         );
         assert_eq!(
-            v.step(&mut gs, &[0.0; 4], &G).expect("applied"),
+            v.step_with(&mut gs, &[0.0; 4], &G).expect("applied"),
             StepStatus::Applied
         );
         assert!(
@@ -379,7 +353,7 @@ fn empty_groups_and_no_groups_are_no_ops() {
                 .expect("valid")
                 .step(&mut gs, nothing)
                 .map(|r| r.status),
-            BaseOptimizer::new().step(&mut gs),
+            BaseOptimizer::new().apply(&mut gs),
         ];
         for s in statuses {
             assert_eq!(s, Ok(StepStatus::Applied), "{n_empty} empty groups");
@@ -572,30 +546,39 @@ fn out_of_domain_hyperparameters_are_refused_by_name() {
     };
     assert_eq!(
         name(
-            Sam::new(SamConfig {
-                rho: -0.1,
-                ..Default::default()
-            })
+            Sam::new(
+                Perturbation {
+                    rho: -0.1,
+                    ..Default::default()
+                }
+                .into()
+            )
             .expect_err("rho < 0")
         ),
         "rho"
     );
     assert_eq!(
         name(
-            Sam::new(SamConfig {
-                rho: f64::NAN,
-                ..Default::default()
-            })
+            Sam::new(
+                Perturbation {
+                    rho: f64::NAN,
+                    ..Default::default()
+                }
+                .into()
+            )
             .expect_err("NaN")
         ),
         "rho"
     );
     assert_eq!(
         name(
-            Sam::new(SamConfig {
-                eta: f64::INFINITY,
-                ..Default::default()
-            })
+            Sam::new(
+                Perturbation {
+                    eta: f64::INFINITY,
+                    ..Default::default()
+                }
+                .into()
+            )
             .expect_err("inf")
         ),
         "eta"
@@ -644,12 +627,15 @@ fn out_of_domain_hyperparameters_are_refused_by_name() {
     assert_eq!(
         name(
             Gsam::new(GsamConfig {
-                perturb_eps: f64::NAN,
+                perturbation: Perturbation {
+                    eps: f64::NAN,
+                    ..Default::default()
+                },
                 ..GsamConfig::new(rho)
             })
             .expect_err("NaN")
         ),
-        "perturb_eps"
+        "eps"
     );
     assert_eq!(
         name(Wasam::new(SamConfig::default(), &[]).expect_err("no average")),
@@ -899,11 +885,7 @@ fn norms_beyond_f64_max() {
     // SAM: the perturbation is still rho·g/‖g‖ (computed at a power-of-two scale).
     let mut st = vec![store(&w, &g)];
     let mut gs = groups(&mut st, sgd());
-    let mut sam = Sam::new(SamConfig {
-        rho: 0.3,
-        ..Default::default()
-    })
-    .expect("valid");
+    let mut sam = Sam::new(Perturbation::sam(0.3).into()).expect("valid");
     let guard = sam.first_step(&mut gs).expect("no overflow error for SAM");
     let e0 = guard.groups()[0].buffer.weights()[0];
     assert!((e0 - 0.3 / 3f64.sqrt()).abs() < 1e-15, "{e0}");
@@ -1245,23 +1227,21 @@ fn adaptive_overflow_of_finite_values_is_a_norm_overflow_that_changes_nothing() 
     // (|w| + η)·g overflows f64 although w and g are finite.
     let w = [1e200, 1.0];
     let g = [1e200, 1.0];
-    let adaptive = SamConfig {
-        adaptive: true,
-        ..Default::default()
-    };
-    let mut vs = vec![
-        V::Sam(Sam::new(adaptive).expect("valid")),
-        V::Wasam(Wasam::new(adaptive, &[0]).expect("valid")),
-        V::Wsam(
+    let climb = Perturbation::asam(0.05, 0.0);
+    let adaptive = SamConfig::from(climb);
+    let mut vs: Vec<V> = vec![
+        Box::new(Sam::new(adaptive).expect("valid")),
+        Box::new(Wasam::new(adaptive, &[0]).expect("valid")),
+        Box::new(
             Wsam::new(WsamConfig {
-                adaptive: true,
+                perturbation: climb,
                 ..Default::default()
             })
             .expect("valid"),
         ),
-        V::Gsam(
+        Box::new(
             Gsam::new(GsamConfig {
-                adaptive: true,
+                perturbation: climb,
                 ..GsamConfig::new(constant_rho())
             })
             .expect("valid"),
@@ -1273,10 +1253,10 @@ fn adaptive_overflow_of_finite_values_is_a_norm_overflow_that_changes_nothing() 
         {
             let mut gs = groups(&mut st, sgd());
             assert!(
-                matches!(v.first_then(&mut gs, |_| ()), Err(Error::NormOverflow)),
+                matches!(v.perturbed(&mut gs).map(|_| ()), Err(Error::NormOverflow)),
                 "{v:?}"
             );
-            assert_eq!(v.phase(), Phase::Idle);
+            assert_eq!(v.phase_now(), Phase::Idle);
         }
         assert_eq!(st, before, "{v:?}");
     }
@@ -1286,7 +1266,10 @@ fn adaptive_overflow_of_finite_values_is_a_norm_overflow_that_changes_nothing() 
 fn gsam_degenerate_cosine_stays_finite_and_an_overflowing_coefficient_restores() {
     let gsam = || {
         Gsam::new(GsamConfig {
-            perturb_eps: 0.0,
+            perturbation: Perturbation {
+                eps: 0.0,
+                ..Default::default()
+            },
             ..GsamConfig::new(constant_rho())
         })
         .expect("valid")
@@ -1355,17 +1338,90 @@ fn gsam_second_step_with_a_huge_but_finite_gradient() {
 #[test]
 fn huge_eps_does_not_flush_a_representable_perturbation() {
     // e = ρ·g/(‖g‖+ε) = 1 · 5e-307/(5e-307 + 1e10) ≈ 5e-317, representable (subnormal).
-    let mut sam = Sam::new(SamConfig {
-        rho: 1.0,
-        eps: 1e10,
-        ..Default::default()
-    })
+    let mut sam = Sam::new(
+        Perturbation {
+            rho: 1.0,
+            eps: 1e10,
+            ..Default::default()
+        }
+        .into(),
+    )
     .expect("valid");
     let mut st = vec![store(&[0.0], &[5e-307])];
     let mut gs = groups(&mut st, sgd());
     let guard = sam.first_step(&mut gs).expect("first");
     let e = guard.groups()[0].buffer.weights()[0];
     assert!((e - 5e-317).abs() <= 1e-319, "perturbation {e:e}");
+}
+
+#[test]
+fn a_tiny_radius_next_to_a_huge_norm_is_applied_in_every_variant() {
+    // e = ρ·g/‖g‖ with ρ = 1e-300, ‖g‖ = 8e38: ρ/‖g‖ = 1.25e-339 is below the smallest f64,
+    // but e = [1e-300, 0] is representable (past finding TinyRhoFlush: no perturbation at all).
+    let climb = Perturbation::sam(1e-300);
+    let rho = RhoSchedule::Schedule(Schedule::constant(1e-300).expect("valid"));
+    let vs: Vec<V> = vec![
+        Box::new(Sam::new(climb.into()).expect("valid")),
+        Box::new(Wasam::new(climb.into(), &[0]).expect("valid")),
+        Box::new(
+            Wsam::new(WsamConfig {
+                perturbation: climb,
+                ..Default::default()
+            })
+            .expect("valid"),
+        ),
+        Box::new(Gsam::new(GsamConfig::new(rho)).expect("valid")),
+    ];
+    for mut v in vs {
+        let mut st = vec![store(&[0.0, 0.0], &[8e38, 0.0])];
+        let mut gs = groups(&mut st, sgd());
+        let e = v.perturbed(&mut gs).expect("first step");
+        assert_eq!(e[1], 0.0, "{v:?}");
+        assert!(
+            (e[0] / 1e-300 - 1.0).abs() < 1e-15,
+            "{v:?}: perturbation {e:?}"
+        );
+        // The guard restored the weights.
+        assert_eq!(bits(gs[0].buffer.weights()), bits(&[0.0, 0.0]), "{v:?}");
+    }
+    // A subnormal radius: e = 1e-315 (subnormal, representable).
+    let mut sam = Sam::new(
+        Perturbation {
+            rho: 1e-315,
+            eps: 0.0,
+            ..Default::default()
+        }
+        .into(),
+    )
+    .expect("valid");
+    let mut st = vec![store(&[0.0], &[3.0])];
+    let mut gs = groups(&mut st, sgd());
+    let e = sam.perturbed(&mut gs).expect("first step")[0];
+    assert!((e / 1e-315 - 1.0).abs() < 1e-6, "perturbation {e:e}");
+}
+
+#[test]
+fn a_perturbation_below_half_an_ulp_of_the_weight_rounds_to_nothing_as_documented() {
+    // f32 storage: e = 1e-10 next to w = 1 (ulp 1.2e-7) is lost when added; nothing else
+    // happens (no error, the step proceeds on the second gradient).
+    let mut w = [1.0_f32];
+    let mut g = [0.5_f32];
+    let mut slots = [0.0_f32; 2];
+    let base = BaseRule::sgd(SgdConfig {
+        lr: 0.1,
+        ..Default::default()
+    })
+    .expect("valid");
+    let mut gs = [Group::new(
+        SliceBuffer::new(&mut w, &mut g, &mut slots).expect("equal lengths"),
+        base,
+    )];
+    let mut sam = Sam::new(Perturbation::sam(1e-10).into()).expect("valid");
+    let guard = sam.first_step(&mut gs).expect("first step");
+    assert_eq!(
+        guard.groups()[0].buffer.weights()[0].to_bits(),
+        1.0_f32.to_bits()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1498,7 +1554,7 @@ fn the_reference_backend_refuses_unsupported_slots_and_fails_a_fold_without_writ
             ..Default::default()
         },
         SlotSpec {
-            averages: sam_core::MAX_AVERAGES as u8 + 1,
+            averages: MAX_AVERAGES as u8 + 1,
             ..Default::default()
         },
     ] {
@@ -1549,7 +1605,10 @@ fn gsam_cosine_with_eps_times_scales_in_range() {
     // a = 1 + α·cos·‖g₁‖/(‖g₂‖ + ε) = 3.5e297 and the second weight (g₁ = 0 there) moves by
     // −lr·a·g₂ = −3.5e-4. The core takes cos = 0 (a = 1) and moves it by −1e-301.
     let mut gsam = Gsam::new(GsamConfig {
-        perturb_eps: 1e9,
+        perturbation: Perturbation {
+            eps: 1e9,
+            ..Default::default()
+        },
         ..GsamConfig::new(constant_rho())
     })
     .expect("valid");

@@ -6,10 +6,11 @@
 //!
 //! Run: `cargo run -p sam-core --example custom_buffer`
 
-use sam_core::{
-    AverageFold, BaseRule, BaseStep, Group, ParamBuffer, PerturbSpec, ReduceSpec, Reduction, Sam,
-    SamConfig, SgdConfig, Slot, SlotSpec, UpdateSpec, kernel,
+use sam_core::backend::{
+    AverageFold, BaseStep, ParamBuffer, PerturbSpec, ReduceSpec, Reduction, Slot, SlotSpec,
+    UpdateSpec, kernel,
 };
+use sam_core::{BaseRule, Group, Optimizer, Perturbation, Sam, SgdConfig};
 
 /// The framework's own storage for one parameter group: weights, gradient, and one `Vec` per
 /// optimizer slot.
@@ -152,10 +153,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..Default::default()
     })?;
     let mut groups = [Group::new(params, base)];
-    let mut sam = Sam::new(SamConfig {
-        rho: 0.05,
-        ..Default::default()
-    })?;
+    let mut sam = Sam::new(Perturbation::sam(0.05).into())?;
 
     for epoch in 0..120 {
         let report = sam.step(&mut groups, |gs| {

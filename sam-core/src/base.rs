@@ -175,6 +175,17 @@ impl BaseRule {
         }
     }
 
+    /// The same rule with learning rate `lr` (validated as at construction).
+    pub fn with_lr(&self, lr: f64) -> Result<Self, Error> {
+        check_lr(lr)?;
+        let mut kind = self.0;
+        match &mut kind {
+            Kind::Sgd(c) => c.lr = lr,
+            Kind::Adam(c) | Kind::AdamW(c) => c.lr = lr,
+        }
+        Ok(BaseRule(kind))
+    }
+
     /// The SGD configuration, if this is SGD.
     pub fn as_sgd(&self) -> Option<&SgdConfig> {
         match &self.0 {

@@ -5,7 +5,7 @@
 //! likes (one flat slice, many tensors, device memory …). The core never touches elements: each
 //! optimizer step is a handful of passes, each one sweep over memory, described by a small
 //! `Copy` specification of host scalars. A backend implements each pass as one loop (CPU) or one
-//! kernel launch per group (GPU), calling the element functions of [`kernel`](crate::kernel) so
+//! kernel launch per group (GPU), calling the element functions of [`kernel`](crate::backend::kernel) so
 //! that the math exists once.
 //!
 //! Slots ([`SlotSpec`]), in this order: the backup of `w` (exact copy taken by the perturb pass),
@@ -83,7 +83,7 @@ pub enum Weighting {
 }
 
 /// What a reduce pass computes. All quantities are accumulated in `f64` in the canonical order
-/// of [`kernel::reduce_block`](crate::kernel::reduce_block) / [`kernel::pairwise`](crate::kernel::pairwise).
+/// of [`kernel::reduce_block`](crate::backend::kernel::reduce_block) / [`kernel::pairwise`](crate::backend::kernel::pairwise).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ReduceSpec {
     /// Compute `Σ (s_p·T⊙g)²` and `max |T⊙g|` with this weighting.
@@ -94,7 +94,7 @@ pub struct ReduceSpec {
     pub stash: bool,
     /// Compute `Σ (s_g·g)·(s_s·stash)`.
     pub dot: bool,
-    /// Scale `s_p` (a power of two; `1` on the first try, see [`crate::kernel`]).
+    /// Scale `s_p` (a power of two; `1` on the first try, see [`crate::backend::kernel`]).
     pub scale_perturb: f64,
     /// Scale `s_g`.
     pub scale_grad: f64,
@@ -261,9 +261,9 @@ pub struct UpdateSpec {
 ///
 /// Contract for implementors:
 /// - every pass covers all [`len`](Self::len) elements and computes exactly what the matching
-///   element function of [`kernel`](crate::kernel) computes (same operations, same rounding
-///   points); reductions follow the canonical order of [`kernel::pairwise`](crate::kernel::pairwise)
-///   over [`kernel::reduce_block`](crate::kernel::reduce_block) if the backend promises bit
+///   element function of [`kernel`](crate::backend::kernel) computes (same operations, same rounding
+///   points); reductions follow the canonical order of [`kernel::pairwise`](crate::backend::kernel::pairwise)
+///   over [`kernel::reduce_block`](crate::backend::kernel::reduce_block) if the backend promises bit
 ///   identity with the reference backend, or document their order and tolerance otherwise;
 /// - [`prepare`](Self::prepare) is called before any other pass of a step; it may allocate
 ///   (only when the spec changes) but never changes weights, gradients or existing slot values;
@@ -274,7 +274,7 @@ pub struct UpdateSpec {
 /// See `examples/custom_buffer.rs` for a complete user-defined implementation.
 pub trait ParamBuffer {
     /// The element type.
-    type Scalar: crate::Real;
+    type Scalar: crate::backend::Real;
     /// The backend's error type.
     type Error: core::fmt::Debug + core::fmt::Display;
 
@@ -298,13 +298,13 @@ pub trait ParamBuffer {
     fn reduce(&mut self, spec: &ReduceSpec) -> Result<Reduction, Self::Error>;
 
     /// Backs up `w`, optionally stashes `g`, and perturbs `w` (see [`PerturbSpec`] and
-    /// [`kernel::perturb`](crate::kernel::perturb)).
+    /// [`kernel::perturb`](crate::backend::kernel::perturb)).
     fn perturb(&mut self, spec: &PerturbSpec) -> Result<(), Self::Error>;
 
     /// Copies the backup back into `w` (bit-exact).
     fn restore(&mut self) -> Result<(), Self::Error>;
 
-    /// The fused restore-and-step pass (see [`UpdateSpec`] and [`kernel::update`](crate::kernel::update)).
+    /// The fused restore-and-step pass (see [`UpdateSpec`] and [`kernel::update`](crate::backend::kernel::update)).
     fn update(&mut self, spec: &UpdateSpec) -> Result<(), Self::Error>;
 
     /// Folds the current weights into averages (for a bring-your-own base optimizer, after it

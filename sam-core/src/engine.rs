@@ -3,10 +3,12 @@
 
 use core::fmt;
 
-use crate::buffer::{ParamBuffer, PerturbSpec, ReduceSpec, Reduction, SlotSpec, UpdateSpec};
+use crate::backend::{
+    ParamBuffer, PerturbSpec, ReduceSpec, Reduction, SlotSpec, UpdateSpec, kernel,
+};
 use crate::error::Error;
 use crate::group::{Group, GroupOptions};
-use crate::kernel;
+use crate::schedule::Schedule;
 
 /// The phase of an optimizer between calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -59,7 +61,6 @@ pub struct StepReport<L> {
 
 /// Norms of a step's gradients, computed overflow- and underflow-safely and unscaled.
 #[derive(Debug, Clone, Copy, PartialEq)]
-#[doc(hidden)]
 pub struct Norms {
     /// `‖s_p·T⊙g‖`, the perturbation norm at scale `s_p` (see [`PerturbSpec`](crate::PerturbSpec)).
     pub perturb_scaled: f64,
@@ -78,12 +79,28 @@ pub struct Norms {
     pub finite: bool,
 }
 
-/// Host-side state shared by every variant (internal; unnameable outside the crate).
+/// When a variant reads its learning-rate schedule (and GSAM its ρ schedule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum Timeline {
+    /// Step `t` (0-based) uses `S(t)`: torch's behaviour with the scheduler stepped after the
+    /// optimizer, and the official GSAM JAX code's. The default of every variant but GSAM.
+    #[default]
+    Synced,
+    /// The PyTorch GSAM reference's timeline (SCHEMA.md §7.4): the lr used at step `t ≥ 1` is
+    /// `S_lr(t − 1)` (the groups' own lr at step 0), ρ at step `t` is `S_ρ(t)`, and a
+    /// proportional ρ follows the lr one step ahead (`P(init_value)` at step 0).
+    Upstream,
+}
+
+/// Host-side state shared by every variant (crate-internal).
 #[derive(Debug, Clone, PartialEq)]
-#[doc(hidden)]
 pub struct Engine {
     pub phase: Phase,
     pub steps: u64,
+    /// The learning-rate schedule applied to every group, if any, and when it is read.
+    pub lr_schedule: Option<Schedule>,
+    pub timeline: Timeline,
     shape: Option<(usize, usize, u64)>,
 }
 
@@ -92,8 +109,53 @@ impl Engine {
         Engine {
             phase: Phase::Idle,
             steps: 0,
+            lr_schedule: None,
+            timeline: Timeline::Synced,
             shape: None,
         }
+    }
+
+    /// The lr step `t` uses in a group whose own lr is `group_lr`.
+    pub fn lr_at(&self, t: u64, group_lr: f64) -> f64 {
+        match (&self.lr_schedule, self.timeline) {
+            (None, _) => group_lr,
+            (Some(s), Timeline::Synced) => s.value(t),
+            (Some(_), Timeline::Upstream) if t == 0 => group_lr,
+            (Some(s), Timeline::Upstream) => s.value(t - 1),
+        }
+    }
+
+    /// Refuses a step whose scheduled lr is negative or not finite, before any write.
+    pub fn check_lr<B>(&self, groups: &[Group<B>]) -> Result<(), Error<B::Error>>
+    where
+        B: ParamBuffer,
+    {
+        let t = self.steps;
+        if groups.iter().any(|g| {
+            let lr = self.lr_at(t, g.options.base().lr());
+            !(lr >= 0.0 && lr.is_finite())
+        }) {
+            return Err(Error::InvalidHyperparameter {
+                name: "lr",
+                message: "the lr schedule gave a negative or non-finite value",
+            });
+        }
+        Ok(())
+    }
+
+    /// The step count as a checkpoint (only when idle).
+    pub fn state(&self) -> Result<OptimizerState, Error> {
+        self.expect(Phase::Idle)?;
+        Ok(OptimizerState { steps: self.steps })
+    }
+
+    /// Resumes the step count from a checkpoint (only when idle); the group shape is learnt
+    /// again at the next step.
+    pub fn load(&mut self, state: &OptimizerState) -> Result<(), Error> {
+        self.expect(Phase::Idle)?;
+        self.steps = state.steps;
+        self.shape = None;
+        Ok(())
     }
 
     pub fn expect<E>(&self, expected: Phase) -> Result<(), Error<E>> {

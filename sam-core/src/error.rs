@@ -24,7 +24,7 @@ pub enum Error<E = Infallible> {
     },
     /// The call is not allowed in the optimizer's current phase (for example a first step while
     /// the weights are still perturbed by an earlier one whose guard was leaked with
-    /// `mem::forget`; [`recover`](crate::Sam::recover) restores them).
+    /// `mem::forget`; [`recover`](crate::Optimizer::recover) restores them).
     WrongPhase {
         /// The phase the call needs.
         expected: Phase,
@@ -101,4 +101,16 @@ impl<E: fmt::Debug + fmt::Display> core::error::Error for Error<E> {}
 /// Shorthand for a construction-time hyperparameter error.
 pub(crate) const fn invalid(name: &'static str, message: &'static str) -> Error {
     Error::InvalidHyperparameter { name, message }
+}
+
+/// Checks `0 ≤ x < ∞` (NaN fails) for the hyperparameter `name`.
+pub(crate) fn non_negative(name: &'static str, x: f64) -> Result<f64, Error> {
+    if x >= 0.0 && x.is_finite() {
+        Ok(x)
+    } else {
+        Err(Error::InvalidHyperparameter {
+            name,
+            message: "must be finite and >= 0",
+        })
+    }
 }

@@ -1,7 +1,7 @@
 //! Parameter groups: a buffer and its hyperparameters.
 
 use crate::base::BaseRule;
-use crate::error::{Error, invalid};
+use crate::error::{Error, non_negative};
 
 /// One parameter group: the storage of its parameters and its hyperparameters.
 ///
@@ -54,10 +54,7 @@ impl GroupOptions {
 
     /// Overrides ρ for this group; `rho ≥ 0` and finite.
     pub fn with_rho(mut self, rho: f64) -> Result<Self, Error> {
-        if !(rho >= 0.0 && rho.is_finite()) {
-            return Err(invalid("rho", "rho must be finite and >= 0"));
-        }
-        self.rho = Some(rho);
+        self.rho = Some(non_negative("rho", rho)?);
         Ok(self)
     }
 
@@ -71,6 +68,22 @@ impl GroupOptions {
     pub fn with_base(mut self, base: BaseRule) -> Self {
         self.base = base;
         self
+    }
+
+    /// Sets the base rule's learning rate (between steps: a running optimizer reads it at the
+    /// next step). `lr ≥ 0` and finite; nothing changes on error.
+    ///
+    /// ```
+    /// use sam_core::{BaseRule, GroupOptions, SgdConfig};
+    /// let mut o = GroupOptions::new(BaseRule::sgd(SgdConfig { lr: 0.1, ..Default::default() })?);
+    /// o.set_lr(0.05)?;
+    /// assert_eq!(o.base().lr(), 0.05);
+    /// assert!(o.set_lr(f64::NAN).is_err());
+    /// # Ok::<(), sam_core::Error>(())
+    /// ```
+    pub fn set_lr(&mut self, lr: f64) -> Result<(), Error> {
+        self.base = self.base.with_lr(lr)?;
+        Ok(())
     }
 
     /// The base rule.

@@ -1,13 +1,14 @@
 //! GSAM: surrogate-gap guided SAM.
 
-use crate::buffer::{
+use crate::backend::{
     AverageFold, GradMix, ParamBuffer, ReduceSpec, SlotSpec, UpdateSpec, Weighting,
 };
-use crate::engine::{Engine, StepStatus};
-use crate::error::{Error, invalid};
+use crate::engine::{Engine, OptimizerState, StepStatus, Timeline};
+use crate::error::{Error, invalid, non_negative};
 use crate::group::{Group, GroupOptions};
-use crate::guard::{Finish, Perturbed, SamFamily, private};
-use crate::sam::{base_step, perturb_spec, skip_second, stash_slots};
+use crate::optimizer::{Optimizer, SamOptimizer, sealed};
+use crate::perturbation::Perturbation;
+use crate::phases::{self, Finish};
 use crate::schedule::{Proportional, Schedule};
 
 /// Where ρ comes from.
@@ -20,51 +21,34 @@ pub enum RhoSchedule {
     Proportional(Proportional),
 }
 
-/// When ρ and the lr are read from their schedules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-pub enum Timeline {
-    /// The PyTorch reference's timeline (SCHEMA.md §7.4): the lr used at step `t ≥ 1` is
-    /// `S_lr(t − 1)` (the groups' own lr at step 0), ρ at step `t` is `S_ρ(t)`, and a
-    /// proportional ρ follows the lr one step ahead (`P(init_value)` at step 0).
-    #[default]
-    Upstream,
-    /// Both from the same step (the official JAX code): lr `S_lr(t)`, ρ `S_ρ(t)` or
-    /// `P(S_lr(t))`.
-    Synced,
-}
-
 /// Hyperparameters of [`Gsam`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct GsamConfig {
     /// α ≥ 0 (finite): weight of the ascent on the surrogate gap. Upstream example: `0.4`.
     pub alpha: f64,
-    /// The ρ schedule (global, as upstream; values must be ≥ 0 when used).
-    pub rho: RhoSchedule,
-    /// Optional lr schedule applied to every group (overrides the groups' lr). Default none.
+    /// The climb. Its `adaptive` and `eta` are global, as upstream (groups may not override
+    /// them); its `eps` is also the ε of the decomposition; its `rho` is the constant radius
+    /// used when `rho_schedule` is `None`.
+    pub perturbation: Perturbation,
+    /// The ρ schedule, if ρ changes over training (values must be ≥ 0 when used).
+    pub rho_schedule: Option<RhoSchedule>,
+    /// Optional lr schedule applied to every group (overrides the groups' lr); the same as
+    /// [`Optimizer::set_lr_schedule`]. Default none.
     pub lr_schedule: Option<Schedule>,
     /// Which step each schedule is read at. Default [`Timeline::Upstream`].
     pub timeline: Timeline,
-    /// Adaptive perturbation (global, as upstream): `T = |w| + eta`. Default `false`.
-    pub adaptive: bool,
-    /// ASAM offset η ≥ 0. Default `0`.
-    pub eta: f64,
-    /// ε ≥ 0 (finite) of the perturbation and of the decomposition. Default `1e-12`.
-    pub perturb_eps: f64,
 }
 
 impl GsamConfig {
-    /// Defaults (`alpha = 0.4`, `perturb_eps = 1e-12`, upstream timeline) around a ρ schedule.
+    /// Defaults (`alpha = 0.4`, `eps = 1e-12`, upstream timeline) around a ρ schedule.
     pub fn new(rho: RhoSchedule) -> Self {
         GsamConfig {
             alpha: 0.4,
-            rho,
+            perturbation: Perturbation::default(),
+            rho_schedule: Some(rho),
             lr_schedule: None,
             timeline: Timeline::Upstream,
-            adaptive: false,
-            eta: 0.0,
-            perturb_eps: 1e-12,
         }
     }
 }
@@ -91,7 +75,8 @@ impl GsamConfig {
 /// with `rho`/`adaptive` overrides are rejected.
 ///
 /// ```
-/// use sam_core::{BaseRule, Group, Gsam, GsamConfig, RhoSchedule, Schedule, SgdConfig, reference::SliceBuffer};
+/// use sam_core::{BaseRule, Group, Gsam, GsamConfig, Optimizer, RhoSchedule, Schedule, SgdConfig};
+/// use sam_core::reference::SliceBuffer;
 /// let mut w = [1.0_f64, -2.0];
 /// let mut g = [0.0; 2];
 /// let mut slots = [0.0; 2 * 2]; // backup, stash
@@ -115,80 +100,77 @@ pub struct Gsam {
 impl Gsam {
     /// A GSAM optimizer; rejects out-of-domain hyperparameters (NaN included).
     pub fn new(cfg: GsamConfig) -> Result<Self, Error> {
-        if !(cfg.alpha >= 0.0 && cfg.alpha.is_finite()) {
-            return Err(invalid("alpha", "alpha must be finite and >= 0"));
-        }
-        if !(cfg.eta >= 0.0 && cfg.eta.is_finite()) {
-            return Err(invalid("eta", "eta must be finite and >= 0"));
-        }
-        if !(cfg.perturb_eps >= 0.0 && cfg.perturb_eps.is_finite()) {
-            return Err(invalid(
-                "perturb_eps",
-                "perturb_eps must be finite and >= 0",
-            ));
-        }
-        if let RhoSchedule::Proportional(p) = &cfg.rho {
+        non_negative("alpha", cfg.alpha)?;
+        cfg.perturbation.validate()?;
+        if let Some(RhoSchedule::Proportional(p)) = &cfg.rho_schedule {
             p.validate()?;
-            if cfg.lr_schedule.is_none() {
-                return Err(invalid(
-                    "rho",
-                    "a proportional rho schedule needs an lr schedule",
-                ));
-            }
         }
-        Ok(Gsam {
-            cfg,
-            engine: Engine::new(),
-        })
+        let mut engine = Engine::new();
+        engine.timeline = cfg.timeline;
+        let mut gsam = Gsam { cfg, engine };
+        use sealed::Core;
+        gsam.accepts_lr_schedule(cfg.lr_schedule.as_ref())?;
+        gsam.engine.lr_schedule = cfg.lr_schedule;
+        Ok(gsam)
     }
 
-    /// The hyperparameters.
+    /// The hyperparameters (`lr_schedule` as at construction; see
+    /// [`Optimizer::lr_schedule`] for the current one).
     pub fn config(&self) -> &GsamConfig {
         &self.cfg
     }
 
-    /// The slots a group needs: backup, stash and the base rule's state.
-    pub fn slot_spec(&self, options: &GroupOptions) -> SlotSpec {
-        stash_slots(options)
-    }
-
-    /// The lr step `t` uses in a group whose own lr is `group_lr`.
-    pub fn lr_at(&self, t: u64, group_lr: f64) -> f64 {
-        match (&self.cfg.lr_schedule, self.cfg.timeline) {
-            (None, _) => group_lr,
-            (Some(s), Timeline::Synced) => s.value(t),
-            (Some(_), Timeline::Upstream) if t == 0 => group_lr,
-            (Some(s), Timeline::Upstream) => s.value(t - 1),
-        }
-    }
-
     /// The ρ step `t` uses.
     pub fn rho_at(&self, t: u64) -> f64 {
-        match (&self.cfg.rho, &self.cfg.lr_schedule) {
-            (RhoSchedule::Schedule(s), _) => s.value(t),
-            (RhoSchedule::Proportional(p), Some(lr)) => match self.cfg.timeline {
+        let lr = self.engine.lr_schedule.as_ref();
+        match (&self.cfg.rho_schedule, lr) {
+            (None, _) => self.cfg.perturbation.rho,
+            (Some(RhoSchedule::Schedule(s)), _) => s.value(t),
+            (Some(RhoSchedule::Proportional(p)), Some(lr)) => match self.engine.timeline {
                 Timeline::Synced => p.value(lr.value(t)),
                 Timeline::Upstream if t == 0 => p.value(lr.config().init_value),
                 Timeline::Upstream => p.value(lr.value(t - 1)),
             },
-            // Rejected at construction.
-            (RhoSchedule::Proportional(p), None) => p.max_value,
+            // Refused by `accepts_lr_schedule`.
+            (Some(RhoSchedule::Proportional(p)), None) => p.max_value,
         }
     }
 
     fn weighting(&self) -> Weighting {
-        if self.cfg.adaptive {
-            Weighting::Adaptive { eta: self.cfg.eta }
+        let p = &self.cfg.perturbation;
+        if p.adaptive {
+            Weighting::Adaptive { eta: p.eta }
         } else {
             Weighting::Plain
         }
     }
+}
 
-    /// First half of a step: perturbs with ρ_t and stashes the clean gradient.
-    pub fn first_step<'a, B: ParamBuffer>(
-        &'a mut self,
-        groups: &'a mut [Group<B>],
-    ) -> Result<Perturbed<'a, Self, B>, Error<B::Error>> {
+impl sealed::Core for Gsam {
+    fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
+    fn accepts_lr_schedule(&self, schedule: Option<&Schedule>) -> Result<(), Error> {
+        if schedule.is_none() && matches!(self.cfg.rho_schedule, Some(RhoSchedule::Proportional(_)))
+        {
+            return Err(invalid(
+                "rho",
+                "a proportional rho schedule needs an lr schedule",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Perturbs with ρ_t and stashes the clean gradient.
+    fn first_half<B: ParamBuffer>(
+        &mut self,
+        groups: &mut [Group<B>],
+    ) -> Result<bool, Error<B::Error>> {
         if groups
             .iter()
             .any(|g| g.options.rho().is_some() || g.options.adaptive().is_some())
@@ -197,69 +179,40 @@ impl Gsam {
                 message: "GSAM uses one global rho schedule and adaptivity: remove per-group rho/adaptive overrides",
             });
         }
-        let t = self.engine.steps;
-        let rho = self.rho_at(t);
+        let rho = self.rho_at(self.engine.steps);
         if !(rho >= 0.0 && rho.is_finite()) {
             return Err(Error::InvalidHyperparameter {
                 name: "rho",
                 message: "the rho schedule gave a negative or non-finite value",
             });
         }
-        if groups.iter().any(|g| {
-            let lr = self.lr_at(t, g.options.base().lr());
-            !(lr >= 0.0 && lr.is_finite())
-        }) {
-            return Err(Error::InvalidHyperparameter {
-                name: "lr",
-                message: "the lr schedule gave a negative or non-finite value",
-            });
-        }
         let weighting = self.weighting();
-        let eps = self.cfg.perturb_eps;
-        self.engine.begin(groups, stash_slots)?;
-        let norms = Engine::norms(groups, |_, s| ReduceSpec {
-            perturb: Some(weighting),
-            scale_perturb: s[0],
-            ..ReduceSpec::FINITE_ONLY
-        })?;
-        if !norms.finite {
-            return Err(Error::NonFiniteGradient);
-        }
-        if !norms.perturb_scaled.is_finite() {
-            return Err(Error::NormOverflow);
-        }
-        Engine::perturb_all(groups, |_| perturb_spec(weighting, rho, eps, &norms, true))?;
-        Ok(Perturbed::new(self, groups))
-    }
-}
-
-impl private::Sealed for Gsam {}
-
-impl SamFamily for Gsam {
-    fn engine_mut(&mut self, _: private::Token) -> &mut Engine {
-        &mut self.engine
+        let layout = |o: &GroupOptions| phases::slots(o, true, true, 0);
+        let norms = phases::climb_norms(&mut self.engine, groups, layout, |_| weighting, false)?;
+        let eps = self.cfg.perturbation.eps;
+        phases::climb(groups, &norms, eps, true, |_| (rho, weighting))?;
+        Ok(true)
     }
 
-    fn second<B: ParamBuffer>(
+    fn second_half<B: ParamBuffer>(
         &mut self,
         groups: &mut [Group<B>],
         finish: Finish,
-        _: private::Token,
     ) -> Result<StepStatus, Error<B::Error>> {
         // The decomposition reads g₂ in full, so its finiteness is always checked (free here).
-        let n = Engine::norms(groups, |_, s| ReduceSpec {
+        let n = phases::second_norms(groups, |_, s| ReduceSpec {
             grad: true,
             stash: true,
             dot: true,
             scale_grad: s[1],
             scale_stash: s[2],
             ..ReduceSpec::FINITE_ONLY
-        });
-        let n = Engine::or_restore(groups, n)?;
-        if !n.finite {
-            return skip_second(groups);
-        }
-        let eps = self.cfg.perturb_eps;
+        })?;
+        let n = match n {
+            Ok(n) => n,
+            Err(skip) => return Ok(skip),
+        };
+        let eps = self.cfg.perturbation.eps;
         if !(n.grad.is_finite() && n.stash.is_finite()) {
             Engine::restore_all(groups)?;
             return Err(Error::NormOverflow);
@@ -295,19 +248,34 @@ impl SamFamily for Gsam {
             Engine::restore_all(groups)?;
             return Err(Error::NormOverflow);
         }
-        let t = self.engine.steps;
-        let step = t.saturating_add(1);
-        let this = &*self;
+        let e = &self.engine;
         Engine::update_all(groups, true, |_, o| UpdateSpec {
             restore: true,
             grad: GradMix::Mix { a, b: -alpha },
-            base: base_step(o, step, this.lr_at(t, o.base().lr()), finish),
+            base: phases::base_step(e, o, finish).0,
             post: None,
             average: AverageFold::NONE,
         })?;
-        self.engine.steps = step;
+        self.engine.steps = self.engine.steps.saturating_add(1);
         Ok(StepStatus::Applied)
     }
 }
 
-crate::guard::family_methods!(Gsam, simple_state);
+impl Optimizer for Gsam {
+    type State = OptimizerState;
+
+    /// The backup, the stash and the base rule's state.
+    fn slot_spec(&self, options: &GroupOptions) -> SlotSpec {
+        phases::slots(options, true, true, 0)
+    }
+
+    fn state(&self) -> Result<OptimizerState, Error> {
+        self.engine.state()
+    }
+
+    fn load_state(&mut self, state: &OptimizerState) -> Result<(), Error> {
+        self.engine.load(state)
+    }
+}
+
+impl SamOptimizer for Gsam {}

@@ -1,14 +1,22 @@
 //! `sam-core`: the Sharpness-Aware Minimization family of optimizers, `#![no_std]`.
 //!
 //! This crate defines the math of every variant once, over an abstract storage trait,
-//! [`ParamBuffer`], whose methods are fused passes over memory (reduce, perturb,
+//! [`backend::ParamBuffer`], whose methods are fused passes over memory (reduce, perturb,
 //! restore-and-step). Backends supply the storage: [`reference::SliceBuffer`] here (plain
 //! slices, caller-provided memory, the executable specification), `sam-ndarray` (CPU) and
 //! `sam-cuda` (GPU) in their own crates, or your framework's tensors through the trait alone
 //! (see `examples/custom_buffer.rs`).
 //!
+//! Every optimizer implements one trait, [`Optimizer`] (a step with a closure that computes
+//! the gradients, checkpoint state, learning-rate schedule, recovery); the two-gradient
+//! variants also implement [`SamOptimizer`] (the two-call form: `first_step` returns a
+//! [`Perturbed`] guard). Training code written against `O: Optimizer` runs every variant.
+//! The crate root holds what users of the optimizers need; what a backend implements lives
+//! in [`backend`].
+//!
 //! ```
-//! use sam_core::{AdamConfig, BaseRule, Group, Sam, SamConfig, StepStatus, reference::SliceBuffer};
+//! use sam_core::{AdamConfig, BaseRule, Group, Optimizer, Perturbation, Sam, StepStatus};
+//! use sam_core::reference::SliceBuffer;
 //!
 //! // Minimise L(w) = Σ (w_i − i)² with ASAM around Adam.
 //! let mut w = [0.0_f32; 4];
@@ -16,7 +24,7 @@
 //! let mut slots = [0.0_f32; 3 * 4]; // backup, m, v
 //! let base = BaseRule::adam(AdamConfig { lr: 0.1, ..Default::default() })?;
 //! let mut groups = [Group::new(SliceBuffer::new(&mut w, &mut g, &mut slots)?, base)];
-//! let mut asam = Sam::new(SamConfig { rho: 0.5, adaptive: true, eta: 0.01, ..Default::default() })?;
+//! let mut asam = Sam::new(Perturbation::asam(0.5, 0.01).into())?;
 //! for _ in 0..300 {
 //!     let report = asam.step(&mut groups, |gs| {
 //!         let (w, g) = gs[0].buffer.weights_and_grad();
@@ -56,7 +64,7 @@
 //!   the identity.
 //! - **Safe norms**: accumulated in `f64` (with exact power-of-two rescaling for `f64` storage),
 //!   so per-element gradients from 1e-30 to 1e30 give an accurate norm, never 0 or ∞.
-//! - **Deterministic**: a fixed reduction order (see [`kernel`]), the same bits whatever the
+//! - **Deterministic**: a fixed reduction order (see [`backend::kernel`]), the same bits whatever the
 //!   thread count of a backend that follows it.
 //! - **Nothing half-done**: a NaN/∞ in the clean gradient is detected before any write
 //!   ([`Error::NonFiniteGradient`]); a NaN/∞ in the second gradient restores the weights and
@@ -68,6 +76,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod backend;
 mod base;
 mod buffer;
 mod engine;
@@ -75,7 +84,9 @@ mod error;
 mod group;
 mod gsam;
 mod guard;
-pub mod kernel;
+mod optimizer;
+mod perturbation;
+mod phases;
 mod plain;
 mod real;
 pub mod reference;
@@ -84,18 +95,15 @@ mod schedule;
 mod wasam;
 mod wsam;
 
-pub use base::{AdamConfig, AdamStep, BaseRule, BaseStep, SgdConfig, SgdStep, add, lerp};
-pub use buffer::{
-    AverageFold, GradMix, MAX_AVERAGES, ParamBuffer, PerturbSpec, PostMix, ReduceSpec, Reduction,
-    Slot, SlotSpec, UpdateSpec, Weighting,
-};
-pub use engine::{OptimizerState, Phase, SkipReason, StepReport, StepStatus};
+pub use base::{AdamConfig, BaseRule, SgdConfig};
+pub use engine::{OptimizerState, Phase, SkipReason, StepReport, StepStatus, Timeline};
 pub use error::Error;
 pub use group::{Group, GroupOptions};
-pub use gsam::{Gsam, GsamConfig, RhoSchedule, Timeline};
-pub use guard::{Perturbed, SamFamily};
+pub use gsam::{Gsam, GsamConfig, RhoSchedule};
+pub use guard::Perturbed;
+pub use optimizer::{Optimizer, SamOptimizer};
+pub use perturbation::Perturbation;
 pub use plain::BaseOptimizer;
-pub use real::Real;
 pub use sam::{Sam, SamConfig};
 pub use schedule::{MAX_STEP, MAX_VALUE, Proportional, Schedule, ScheduleConfig, ScheduleShape};
 pub use wasam::{Swapped, Wasam, WasamState};

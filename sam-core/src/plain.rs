@@ -1,13 +1,16 @@
 //! The base optimizer alone (no sharpness term): the baseline every SAM variant is compared with,
 //! and the identity SAM reduces to with ρ = 0.
 
-use crate::buffer::{AverageFold, GradMix, ParamBuffer, ReduceSpec, SlotSpec, UpdateSpec};
-use crate::engine::{Engine, OptimizerState, Phase, SkipReason, StepStatus};
+use crate::backend::{AverageFold, GradMix, ParamBuffer, ReduceSpec, SlotSpec, UpdateSpec};
+use crate::engine::{Engine, OptimizerState, SkipReason, StepStatus};
 use crate::error::Error;
 use crate::group::{Group, GroupOptions};
+use crate::optimizer::{Optimizer, sealed};
+use crate::phases::{self, Finish};
 
 /// Plain base-optimizer steps (SGD/Adam/AdamW of each group) with one gradient per step,
-/// through the same passes as the SAM variants.
+/// through the same passes as the SAM variants. Its [`Optimizer::step`] calls the closure once;
+/// [`apply`](Self::apply) steps with the gradient already in the buffers.
 ///
 /// ```
 /// use sam_core::{BaseOptimizer, BaseRule, Group, SgdConfig, reference::SliceBuffer};
@@ -16,7 +19,7 @@ use crate::group::{Group, GroupOptions};
 /// let mut slots = [0.0; 0];
 /// let base = BaseRule::sgd(SgdConfig { lr: 0.5, ..Default::default() })?;
 /// let mut groups = [Group::new(SliceBuffer::new(&mut w, &mut g, &mut slots)?, base)];
-/// BaseOptimizer::new().step(&mut groups)?;
+/// BaseOptimizer::new().apply(&mut groups)?;
 /// assert_eq!(groups[0].buffer.weights(), &[0.75]);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
@@ -39,59 +42,75 @@ impl BaseOptimizer {
         }
     }
 
-    /// The slots a group needs (the base rule's state only).
-    pub fn slot_spec(&self, options: &GroupOptions) -> SlotSpec {
-        plain_slots(options)
-    }
-
-    /// Number of steps applied so far.
-    pub fn steps(&self) -> u64 {
-        self.engine.steps
-    }
-
-    /// The host-side state for a checkpoint.
-    pub fn state(&self) -> OptimizerState {
-        OptimizerState {
-            steps: self.engine.steps,
-        }
-    }
-
-    /// Resumes from a checkpoint.
-    pub fn load_state(&mut self, state: &OptimizerState) {
-        self.engine = Engine::new();
-        self.engine.steps = state.steps;
-    }
-
     /// One step with the gradient currently in every buffer. A non-finite gradient skips the
     /// step with nothing written.
-    pub fn step<B: ParamBuffer>(
+    pub fn apply<B: ParamBuffer>(
         &mut self,
         groups: &mut [Group<B>],
     ) -> Result<StepStatus, Error<B::Error>> {
-        self.engine.expect(Phase::Idle)?;
-        self.engine.begin(groups, plain_slots)?;
+        use sealed::Core;
+        match self.first_half(groups) {
+            Ok(_) => self.second_half(groups, Finish::Base),
+            Err(Error::NonFiniteGradient) => Ok(StepStatus::Skipped(SkipReason::NonFiniteClean)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl sealed::Core for BaseOptimizer {
+    fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
+    fn first_half<B: ParamBuffer>(
+        &mut self,
+        groups: &mut [Group<B>],
+    ) -> Result<bool, Error<B::Error>> {
+        self.engine.check_lr(groups)?;
+        self.engine
+            .begin(groups, |o| phases::slots(o, false, false, 0))?;
         let n = Engine::norms(groups, |_, _| ReduceSpec::FINITE_ONLY)?;
         if !n.finite {
-            return Ok(StepStatus::Skipped(SkipReason::NonFiniteClean));
+            return Err(Error::NonFiniteGradient);
         }
-        let step = self.engine.steps.saturating_add(1);
+        Ok(false)
+    }
+
+    fn second_half<B: ParamBuffer>(
+        &mut self,
+        groups: &mut [Group<B>],
+        _finish: Finish,
+    ) -> Result<StepStatus, Error<B::Error>> {
+        let e = &self.engine;
         Engine::update_all(groups, false, |_, o| UpdateSpec {
             restore: false,
             grad: GradMix::Current,
-            base: o.base().step_coefficients(step, o.base().lr()),
+            base: phases::base_step(e, o, Finish::Base).0,
             post: None,
             average: AverageFold::NONE,
         })?;
-        self.engine.steps = step;
+        self.engine.steps = self.engine.steps.saturating_add(1);
         Ok(StepStatus::Applied)
     }
 }
 
-fn plain_slots(options: &GroupOptions) -> SlotSpec {
-    SlotSpec {
-        backup: false,
-        stash: false,
-        state: options.base().state_slots(),
-        averages: 0,
+impl Optimizer for BaseOptimizer {
+    type State = OptimizerState;
+
+    /// The base rule's state only.
+    fn slot_spec(&self, options: &GroupOptions) -> SlotSpec {
+        phases::slots(options, false, false, 0)
+    }
+
+    fn state(&self) -> Result<OptimizerState, Error> {
+        self.engine.state()
+    }
+
+    fn load_state(&mut self, state: &OptimizerState) -> Result<(), Error> {
+        self.engine.load(state)
     }
 }

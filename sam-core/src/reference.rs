@@ -6,7 +6,7 @@
 //! values, zero-initialised, laid out slot after slot).
 //!
 //! ```
-//! use sam_core::{reference::SliceBuffer, SlotSpec};
+//! use sam_core::reference::SliceBuffer;
 //! let mut w = [1.0_f32, 2.0];
 //! let mut g = [0.0_f32; 2];
 //! let mut slots = [0.0_f32; 4]; // room for 2 slots (e.g. backup + momentum) of 2 elements
@@ -16,11 +16,11 @@
 
 use core::fmt;
 
+use crate::backend::kernel;
+use crate::backend::{BaseStep, GradMix, Real};
 use crate::buffer::{
     AverageFold, ParamBuffer, PerturbSpec, ReduceSpec, Reduction, Slot, SlotSpec, UpdateSpec,
 };
-use crate::kernel;
-use crate::{BaseStep, GradMix, Real};
 
 /// Errors of the reference backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +43,7 @@ pub enum SliceError {
     /// A pass ran before [`ParamBuffer::prepare`], or needs a slot the prepared spec lacks.
     MissingSlot,
     /// The slot spec asks for more base-state slots (3) or averages
-    /// ([`MAX_AVERAGES`](crate::MAX_AVERAGES)) than any optimizer uses.
+    /// ([`MAX_AVERAGES`](crate::backend::MAX_AVERAGES)) than any optimizer uses.
     UnsupportedSlots,
 }
 
@@ -147,7 +147,7 @@ impl<T: Real> ParamBuffer for SliceBuffer<'_, T> {
     }
 
     fn prepare(&mut self, spec: &SlotSpec) -> Result<(), SliceError> {
-        if spec.state > 3 || usize::from(spec.averages) > crate::buffer::MAX_AVERAGES {
+        if spec.state > 3 || usize::from(spec.averages) > crate::backend::MAX_AVERAGES {
             return Err(SliceError::UnsupportedSlots);
         }
         let needed = spec.count().saturating_mul(self.w.len());
@@ -217,7 +217,7 @@ impl<T: Real> ParamBuffer for SliceBuffer<'_, T> {
         for (k, at) in state_at.iter_mut().enumerate().take(n_state) {
             *at = self.range(Slot::State(k as u8))?.start;
         }
-        let mut avg_at = [None; crate::buffer::MAX_AVERAGES];
+        let mut avg_at = [None; crate::backend::MAX_AVERAGES];
         for (k, wgt) in spec.average.weights.iter().enumerate() {
             if let Some(wgt) = wgt {
                 avg_at[k] = Some((self.range(Slot::Average(k as u8))?.start, *wgt));
@@ -254,7 +254,7 @@ impl<T: Real> ParamBuffer for SliceBuffer<'_, T> {
 
     fn fold_averages(&mut self, fold: &AverageFold) -> Result<(), SliceError> {
         // Check every slot before writing any, so an error changes nothing.
-        let mut starts = [None; crate::buffer::MAX_AVERAGES];
+        let mut starts = [None; crate::backend::MAX_AVERAGES];
         for (k, wgt) in fold.weights.iter().enumerate() {
             if let Some(wgt) = wgt {
                 starts[k] = Some((self.range(Slot::Average(k as u8))?.start, *wgt));

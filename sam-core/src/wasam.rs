@@ -1,11 +1,12 @@
 //! WASAM: SAM with stochastic weight averaging of the iterates.
 
-use crate::buffer::{AverageFold, GradMix, MAX_AVERAGES, ParamBuffer, SlotSpec, UpdateSpec};
+use crate::backend::{AverageFold, MAX_AVERAGES, ParamBuffer, SlotSpec};
 use crate::engine::{Engine, Phase, StepStatus};
 use crate::error::{Error, invalid};
 use crate::group::{Group, GroupOptions};
-use crate::guard::{Finish, Perturbed, SamFamily, private};
-use crate::sam::{SamConfig, base_step, check_second, sam_norms};
+use crate::optimizer::{Optimizer, SamOptimizer, sealed};
+use crate::phases::{self, Finish};
+use crate::sam::{SamConfig, sam_second_half};
 
 /// Host-side state of [`Wasam`] for a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -35,13 +36,14 @@ pub struct WasamState {
 /// [`swap`]: Wasam::swap
 ///
 /// ```
-/// use sam_core::{BaseRule, Group, SamConfig, SgdConfig, Wasam, reference::SliceBuffer};
+/// use sam_core::{BaseRule, Group, Optimizer, Perturbation, SamConfig, SgdConfig, Wasam};
+/// use sam_core::reference::SliceBuffer;
 /// let mut w = [4.0_f64];
 /// let mut g = [0.0];
 /// let mut slots = [0.0; 3]; // backup, average 0, average 1
 /// let base = BaseRule::sgd(SgdConfig { lr: 0.5, ..Default::default() })?;
 /// let mut groups = [Group::new(SliceBuffer::new(&mut w, &mut g, &mut slots)?, base)];
-/// let mut wasam = Wasam::new(SamConfig { rho: 0.0, ..Default::default() }, &[0, 1])?;
+/// let mut wasam = Wasam::new(SamConfig::from(Perturbation::sam(0.0)), &[0, 1])?;
 /// for _ in 0..3 {
 ///     wasam.step(&mut groups, |gs| {
 ///         let (w, g) = gs[0].buffer.weights_and_grad();
@@ -69,7 +71,7 @@ impl Wasam {
     /// WASAM around SAM/ASAM `cfg`, with one average per entry of `swa_starts` (the 0-based
     /// step from which it takes snapshots; 1 to [`MAX_AVERAGES`] entries).
     pub fn new(cfg: SamConfig, swa_starts: &[u64]) -> Result<Self, Error> {
-        cfg.validate()?;
+        cfg.perturbation.validate()?;
         if swa_starts.is_empty() {
             return Err(invalid("swa_starts", "at least one average is needed"));
         }
@@ -100,42 +102,6 @@ impl Wasam {
         &self.counts[..self.starts.len()]
     }
 
-    /// The slots a group needs: backup, the base rule's state, and the averages.
-    pub fn slot_spec(&self, options: &GroupOptions) -> SlotSpec {
-        SlotSpec {
-            backup: true,
-            stash: false,
-            state: options.base().state_slots(),
-            averages: self.starts.len() as u8,
-        }
-    }
-
-    /// The host-side state for a checkpoint (only between steps, not while swapped).
-    pub fn state(&self) -> Result<WasamState, Error> {
-        self.engine.expect(Phase::Idle)?;
-        Ok(WasamState {
-            steps: self.engine.steps,
-            counts: self.counts,
-            pending_fold: self.pending_fold,
-        })
-    }
-
-    /// Resumes from a checkpoint. A state with a fold pending before any step is refused
-    /// ([`Error::InvalidState`]).
-    pub fn load_state(&mut self, state: &WasamState) -> Result<(), Error> {
-        self.engine.expect(Phase::Idle)?;
-        if state.pending_fold && state.steps == 0 {
-            return Err(Error::InvalidState {
-                message: "a fold cannot be pending before the first step",
-            });
-        }
-        self.engine = Engine::new();
-        self.engine.steps = state.steps;
-        self.counts = state.counts;
-        self.pending_fold = state.pending_fold;
-        Ok(())
-    }
-
     /// The fold for the step with 0-based index `t` (`None` entries for averages not started).
     fn fold_for(&self, t: u64) -> AverageFold {
         let mut fold = AverageFold::NONE;
@@ -158,12 +124,7 @@ impl Wasam {
     /// The averages' slot layout for a group.
     fn slots(&self) -> impl Fn(&GroupOptions) -> SlotSpec + use<> {
         let n_avg = self.starts.len() as u8;
-        move |o: &GroupOptions| SlotSpec {
-            backup: true,
-            stash: false,
-            state: o.base().state_slots(),
-            averages: n_avg,
-        }
+        move |o: &GroupOptions| phases::slots(o, true, false, n_avg)
     }
 
     /// The fold owed for a step finished with an external base optimizer, if any.
@@ -192,7 +153,7 @@ impl Wasam {
     }
 
     /// Folds the weights into the averages if a step was finished with an external base
-    /// optimizer ([`Perturbed::restore_with_gradient`]) and that optimizer has stepped since.
+    /// optimizer ([`Perturbed::restore_with_gradient`](crate::Perturbed::restore_with_gradient)) and that optimizer has stepped since.
     /// Called automatically by the next step and by [`swap`](Self::swap).
     pub fn update_averages<B: ParamBuffer>(
         &mut self,
@@ -201,45 +162,6 @@ impl Wasam {
         let slots = self.slots();
         self.engine.begin(groups, slots)?;
         self.apply_pending(groups)
-    }
-
-    /// First half of a step (see [`Sam::first_step`](crate::Sam::first_step)). A fold still owed
-    /// to the averages is applied once the step's checks have passed.
-    pub fn first_step<'a, B: ParamBuffer>(
-        &'a mut self,
-        groups: &'a mut [Group<B>],
-    ) -> Result<Perturbed<'a, Self, B>, Error<B::Error>> {
-        let slots = self.slots();
-        let norms = sam_norms(&self.cfg, &mut self.engine, groups, slots)?;
-        self.apply_pending(groups)?;
-        let cfg = self.cfg;
-        Engine::perturb_all(groups, |o| cfg.perturb_spec(o, &norms, false))?;
-        Ok(Perturbed::new(self, groups))
-    }
-
-    /// Restores the live weights after a leaked [`Perturbed`] or [`Swapped`] guard (no-op when
-    /// idle).
-    pub fn recover<B: ParamBuffer>(
-        &mut self,
-        groups: &mut [Group<B>],
-    ) -> Result<(), Error<B::Error>> {
-        match self.engine.phase {
-            Phase::Perturbed => {
-                Engine::restore_all(groups)?;
-                self.engine.phase = Phase::Idle;
-            }
-            Phase::Swapped => {
-                // A leaked `Swapped` guard: swap the live weights back.
-                for g in groups.iter_mut() {
-                    g.buffer
-                        .swap_average(self.swapped)
-                        .map_err(Error::Backend)?;
-                }
-                self.engine.phase = Phase::Idle;
-            }
-            Phase::Idle => {}
-        }
-        Ok(())
     }
 
     /// Swaps the live weights with average `k` (bit-exact) for evaluation; the guard swaps back.
@@ -336,41 +258,104 @@ impl<B: ParamBuffer> Drop for Swapped<'_, B> {
     }
 }
 
-impl private::Sealed for Wasam {}
+impl sealed::Core for Wasam {
+    fn engine(&self) -> &Engine {
+        &self.engine
+    }
 
-impl SamFamily for Wasam {
-    fn engine_mut(&mut self, _: private::Token) -> &mut Engine {
+    fn engine_mut(&mut self) -> &mut Engine {
         &mut self.engine
     }
 
-    fn second<B: ParamBuffer>(
+    /// SAM's first half; a fold still owed to the averages is applied once the step's checks
+    /// have passed.
+    fn first_half<B: ParamBuffer>(
+        &mut self,
+        groups: &mut [Group<B>],
+    ) -> Result<bool, Error<B::Error>> {
+        let p = self.cfg.perturbation;
+        let layout = self.slots();
+        let norms =
+            phases::climb_norms(&mut self.engine, groups, layout, |o| p.weighting(o), false)?;
+        self.apply_pending(groups)?;
+        phases::climb(groups, &norms, p.eps, false, |o| (p.rho(o), p.weighting(o)))?;
+        Ok(true)
+    }
+
+    fn second_half<B: ParamBuffer>(
         &mut self,
         groups: &mut [Group<B>],
         finish: Finish,
-        _: private::Token,
     ) -> Result<StepStatus, Error<B::Error>> {
-        if let Some(skip) = check_second(groups, self.cfg.check_second_gradient)? {
-            return Ok(skip);
-        }
-        let t = self.engine.steps;
-        let step = t.saturating_add(1);
         let fold = if finish == Finish::Base {
-            self.fold_for(t)
+            self.fold_for(self.engine.steps)
         } else {
             AverageFold::NONE
         };
-        Engine::update_all(groups, true, |_, o| UpdateSpec {
-            restore: true,
-            grad: GradMix::Current,
-            base: base_step(o, step, o.base().lr(), finish),
-            post: None,
-            average: fold,
-        })?;
-        self.count_fold(&fold);
-        self.pending_fold = finish == Finish::External;
-        self.engine.steps = step;
-        Ok(StepStatus::Applied)
+        let check = self.cfg.check_second_gradient;
+        let status = sam_second_half(&mut self.engine, groups, finish, check, fold)?;
+        if status == StepStatus::Applied {
+            self.count_fold(&fold);
+            self.pending_fold = finish == Finish::External;
+        }
+        Ok(status)
     }
 }
 
-crate::guard::family_methods!(Wasam);
+impl Optimizer for Wasam {
+    type State = WasamState;
+
+    /// The backup, the base rule's state, and the averages.
+    fn slot_spec(&self, options: &GroupOptions) -> SlotSpec {
+        self.slots()(options)
+    }
+
+    /// The host-side state (only between steps, not while swapped).
+    fn state(&self) -> Result<WasamState, Error> {
+        self.engine.expect(Phase::Idle)?;
+        Ok(WasamState {
+            steps: self.engine.steps,
+            counts: self.counts,
+            pending_fold: self.pending_fold,
+        })
+    }
+
+    /// A state with a fold pending before any step is refused ([`Error::InvalidState`]).
+    fn load_state(&mut self, state: &WasamState) -> Result<(), Error> {
+        self.engine.expect(Phase::Idle)?;
+        if state.pending_fold && state.steps == 0 {
+            return Err(Error::InvalidState {
+                message: "a fold cannot be pending before the first step",
+            });
+        }
+        self.engine
+            .load(&crate::engine::OptimizerState { steps: state.steps })?;
+        self.counts = state.counts;
+        self.pending_fold = state.pending_fold;
+        Ok(())
+    }
+
+    /// Restores the live weights after a leaked [`Perturbed`](crate::Perturbed) or [`Swapped`] guard (no-op when
+    /// idle).
+    fn recover<B: ParamBuffer>(&mut self, groups: &mut [Group<B>]) -> Result<(), Error<B::Error>> {
+        match self.engine.phase {
+            Phase::Perturbed => {
+                Engine::restore_all(groups)?;
+                self.engine.phase = Phase::Idle;
+            }
+            Phase::Swapped => {
+                // A leaked `Swapped` guard: swap the live weights back.
+                for g in groups.iter_mut() {
+                    g.buffer
+                        .swap_average(self.swapped)
+                        .map_err(Error::Backend)?;
+                }
+                self.engine.phase = Phase::Idle;
+            }
+            Phase::Idle => {}
+        }
+        Ok(())
+    }
+}
+
+impl SamOptimizer for Wasam {}

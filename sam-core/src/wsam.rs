@@ -1,34 +1,28 @@
 //! WSAM: sharpness as a weighted regulariser.
 
-use crate::BaseStep;
-use crate::buffer::{
-    AverageFold, GradMix, ParamBuffer, PostMix, ReduceSpec, SlotSpec, UpdateSpec, Weighting,
+use crate::backend::{
+    AverageFold, GradMix, ParamBuffer, PostMix, ReduceSpec, SlotSpec, UpdateSpec,
 };
-use crate::engine::{Engine, StepStatus};
+use crate::engine::{Engine, OptimizerState, StepStatus};
 use crate::error::{Error, invalid};
 use crate::group::{Group, GroupOptions};
-use crate::guard::{Finish, Perturbed, SamFamily, private};
-use crate::sam::{base_step, perturb_spec, skip_second, stash_slots};
+use crate::optimizer::{Optimizer, SamOptimizer, sealed};
+use crate::perturbation::Perturbation;
+use crate::phases::{self, Finish};
 
 /// Hyperparameters of [`Wsam`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct WsamConfig {
-    /// Radius ρ ≥ 0 (finite); groups may override it. Default `0.05`.
-    pub rho: f64,
+    /// The climb (ρ, adaptivity, η, ε; groups may override ρ and adaptivity).
+    pub perturbation: Perturbation,
     /// Weight of the sharpness term, `0 ≤ γ < 1`; `α = γ/(1−γ)`. Default `0.9`.
     pub gamma: f64,
-    /// Adaptive perturbation `T = |w| + eta`; groups may override it. Default `false`.
-    pub adaptive: bool,
-    /// ASAM offset η ≥ 0. Default `0`.
-    pub eta: f64,
     /// Decoupled update (base step on g₁, sharpness step separately). Default `true`.
     pub decouple: bool,
     /// Global-norm clipping of g₁ and g₂ (each separately) to this norm, if set (> 0, finite).
     /// Default none.
     pub max_norm: Option<f64>,
-    /// ε ≥ 0 of the perturbation. Default `1e-12`.
-    pub sam_eps: f64,
     /// Check the second gradient for NaN/∞ (see [`SamConfig`](crate::SamConfig)). Default `true`.
     pub check_second_gradient: bool,
 }
@@ -36,13 +30,10 @@ pub struct WsamConfig {
 impl Default for WsamConfig {
     fn default() -> Self {
         WsamConfig {
-            rho: 0.05,
+            perturbation: Perturbation::default(),
             gamma: 0.9,
-            adaptive: false,
-            eta: 0.0,
             decouple: true,
             max_norm: None,
-            sam_eps: 1e-12,
             check_second_gradient: true,
         }
     }
@@ -66,7 +57,7 @@ impl Default for WsamConfig {
 /// restored from a copy (upstream subtracts `e`, about 1 ulp apart).
 ///
 /// ```
-/// use sam_core::{BaseRule, Group, SgdConfig, Wsam, WsamConfig, reference::SliceBuffer};
+/// use sam_core::{BaseRule, Group, Optimizer, SgdConfig, Wsam, WsamConfig, reference::SliceBuffer};
 /// let mut w = [1.0_f32, -2.0];
 /// let mut g = [0.0; 2];
 /// let mut slots = [0.0; 2 * 2]; // backup, stash
@@ -103,17 +94,9 @@ fn clip_factor(max_norm: Option<f64>, n: f64) -> f64 {
 impl Wsam {
     /// A WSAM optimizer; rejects out-of-domain hyperparameters (NaN included).
     pub fn new(cfg: WsamConfig) -> Result<Self, Error> {
-        if !(cfg.rho >= 0.0 && cfg.rho.is_finite()) {
-            return Err(invalid("rho", "rho must be finite and >= 0"));
-        }
+        cfg.perturbation.validate()?;
         if !(cfg.gamma >= 0.0 && cfg.gamma < 1.0) {
             return Err(invalid("gamma", "gamma must be in [0, 1)"));
-        }
-        if !(cfg.eta >= 0.0 && cfg.eta.is_finite()) {
-            return Err(invalid("eta", "eta must be finite and >= 0"));
-        }
-        if !(cfg.sam_eps >= 0.0 && cfg.sam_eps.is_finite()) {
-            return Err(invalid("sam_eps", "sam_eps must be finite and >= 0"));
         }
         if let Some(m) = cfg.max_norm {
             if !(m > 0.0 && m.is_finite()) {
@@ -138,68 +121,36 @@ impl Wsam {
     pub fn alpha(&self) -> f64 {
         self.alpha
     }
-
-    /// The slots a group needs: backup, stash and the base rule's state.
-    pub fn slot_spec(&self, options: &GroupOptions) -> SlotSpec {
-        stash_slots(options)
-    }
-
-    fn weighting(&self, o: &GroupOptions) -> Weighting {
-        if o.adaptive().unwrap_or(self.cfg.adaptive) {
-            Weighting::Adaptive { eta: self.cfg.eta }
-        } else {
-            Weighting::Plain
-        }
-    }
-
-    /// First half of a step: perturbs from the unclipped g₁ and stashes it.
-    pub fn first_step<'a, B: ParamBuffer>(
-        &'a mut self,
-        groups: &'a mut [Group<B>],
-    ) -> Result<Perturbed<'a, Self, B>, Error<B::Error>> {
-        self.engine.begin(groups, stash_slots)?;
-        let clip = self.cfg.max_norm.is_some();
-        let this = &*self;
-        let norms = Engine::norms(groups, |o, s| ReduceSpec {
-            perturb: Some(this.weighting(o)),
-            grad: clip,
-            scale_perturb: s[0],
-            scale_grad: s[1],
-            ..ReduceSpec::FINITE_ONLY
-        })?;
-        if !norms.finite {
-            return Err(Error::NonFiniteGradient);
-        }
-        if !norms.perturb_scaled.is_finite() {
-            return Err(Error::NormOverflow);
-        }
-        let eps = self.cfg.sam_eps;
-        Engine::perturb_all(groups, |o| {
-            perturb_spec(
-                this.weighting(o),
-                o.rho().unwrap_or(this.cfg.rho),
-                eps,
-                &norms,
-                true,
-            )
-        })?;
-        self.clip1 = clip_factor(self.cfg.max_norm, norms.grad);
-        Ok(Perturbed::new(self, groups))
-    }
 }
 
-impl private::Sealed for Wsam {}
+impl sealed::Core for Wsam {
+    fn engine(&self) -> &Engine {
+        &self.engine
+    }
 
-impl SamFamily for Wsam {
-    fn engine_mut(&mut self, _: private::Token) -> &mut Engine {
+    fn engine_mut(&mut self) -> &mut Engine {
         &mut self.engine
     }
 
-    fn second<B: ParamBuffer>(
+    /// Perturbs from the unclipped g₁ and stashes it.
+    fn first_half<B: ParamBuffer>(
+        &mut self,
+        groups: &mut [Group<B>],
+    ) -> Result<bool, Error<B::Error>> {
+        let p = self.cfg.perturbation;
+        let clip = self.cfg.max_norm.is_some();
+        let layout = |o: &GroupOptions| phases::slots(o, true, true, 0);
+        let norms =
+            phases::climb_norms(&mut self.engine, groups, layout, |o| p.weighting(o), clip)?;
+        phases::climb(groups, &norms, p.eps, true, |o| (p.rho(o), p.weighting(o)))?;
+        self.clip1 = clip_factor(self.cfg.max_norm, norms.grad);
+        Ok(true)
+    }
+
+    fn second_half<B: ParamBuffer>(
         &mut self,
         groups: &mut [Group<B>],
         finish: Finish,
-        _: private::Token,
     ) -> Result<StepStatus, Error<B::Error>> {
         let clip = self.cfg.max_norm.is_some();
         if self.cfg.decouple && finish == Finish::External {
@@ -210,24 +161,22 @@ impl SamFamily for Wsam {
         }
         let mut c1 = 1.0;
         if clip || self.cfg.check_second_gradient {
-            let n = Engine::norms(groups, |_, s| ReduceSpec {
+            let n = phases::second_norms(groups, |_, s| ReduceSpec {
                 grad: clip,
                 scale_grad: s[1],
                 ..ReduceSpec::FINITE_ONLY
-            });
-            let n = Engine::or_restore(groups, n)?;
-            if !n.finite {
-                return skip_second(groups);
+            })?;
+            match n {
+                Ok(n) => c1 = clip_factor(self.cfg.max_norm, n.grad),
+                Err(skip) => return Ok(skip),
             }
-            c1 = clip_factor(self.cfg.max_norm, n.grad);
         }
         let c0 = self.clip1;
         let alpha = self.alpha;
         let decouple = self.cfg.decouple;
-        let step = self.engine.steps.saturating_add(1);
+        let e = &self.engine;
         Engine::update_all(groups, true, |_, o| {
-            let lr = o.base().lr();
-            let base: BaseStep = base_step(o, step, lr, finish);
+            let (base, lr) = phases::base_step(e, o, finish);
             if decouple {
                 UpdateSpec {
                     restore: true,
@@ -252,9 +201,26 @@ impl SamFamily for Wsam {
                 }
             }
         })?;
-        self.engine.steps = step;
+        self.engine.steps = self.engine.steps.saturating_add(1);
         Ok(StepStatus::Applied)
     }
 }
 
-crate::guard::family_methods!(Wsam, simple_state);
+impl Optimizer for Wsam {
+    type State = OptimizerState;
+
+    /// The backup, the stash and the base rule's state.
+    fn slot_spec(&self, options: &GroupOptions) -> SlotSpec {
+        phases::slots(options, true, true, 0)
+    }
+
+    fn state(&self) -> Result<OptimizerState, Error> {
+        self.engine.state()
+    }
+
+    fn load_state(&mut self, state: &OptimizerState) -> Result<(), Error> {
+        self.engine.load(state)
+    }
+}
+
+impl SamOptimizer for Wsam {}

@@ -7,11 +7,14 @@ use std::cell::Cell;
 use std::rc::Rc;
 
 use common::*;
+use sam_core::Optimizer as _;
+use sam_core::backend::{
+    AverageFold, ParamBuffer, PerturbSpec, ReduceSpec, Reduction, SlotSpec, UpdateSpec,
+};
 use sam_core::reference::{SliceBuffer, SliceError};
 use sam_core::{
-    AverageFold, BaseRule, Error, Group, GroupOptions, Gsam, GsamConfig, ParamBuffer, PerturbSpec,
-    ReduceSpec, Reduction, RhoSchedule, Sam, SamConfig, Schedule, SgdConfig, SlotSpec, UpdateSpec,
-    Wasam, Wsam, WsamConfig,
+    BaseRule, Error, Group, GroupOptions, Gsam, GsamConfig, RhoSchedule, Sam, SamConfig, Schedule,
+    SgdConfig, Wasam, Wsam, WsamConfig,
 };
 
 /// A reference buffer whose passes fail once a shared budget of calls is used up.

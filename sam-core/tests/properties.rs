@@ -5,10 +5,12 @@ mod common;
 
 use common::*;
 use proptest::prelude::*;
+use sam_core::backend::{Real, Slot};
 use sam_core::{
-    AdamConfig, BaseOptimizer, BaseRule, Error, GroupOptions, Phase, Real, Sam, SamConfig,
-    SgdConfig, SkipReason, Slot, StepStatus, reference::SliceError,
+    AdamConfig, BaseOptimizer, BaseRule, Error, GroupOptions, Phase, Sam, SamConfig, SgdConfig,
+    SkipReason, StepStatus, reference::SliceError,
 };
+use sam_core::{Optimizer as _, SamOptimizer as _};
 
 fn cfg() -> ProptestConfig {
     ProptestConfig {
@@ -86,10 +88,12 @@ fn check_norm<T: TestReal>(
     let opts = [GroupOptions::new(sgd(0.1))];
     let mut gs = groups(&mut stores, &opts);
     let mut sam = Sam::new(SamConfig {
-        rho,
-        eps,
-        adaptive: adaptive.is_some(),
-        eta: adaptive.unwrap_or(0.0),
+        perturbation: sam_core::Perturbation {
+            rho,
+            eps,
+            adaptive: adaptive.is_some(),
+            eta: adaptive.unwrap_or(0.0),
+        },
         ..Default::default()
     })
     .unwrap();
@@ -172,7 +176,7 @@ proptest! {
         let originals: Vec<Vec<f64>> = stores.iter().map(|s| s.w.clone()).collect();
         let n = norm(spec.iter().zip(&ts).flat_map(|((g, _, _), t)| g.iter().zip(t.iter()).map(|(g, t)| g * t)).collect::<Vec<_>>().into_iter());
         let mut gs = groups(&mut stores, &opts);
-        let mut sam = Sam::new(SamConfig { eps, ..Default::default() }).unwrap();
+        let mut sam = Sam::new(SamConfig { perturbation: sam_core::Perturbation { eps, ..Default::default() }, ..Default::default() }).unwrap();
         let guard = sam.first_step(&mut gs).unwrap();
         for (gi, ((g, rho, _), t)) in spec.iter().zip(&ts).enumerate() {
             let wp = guard.groups()[gi].buffer.weights();
@@ -323,11 +327,7 @@ fn lr_zero<T: TestReal>(
     let mut stores = vec![Store::new(w.clone(), g.clone())];
     let opts = [GroupOptions::new(base).with_adaptive(adaptive)];
     let mut gs = groups(&mut stores, &opts);
-    let mut sam = Sam::new(SamConfig {
-        rho: 0.3,
-        ..Default::default()
-    })
-    .unwrap();
+    let mut sam = Sam::new(SamConfig::from(sam_core::Perturbation::sam(0.3))).unwrap();
     for _ in 0..2 {
         let r = sam
             .step(&mut gs, |gs| {
@@ -379,7 +379,7 @@ fn rho_zero<T: TestReal>(
         .unwrap();
         let (w, g) = g2[0].buffer.weights_and_grad();
         quad_grad(a, w, g);
-        plain.step(&mut g2).unwrap();
+        plain.apply(&mut g2).unwrap();
         prop_assert_eq!(bits(g1[0].buffer.weights()), bits(g2[0].buffer.weights()));
         for k in 0..3 {
             prop_assert_eq!(
@@ -415,11 +415,7 @@ fn split<T: TestReal>(a: &[f64], cuts: &[f64], adaptive: bool) -> Result<(), Tes
             .collect();
         let opts = vec![GroupOptions::new(base).with_adaptive(adaptive); parts.len()];
         let mut gs = groups(&mut stores, &opts);
-        let mut sam = Sam::new(SamConfig {
-            rho: 0.2,
-            ..Default::default()
-        })
-        .unwrap();
+        let mut sam = Sam::new(SamConfig::from(sam_core::Perturbation::sam(0.2))).unwrap();
         sam.step(&mut gs, |gs| {
             for (g, &(lo, hi)) in gs.iter_mut().zip(parts) {
                 let (w, gr) = g.buffer.weights_and_grad();
@@ -451,8 +447,11 @@ fn scale<T: TestReal>(g: &[f64], k: i32, c: f64, adaptive: bool) -> Result<(), T
         let opts = [GroupOptions::new(sgd(0.1)).with_adaptive(adaptive)];
         let mut gs = groups(&mut stores, &opts);
         let mut sam = Sam::new(SamConfig {
-            rho: 0.1,
-            eps,
+            perturbation: sam_core::Perturbation {
+                rho: 0.1,
+                eps,
+                ..Default::default()
+            },
             ..Default::default()
         })
         .unwrap();
@@ -496,7 +495,10 @@ fn zero_gradient_and_empty_groups_are_no_ops() {
     let opts = [GroupOptions::new(base), GroupOptions::new(base)];
     let mut gs = groups(&mut stores, &opts);
     let mut sam = Sam::new(SamConfig {
-        eps: 0.0,
+        perturbation: sam_core::Perturbation {
+            eps: 0.0,
+            ..Default::default()
+        },
         ..Default::default()
     })
     .unwrap();
@@ -529,8 +531,11 @@ fn huge_f32_gradients_give_norm_rho_not_infinity() {
         let opts = [GroupOptions::new(sgd(0.1))];
         let mut gs = groups(&mut stores, &opts);
         let mut sam = Sam::new(SamConfig {
-            rho: 0.05,
-            eps: 0.0,
+            perturbation: sam_core::Perturbation {
+                rho: 0.05,
+                eps: 0.0,
+                ..Default::default()
+            },
             ..Default::default()
         })
         .unwrap();
@@ -553,8 +558,11 @@ fn f64_extremes_are_rescaled_or_rejected() {
         let opts = [GroupOptions::new(sgd(0.1))];
         let mut gs = groups(&mut stores, &opts);
         let mut sam = Sam::new(SamConfig {
-            rho: 0.05,
-            eps: 0.0,
+            perturbation: sam_core::Perturbation {
+                rho: 0.05,
+                eps: 0.0,
+                ..Default::default()
+            },
             ..Default::default()
         })
         .unwrap();
@@ -584,9 +592,12 @@ fn invalid_hyperparameters_are_rejected() {
         (0.1, 0.0, f64::NAN),
     ] {
         let r = Sam::new(SamConfig {
-            rho,
-            eta,
-            eps,
+            perturbation: sam_core::Perturbation {
+                rho,
+                eta,
+                eps,
+                ..Default::default()
+            },
             ..Default::default()
         });
         assert!(

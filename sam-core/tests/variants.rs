@@ -5,11 +5,13 @@ mod common;
 
 use common::*;
 use proptest::prelude::*;
+use sam_core::backend::{Real, Slot};
 use sam_core::reference::{SliceBuffer, SliceError};
 use sam_core::{
-    AdamConfig, BaseOptimizer, BaseRule, Error, Group, GroupOptions, Gsam, GsamConfig, Real,
-    RhoSchedule, Sam, SamConfig, Schedule, SgdConfig, Slot, Wasam, Wsam, WsamConfig,
+    AdamConfig, BaseOptimizer, BaseRule, Error, Group, GroupOptions, Gsam, GsamConfig, RhoSchedule,
+    Sam, SamConfig, Schedule, SgdConfig, Wasam, Wsam, WsamConfig,
 };
+use sam_core::{Optimizer as _, SamOptimizer as _};
 
 fn cfg() -> ProptestConfig {
     ProptestConfig {
@@ -99,7 +101,10 @@ fn sam_run<T: TestReal>(
     rho: f64,
 ) -> (Vec<f64>, Vec<Vec<f64>>) {
     let mut sam = Sam::new(SamConfig {
-        rho,
+        perturbation: sam_core::Perturbation {
+            rho,
+            ..Default::default()
+        },
         ..Default::default()
     })
     .unwrap();
@@ -129,11 +134,11 @@ proptest! {
     fn wsam_special_cases(a in prop::collection::vec(0.1f64..2.0, 1..20), base in base_rule(), steps in 1usize..5, adaptive in any::<bool>()) {
         let o = GroupOptions::new(base).with_adaptive(adaptive);
         let mut plain = BaseOptimizer::new();
-        let b = run::<f64>(&a, GroupOptions::new(base), steps, |gs, grad| { grad(gs); plain.step(gs).unwrap(); });
-        let w0 = wsam_run::<f64>(&a, o, steps, WsamConfig { gamma: 0.0, decouple: false, adaptive, ..Default::default() });
+        let b = run::<f64>(&a, GroupOptions::new(base), steps, |gs, grad| { grad(gs); plain.apply(gs).unwrap(); });
+        let w0 = wsam_run::<f64>(&a, o, steps, WsamConfig { perturbation: sam_core::Perturbation { adaptive, ..Default::default() }, gamma: 0.0, decouple: false, ..Default::default() });
         prop_assert_eq!(&w0, &b);
         let sam = sam_run::<f32>(&a, o, steps, 0.05);
-        let half = wsam_run::<f32>(&a, o, steps, WsamConfig { gamma: 0.5, decouple: false, rho: 0.05, adaptive, ..Default::default() });
+        let half = wsam_run::<f32>(&a, o, steps, WsamConfig { perturbation: sam_core::Perturbation { rho: 0.05, adaptive, ..Default::default() }, gamma: 0.5, decouple: false, ..Default::default() });
         prop_assert_eq!(&half, &sam);
     }
 
@@ -209,7 +214,7 @@ proptest! {
         prop_assume!(norm(g2.iter().copied()) > 1e-3 && norm(g1.iter().copied()) > 1e-3);
         let mut cfg = GsamConfig::new(RhoSchedule::Schedule(Schedule::constant(0.1).unwrap()));
         cfg.alpha = alpha;
-        cfg.perturb_eps = 0.0;
+        cfg.perturbation.eps = 0.0;
         let mut gsam = Gsam::new(cfg).unwrap();
         let o = GroupOptions::new(BaseRule::sgd(SgdConfig { lr: 0.1, ..Default::default() }).unwrap());
         let mut stores = vec![Store::new(vec![0.5; n], g1.to_vec())];
@@ -260,7 +265,10 @@ fn variant_hyperparameters_are_validated() {
     );
     assert!(
         Wsam::new(WsamConfig {
-            sam_eps: -1.0,
+            perturbation: sam_core::Perturbation {
+                eps: -1.0,
+                ..Default::default()
+            },
             ..Default::default()
         })
         .is_err()
@@ -278,7 +286,10 @@ fn variant_hyperparameters_are_validated() {
     }
     assert!(
         Gsam::new(GsamConfig {
-            perturb_eps: f64::NAN,
+            perturbation: sam_core::Perturbation {
+                eps: f64::NAN,
+                ..Default::default()
+            },
             ..GsamConfig::new(rho)
         })
         .is_err()
@@ -295,16 +306,7 @@ fn variant_hyperparameters_are_validated() {
     );
     assert!(Wasam::new(SamConfig::default(), &[]).is_err());
     assert!(Wasam::new(SamConfig::default(), &[0; 5]).is_err());
-    assert!(
-        Wasam::new(
-            SamConfig {
-                rho: f64::NAN,
-                ..Default::default()
-            },
-            &[0]
-        )
-        .is_err()
-    );
+    assert!(Wasam::new(SamConfig::from(sam_core::Perturbation::sam(f64::NAN)), &[0]).is_err());
 }
 
 #[test]

@@ -22,6 +22,7 @@ mod common;
 use std::process::ExitCode;
 
 use cudarc::driver::sys::CUevent_flags;
+use sam_core::SamOptimizer as _;
 use sam_core::{AdamConfig, BaseRule, Group, Sam, SamConfig, SgdConfig};
 use sam_cuda::{Context, CudaGroup};
 
@@ -122,10 +123,7 @@ fn sam_step_ms(
     group.upload_weights(&fill(n, 1, 2.0))?;
     group.upload_grad(&fill(n, 2, 0.02))?;
     let mut groups = [Group::new(group, base)];
-    let mut sam = Sam::new(SamConfig {
-        rho: 0.05,
-        ..Default::default()
-    })?;
+    let mut sam = Sam::new(SamConfig::from(sam_core::Perturbation::sam(0.05)))?;
     time_ms(ctx, iters, || {
         let guard = sam.first_step(&mut groups)?;
         // (a framework computes the gradient at the perturbed weights here)

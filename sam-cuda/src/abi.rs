@@ -13,10 +13,10 @@ use std::mem::{align_of, offset_of, size_of};
 
 use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 
-/// Elements per canonical reduction block (`sam_core::kernel::BLOCK`).
-pub const BLOCK: usize = sam_core::kernel::BLOCK;
-/// Accumulator lanes per block (`sam_core::kernel::LANES`).
-pub const LANES: usize = sam_core::kernel::LANES;
+/// Elements per canonical reduction block (`sam_core::backend::kernel::BLOCK`).
+pub const BLOCK: usize = sam_core::backend::kernel::BLOCK;
+/// Accumulator lanes per block (`sam_core::backend::kernel::LANES`).
+pub const LANES: usize = sam_core::backend::kernel::LANES;
 /// Threads per block of the reduction's second stage (a power of two): each pass combines
 /// `log2(COMBINE_THREADS)` = 9 levels of the pairwise tree.
 pub const COMBINE_THREADS: u32 = 512;
@@ -29,7 +29,7 @@ pub const BLOCK_THREADS: u32 = 256;
 /// Average slots the update and fold kernels address (`avg[4]` in the C structs).
 pub const AVERAGES: usize = 4;
 const _: () = assert!(
-    sam_core::MAX_AVERAGES <= AVERAGES,
+    sam_core::backend::MAX_AVERAGES <= AVERAGES,
     "sam-core allows more averages than the kernels address: grow avg[] in sam_common.cuh"
 );
 
@@ -65,7 +65,7 @@ pub const BASE_SGD: u32 = 1;
 /// Base rule: Adam/AdamW.
 pub const BASE_ADAM: u32 = 2;
 
-/// `sam_core::Reduction` as the kernels store it (`SamReduction`).
+/// `sam_core::backend::Reduction` as the kernels store it (`SamReduction`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct DeviceReduction {
@@ -91,8 +91,8 @@ pub struct DeviceReduction {
 
 impl DeviceReduction {
     /// Converts to the core's type.
-    pub fn to_core(&self) -> sam_core::Reduction {
-        sam_core::Reduction {
+    pub fn to_core(&self) -> sam_core::backend::Reduction {
+        sam_core::backend::Reduction {
             perturb_sq: self.perturb_sq,
             grad_sq: self.grad_sq,
             stash_sq: self.stash_sq,
@@ -179,7 +179,7 @@ pub struct PerturbArgs {
     pub pad_: u32,
 }
 
-/// `sam_core::SgdStep` (`SamSgdScalars`).
+/// `sam_core::backend::SgdStep` (`SamSgdScalars`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SgdScalars {
@@ -197,7 +197,7 @@ pub struct SgdScalars {
     pub first: u32,
 }
 
-/// `sam_core::AdamStep` (`SamAdamScalars`).
+/// `sam_core::backend::AdamStep` (`SamAdamScalars`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct AdamScalars {

@@ -56,7 +56,7 @@ struct Inner {
 /// is cached) and loads the module into the device's primary context (once per `Context`).
 /// All passes of all groups of a context run in order on one stream, [`Context::stream`] (the
 /// device's default stream); passes are asynchronous except
-/// [`reduce`](sam_core::ParamBuffer::reduce), which returns host values, and the downloads.
+/// [`reduce`](sam_core::backend::ParamBuffer::reduce), which returns host values, and the downloads.
 #[derive(Debug, Clone)]
 pub struct Context {
     inner: Arc<Inner>,

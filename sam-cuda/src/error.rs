@@ -59,8 +59,8 @@ pub enum CudaError {
         /// The number of tensors in the group.
         count: usize,
     },
-    /// A pass needs a slot that the prepared [`SlotSpec`](sam_core::SlotSpec) lacks, or ran
-    /// before [`ParamBuffer::prepare`](sam_core::ParamBuffer::prepare).
+    /// A pass needs a slot that the prepared [`SlotSpec`](sam_core::backend::SlotSpec) lacks, or ran
+    /// before [`ParamBuffer::prepare`](sam_core::backend::ParamBuffer::prepare).
     MissingSlot,
     /// A size overflows the address arithmetic (elements × slots × element size).
     TooLarge,

@@ -3,7 +3,7 @@
 use std::ops::Range;
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceRepr, ValidAsZeroBits};
-use sam_core::{
+use sam_core::backend::{
     AverageFold, BaseStep, GradMix, ParamBuffer, PerturbSpec, ReduceSpec, Reduction, Slot,
     SlotSpec, UpdateSpec, Weighting,
 };
@@ -19,7 +19,9 @@ mod sealed {
 }
 
 /// An element type the kernels are compiled for: `f32` or `f64`. Sealed.
-pub trait CudaReal: sam_core::Real + DeviceRepr + ValidAsZeroBits + sealed::Sealed {
+pub trait CudaReal:
+    sam_core::backend::Real + DeviceRepr + ValidAsZeroBits + sealed::Sealed
+{
     /// Whether this is `f64` (selects the `_f64`/`_u64` kernels).
     const DOUBLE: bool;
 }
@@ -577,7 +579,7 @@ impl<T: CudaReal> ParamBuffer for CudaGroup<T> {
         if n == 0 {
             return Ok(Reduction::ZERO);
         }
-        let blocks = sam_core::kernel::block_count(n);
+        let blocks = sam_core::backend::kernel::block_count(n);
         let passes = abi::combine_passes(blocks as u64).ok_or(CudaError::TooLarge)?;
         // Scratch: the `blocks` partials, then two node buffers for the passes of stage 2
         // (ping-pong), each as large as the first pass's output.

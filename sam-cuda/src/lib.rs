@@ -1,4 +1,4 @@
-//! `sam-cuda`: the CUDA backend of [`sam_core`] — a [`ParamBuffer`](sam_core::ParamBuffer)
+//! `sam-cuda`: the CUDA backend of [`sam_core`] — a [`ParamBuffer`](sam_core::backend::ParamBuffer)
 //! over device memory, with the optimizer passes as CUDA kernels compiled at run time by NVRTC.
 //!
 //! A [`CudaGroup`] holds one parameter group (any number of tensors) as one flat device
@@ -7,7 +7,7 @@
 //! (`kernels/*.cu`, embedded in the crate) with NVRTC once and loads them.
 //!
 //! ```no_run
-//! use sam_core::{BaseRule, Group, Sam, SamConfig, SgdConfig};
+//! use sam_core::{BaseRule, Group, Optimizer, Perturbation, Sam, SgdConfig};
 //! use sam_cuda::{Context, CudaGroup};
 //!
 //! let ctx = Context::new(0)?; // Err(LibraryMissing / NoDevice) on a machine without a GPU
@@ -16,7 +16,7 @@
 //! let group = CudaGroup::from_slices(&ctx, &[&w0, &b0])?; // two tensors, one group
 //! let base = BaseRule::sgd(SgdConfig { lr: 0.1, momentum: 0.9, ..Default::default() })?;
 //! let mut groups = [Group::new(group, base)];
-//! let mut sam = Sam::new(SamConfig { rho: 0.05, ..Default::default() })?;
+//! let mut sam = Sam::new(Perturbation::sam(0.05).into())?;
 //! sam.step(&mut groups, |gs| {
 //!     // A framework writes ∇L(w) into gs[0].buffer.grad_mut() on the context's stream;
 //!     // here: L = ½‖w‖², ∇L = w.
@@ -31,11 +31,11 @@
 //!
 //! - Elementwise passes (perturb, restore, update, fold, swap) compute each element with the
 //!   same `f64` operations, in the same order and with the same rounding points, as
-//!   `sam_core::kernel` / `sam_core::base`; the kernels are compiled with `--fmad=false` so that
+//!   `sam_core::backend::kernel` / `sam_core::base`; the kernels are compiled with `--fmad=false` so that
 //!   NVRTC does not fuse `a*b + c` (see [`kernels::compile_options`]). They are bit-identical to
 //!   `sam_core::reference::SliceBuffer` (for NaN *values* only the payload may differ).
 //! - The reduce pass follows sam-core's canonical reduction order exactly (blocks of
-//!   [`sam_core::kernel::BLOCK`] elements, 8 sequential lanes, the fixed lane tree, the pairwise
+//!   [`sam_core::backend::kernel::BLOCK`] elements, 8 sequential lanes, the fixed lane tree, the pairwise
 //!   block tree) in two stages with no floating-point atomics, so its result is also
 //!   bit-identical to the reference, and the same on every run, grid size and GPU.
 //!

@@ -15,12 +15,15 @@ mod common;
 use std::error::Error;
 
 use common::{Rng, resnet50_shapes};
+use sam_core::backend::{
+    AverageFold, BaseStep, GradMix, ParamBuffer, PerturbSpec, PostMix, Real, ReduceSpec, Reduction,
+    Slot, SlotSpec, UpdateSpec, Weighting,
+};
 use sam_core::reference::SliceBuffer;
 use sam_core::{
-    AdamConfig, AverageFold, BaseOptimizer, BaseRule, BaseStep, GradMix, Group, GroupOptions, Gsam,
-    GsamConfig, ParamBuffer, PerturbSpec, PostMix, Real, ReduceSpec, Reduction, RhoSchedule, Sam,
-    SamConfig, Schedule, SgdConfig, Slot, SlotSpec, StepStatus, UpdateSpec, Wasam, Weighting, Wsam,
-    WsamConfig,
+    AdamConfig, BaseOptimizer, BaseRule, Group, GroupOptions, Gsam, GsamConfig, Optimizer,
+    Perturbation, RhoSchedule, Sam, SamConfig, SamOptimizer, Schedule, SgdConfig, StepStatus,
+    Wasam, Wsam, WsamConfig,
 };
 use sam_cuda::{Context, CudaGroup, CudaReal, HostTensor};
 
@@ -454,10 +457,7 @@ fn f64_extremes_rescale_identically() {
             SliceBuffer::new(&mut hw, &mut hg, &mut hs).unwrap(),
             base,
         )];
-        let cfg = SamConfig {
-            rho: 0.05,
-            ..Default::default()
-        };
+        let cfg = SamConfig::from(sam_core::Perturbation::sam(0.05));
         let (mut a, mut b) = (Sam::new(cfg).unwrap(), Sam::new(cfg).unwrap());
         let ga = a.first_step(&mut dg).unwrap();
         let gb = b.first_step(&mut hgp).unwrap();
@@ -526,19 +526,20 @@ fn write_gradients<B: TestBuffer>(
     Ok(())
 }
 
-/// The variants under test, as one stepping interface.
-enum Variant {
-    Sam(Sam),
-    Gsam(Gsam),
-    Wsam(Wsam),
-    Wasam(Wasam),
-    Base(BaseOptimizer),
-    /// SAM finished by an external optimizer (the final gradient is left in the buffers).
-    SamExternal(Sam),
+/// One step of an optimizer under test, with gradients from [`write_gradients`].
+trait Stepper {
+    fn run<B: TestBuffer>(
+        &mut self,
+        groups: &mut [Group<B>],
+        calls: &mut usize,
+    ) -> Result<StepStatus, BoxError>
+    where
+        B::Error: Error + 'static;
 }
 
-impl Variant {
-    fn step<B: TestBuffer>(
+/// Every optimizer steps through `Optimizer::step`.
+impl<O: Optimizer> Stepper for O {
+    fn run<B: TestBuffer>(
         &mut self,
         groups: &mut [Group<B>],
         calls: &mut usize,
@@ -546,104 +547,118 @@ impl Variant {
     where
         B::Error: Error + 'static,
     {
-        let f = |gs: &mut [Group<B>]| write_gradients(gs, calls);
-        Ok(match self {
-            Variant::Sam(o) => o.step(groups, f)?.status,
-            Variant::Gsam(o) => o.step(groups, f)?.status,
-            Variant::Wsam(o) => o.step(groups, f)?.status,
-            Variant::Wasam(o) => o.step(groups, f)?.status,
-            Variant::Base(o) => {
-                write_gradients(groups, calls)?;
-                o.step(groups)?
-            }
-            Variant::SamExternal(o) => {
-                write_gradients(groups, calls)?;
-                let mut guard = o.first_step(groups)?;
-                write_gradients(guard.groups_mut(), calls)?;
-                guard.restore_with_gradient()?
-            }
-        })
+        Ok(self
+            .step(groups, |gs: &mut [Group<B>]| write_gradients(gs, calls))?
+            .status)
     }
 }
 
-/// A named constructor of a fresh optimizer.
-type MakeVariant = (&'static str, Box<dyn Fn() -> Variant>);
+/// SAM finished by an external optimizer (the final gradient is left in the buffers).
+struct External(Sam);
 
-fn variants() -> Vec<MakeVariant> {
+impl Stepper for External {
+    fn run<B: TestBuffer>(
+        &mut self,
+        groups: &mut [Group<B>],
+        calls: &mut usize,
+    ) -> Result<StepStatus, BoxError>
+    where
+        B::Error: Error + 'static,
+    {
+        write_gradients(groups, calls)?;
+        let mut guard = self.0.first_step(groups)?;
+        write_gradients(guard.groups_mut(), calls)?;
+        Ok(guard.restore_with_gradient()?)
+    }
+}
+
+/// The `finish` of [`agree`] for variants with nothing to compare after the steps.
+fn no_finish<T: CudaReal, O>(
+    _: &mut O,
+    _: &mut O,
+    _: &mut [Group<CudaGroup<T>>],
+    _: &mut [Group<SliceBuffer<'_, T>>],
+    _: &str,
+) {
+}
+
+/// Runs every variant under test through [`agree`].
+fn variants_agree<T: CudaReal>(ctx: &Context) {
     let sam = |c: SamConfig| Sam::new(c).unwrap();
-    vec![
-        (
-            "SAM",
-            Box::new(move || Variant::Sam(sam(SamConfig::default()))),
-        ),
-        (
-            "ASAM eta=0.01",
-            Box::new(move || {
-                Variant::Sam(sam(SamConfig {
-                    rho: 0.5,
+    agree::<T, _>(ctx, "SAM", || sam(SamConfig::default()), no_finish);
+    agree::<T, _>(
+        ctx,
+        "ASAM eta=0.01",
+        || sam(Perturbation::asam(0.5, 0.01).into()),
+        no_finish,
+    );
+    agree::<T, _>(
+        ctx,
+        "SAM external",
+        || External(sam(Perturbation::sam(0.1).into())),
+        no_finish,
+    );
+    agree::<T, _>(
+        ctx,
+        "GSAM",
+        || {
+            let rho = RhoSchedule::Schedule(Schedule::constant(0.05).unwrap());
+            Gsam::new(GsamConfig {
+                alpha: 0.4,
+                ..GsamConfig::new(rho)
+            })
+            .unwrap()
+        },
+        no_finish,
+    );
+    agree::<T, _>(
+        ctx,
+        "WSAM decoupled, clipped",
+        || {
+            Wsam::new(WsamConfig {
+                max_norm: Some(5.0),
+                ..Default::default()
+            })
+            .unwrap()
+        },
+        no_finish,
+    );
+    agree::<T, _>(
+        ctx,
+        "WSAM coupled, adaptive",
+        || {
+            Wsam::new(WsamConfig {
+                perturbation: Perturbation {
                     adaptive: true,
-                    eta: 0.01,
                     ..Default::default()
-                }))
-            }),
-        ),
-        (
-            "SAM external",
-            Box::new(move || {
-                Variant::SamExternal(sam(SamConfig {
-                    rho: 0.1,
-                    ..Default::default()
-                }))
-            }),
-        ),
-        (
-            "GSAM",
-            Box::new(|| {
-                let rho = RhoSchedule::Schedule(Schedule::constant(0.05).unwrap());
-                Variant::Gsam(
-                    Gsam::new(GsamConfig {
-                        alpha: 0.4,
-                        ..GsamConfig::new(rho)
-                    })
-                    .unwrap(),
-                )
-            }),
-        ),
-        (
-            "WSAM decoupled, clipped",
-            Box::new(|| {
-                Variant::Wsam(
-                    Wsam::new(WsamConfig {
-                        max_norm: Some(5.0),
-                        ..Default::default()
-                    })
-                    .unwrap(),
-                )
-            }),
-        ),
-        (
-            "WSAM coupled, adaptive",
-            Box::new(|| {
-                Variant::Wsam(
-                    Wsam::new(WsamConfig {
-                        decouple: false,
-                        gamma: 0.7,
-                        adaptive: true,
-                        ..Default::default()
-                    })
-                    .unwrap(),
-                )
-            }),
-        ),
-        (
-            "WASAM",
-            Box::new(move || Variant::Wasam(Wasam::new(SamConfig::default(), &[0, 2]).unwrap())),
-        ),
-        (
-            "base optimizer",
-            Box::new(|| Variant::Base(BaseOptimizer::new())),
-        ),
-    ]
+                },
+                decouple: false,
+                gamma: 0.7,
+                ..Default::default()
+            })
+            .unwrap()
+        },
+        no_finish,
+    );
+    agree::<T, _>(
+        ctx,
+        "WASAM",
+        || Wasam::new(SamConfig::default(), &[0, 2]).unwrap(),
+        |oa: &mut Wasam, ob: &mut Wasam, devs: &mut [_], refs: &mut [_], what: &str| {
+            let sa = oa.swap(devs, 0).unwrap();
+            let sb = ob.swap(refs, 0).unwrap();
+            for (d, r) in sa.groups().iter().zip(sb.groups()) {
+                assert_same(
+                    &format!("{what}: swapped-in average"),
+                    &d.buffer.download_weights().unwrap(),
+                    r.buffer.weights(),
+                );
+            }
+            sa.swap_back().unwrap();
+            sb.swap_back().unwrap();
+        },
+    );
+    agree::<T, _>(ctx, "base optimizer", BaseOptimizer::new, no_finish);
 }
 
 fn group_options() -> Vec<Vec<GroupOptions>> {
@@ -680,9 +695,17 @@ fn group_options() -> Vec<Vec<GroupOptions>> {
     ]
 }
 
-fn variants_agree<T: CudaReal>(ctx: &Context) {
+/// Four steps of fresh optimizers from `make` on the GPU and on the reference backend, for
+/// every set of group options: status, weights, gradients and every slot bit-identical after
+/// each step; then `finish` on both.
+fn agree<T: CudaReal, O: Stepper>(
+    ctx: &Context,
+    name: &str,
+    make: impl Fn() -> O,
+    finish: impl Fn(&mut O, &mut O, &mut [Group<CudaGroup<T>>], &mut [Group<SliceBuffer<'_, T>>], &str),
+) {
     let shapes: [Vec<Vec<usize>>; 2] = [shapes_small(), vec![vec![513], vec![64, 3, 3]]];
-    for (name, make) in variants() {
+    {
         for opts in group_options() {
             let what = format!(
                 "{} {name} {:?}",
@@ -708,10 +731,10 @@ fn variants_agree<T: CudaReal>(ctx: &Context) {
             let (mut ca, mut cb) = (0, 0);
             for step in 0..4 {
                 let sa = a
-                    .step(&mut devs, &mut ca)
+                    .run(&mut devs, &mut ca)
                     .unwrap_or_else(|e| panic!("{what}: gpu step {step}: {e}"));
                 let sb = b
-                    .step(&mut refs, &mut cb)
+                    .run(&mut refs, &mut cb)
                     .unwrap_or_else(|e| panic!("{what}: reference step {step}: {e}"));
                 assert_eq!(sa, sb, "{what}: status of step {step}");
                 for (k, (d, r)) in devs.iter().zip(&refs).enumerate() {
@@ -735,19 +758,7 @@ fn variants_agree<T: CudaReal>(ctx: &Context) {
                     }
                 }
             }
-            if let (Variant::Wasam(oa), Variant::Wasam(ob)) = (&mut a, &mut b) {
-                let sa = oa.swap(&mut devs, 0).unwrap();
-                let sb = ob.swap(&mut refs, 0).unwrap();
-                for (d, r) in sa.groups().iter().zip(sb.groups()) {
-                    assert_same(
-                        &format!("{what}: swapped-in average"),
-                        &d.buffer.download_weights().unwrap(),
-                        r.buffer.weights(),
-                    );
-                }
-                sa.swap_back().unwrap();
-                sb.swap_back().unwrap();
-            }
+            finish(&mut a, &mut b, &mut devs, &mut refs, &what);
         }
     }
 }
@@ -930,8 +941,9 @@ fn large_group_1e8_f32() {
         ..ReduceSpec::FINITE_ONLY
     };
     let got = dev.reduce(&spec).unwrap();
-    let expected =
-        sam_core::kernel::reduce_flat(n, &spec, |i| (f64::from(w[i]), f64::from(g[i]), 0.0));
+    let expected = sam_core::backend::kernel::reduce_flat(n, &spec, |i| {
+        (f64::from(w[i]), f64::from(g[i]), 0.0)
+    });
     assert_reduction("1e8 reduce", &got, &expected);
     // A full SAM + SGD-momentum step, compared with the reference.
     let base = BaseRule::sgd(SgdConfig {

@@ -11,8 +11,8 @@
 mod common;
 
 use common::Rng;
-use sam_core::kernel::{self, BLOCK, LANES};
-use sam_core::{ReduceSpec, Reduction, Weighting};
+use sam_core::backend::kernel::{self, BLOCK, LANES};
+use sam_core::backend::{ReduceSpec, Reduction, Weighting};
 use sam_cuda::abi::{CombinePass, combine_passes};
 
 fn max(a: f64, b: f64) -> f64 {

@@ -19,10 +19,12 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use ndarray::{ArrayD, IxDyn};
-use sam_core::{
-    AverageFold, BaseRule, BaseStep, GradMix, Group, ParamBuffer, PerturbSpec, ReduceSpec, Sam,
-    SamConfig, SgdConfig, SgdStep, SlotSpec, UpdateSpec, Weighting,
+use sam_core::SamOptimizer as _;
+use sam_core::backend::{
+    AverageFold, BaseStep, GradMix, ParamBuffer, PerturbSpec, ReduceSpec, SgdStep, SlotSpec,
+    UpdateSpec, Weighting,
 };
+use sam_core::{BaseRule, Group, Sam, SamConfig, SgdConfig};
 use sam_ndarray::NdGroup;
 
 /// Model bytes per element of a SAM step with SGD momentum (DESIGN §10).
@@ -240,11 +242,7 @@ fn bench(c: &mut Criterion) {
     })
     .expect("sgd");
     let mut groups = [Group::new(group(&[vec![1_000_000]]), base)];
-    let mut sam = Sam::new(SamConfig {
-        rho: 0.05,
-        ..Default::default()
-    })
-    .expect("sam");
+    let mut sam = Sam::new(SamConfig::from(sam_core::Perturbation::sam(0.05))).expect("sam");
     let t = measure(c, &format!("{mode}/sam_api/flat_1e6"), || {
         let guard = sam.first_step(&mut groups).expect("first step");
         guard.second_step().expect("second step");

@@ -11,6 +11,7 @@
 use std::time::Instant;
 
 use ndarray::{ArrayD, IxDyn};
+use sam_core::SamOptimizer as _;
 use sam_core::{BaseRule, Group, Sam, SamConfig, SgdConfig};
 use sam_ndarray::NdGroup;
 

@@ -2,7 +2,7 @@
 
 use core::fmt;
 
-use sam_core::{Slot, SlotSpec};
+use sam_core::backend::{Slot, SlotSpec};
 
 /// Everything that can go wrong in an [`NdGroup`](crate::NdGroup): at construction (shapes,
 /// layouts), when slots are prepared (allocation), or when a pass needs a slot that was not
@@ -34,11 +34,11 @@ pub enum NdError {
         /// `"weight"` or `"gradient"`.
         array: &'static str,
     },
-    /// A pass ran before [`ParamBuffer::prepare`](sam_core::ParamBuffer::prepare), or needs a
+    /// A pass ran before [`ParamBuffer::prepare`](sam_core::backend::ParamBuffer::prepare), or needs a
     /// slot that the prepared [`SlotSpec`] lacks. Nothing was changed.
     MissingSlot(Slot),
     /// The slot specification asks for more base-rule state slots (at most 3) or running
-    /// averages (at most [`sam_core::MAX_AVERAGES`]) than any optimizer uses.
+    /// averages (at most [`sam_core::backend::MAX_AVERAGES`]) than any optimizer uses.
     UnsupportedSlots(SlotSpec),
     /// The memory for the optimizer's slots could not be allocated. Nothing was changed.
     AllocationFailed {
@@ -71,7 +71,7 @@ impl fmt::Display for NdError {
             NdError::UnsupportedSlots(spec) => write!(
                 f,
                 "unsupported slot specification {spec:?} (at most 3 state slots and {} averages)",
-                sam_core::MAX_AVERAGES
+                sam_core::backend::MAX_AVERAGES
             ),
             NdError::AllocationFailed { elements } => {
                 write!(f, "could not allocate a slot of {elements} elements")

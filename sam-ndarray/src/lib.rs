@@ -6,11 +6,11 @@
 //! averages), allocated by the optimizer's first step. Every optimizer of `sam-core` (SAM, ASAM,
 //! the plain [`BaseOptimizer`](sam_core::BaseOptimizer), and the other variants) runs on it
 //! through the [`ParamBuffer`] trait: each pass is one fused sweep over the tensors, calling the
-//! element functions of [`sam_core::kernel`], so the math exists once.
+//! element functions of [`sam_core::backend::kernel`], so the math exists once.
 //!
 //! ```
 //! use ndarray::{ArrayD, IxDyn};
-//! use sam_core::{BaseRule, Group, Sam, SamConfig, SgdConfig, StepStatus};
+//! use sam_core::{BaseRule, Group, Optimizer, Perturbation, Sam, SgdConfig, StepStatus};
 //! use sam_ndarray::{NdError, NdGroup};
 //!
 //! // Fit y = 2·x₀ − x₁ + 0.5 with a linear model: a weight of shape [2] and a bias of shape [1].
@@ -19,7 +19,7 @@
 //! let params = vec![ArrayD::zeros(IxDyn(&[2])), ArrayD::zeros(IxDyn(&[1]))];
 //! let base = BaseRule::sgd(SgdConfig { lr: 0.05, momentum: 0.9, ..Default::default() })?;
 //! let mut groups = [Group::new(NdGroup::new(params)?, base)];
-//! let mut sam = Sam::new(SamConfig { rho: 0.05, ..Default::default() })?;
+//! let mut sam = Sam::new(Perturbation::sam(0.05).into())?;
 //!
 //! for _ in 0..300 {
 //!     let report = sam.step(&mut groups, |gs| {
@@ -62,9 +62,9 @@
 //! Every pass computes exactly what [`sam_core::reference::SliceBuffer`] computes on the
 //! concatenation of the tensors (in order, each flattened row-major), bit for bit: element-wise
 //! passes call the same kernel functions; the reduce pass follows the canonical order of
-//! [`sam_core::kernel`] (flat element index across the concatenation, blocks of
-//! [`kernel::BLOCK`](sam_core::kernel::BLOCK) that may span tensor boundaries, lanes
-//! `i % LANES`, blocks combined by the [`pairwise`](sam_core::kernel::pairwise) tree). With
+//! [`sam_core::backend::kernel`] (flat element index across the concatenation, blocks of
+//! [`kernel::BLOCK`](sam_core::backend::kernel::BLOCK) that may span tensor boundaries, lanes
+//! `i % LANES`, blocks combined by the [`pairwise`](sam_core::backend::kernel::pairwise) tree). With
 //! `rayon`, element-wise passes split the tensors into element ranges (each element is computed
 //! independently, so the split cannot matter) and the reduction evaluates the two halves of the
 //! same pairwise tree with `rayon::join`. NaN payloads are the one exception: Rust does not
@@ -112,7 +112,7 @@ mod span;
 use core::ops::Range;
 
 use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD};
-use sam_core::{
+use sam_core::backend::{
     AverageFold, GradMix, MAX_AVERAGES, ParamBuffer, PerturbSpec, Real, ReduceSpec, Reduction,
     Slot, SlotSpec, UpdateSpec,
 };
@@ -132,7 +132,7 @@ pub const DEFAULT_MIN_PARALLEL_LEN: usize = 1 << 15;
 ///
 /// ```
 /// use ndarray::{ArrayD, IxDyn};
-/// use sam_core::{ParamBuffer, Slot, SlotSpec};
+/// use sam_core::backend::{ParamBuffer, Slot, SlotSpec};
 /// use sam_ndarray::NdGroup;
 ///
 /// let w = vec![ArrayD::from_elem(IxDyn(&[2, 3]), 1.0_f64), ArrayD::from_elem(IxDyn(&[3]), 2.0)];
@@ -534,7 +534,7 @@ impl<T: Real> ParamBuffer for NdGroup<T> {
             spec: *spec,
         };
         #[cfg(feature = "rayon")]
-        let min_blocks = self.min_par / sam_core::kernel::BLOCK;
+        let min_blocks = self.min_par / sam_core::backend::kernel::BLOCK;
         #[cfg(not(feature = "rayon"))]
         let min_blocks = 1;
         Ok(reduce::run(&ctx, min_blocks))
@@ -647,7 +647,7 @@ mod tests {
         let mut g = group(&[&[3]]);
         let spec = PerturbSpec {
             stash: false,
-            weighting: sam_core::Weighting::Plain,
+            weighting: sam_core::backend::Weighting::Plain,
             scale: 1.0,
             coeff: 1.0,
         };

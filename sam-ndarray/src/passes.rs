@@ -1,4 +1,4 @@
-//! The element-wise passes: fused loops around `sam_core::kernel`'s element functions.
+//! The element-wise passes: fused loops around `sam_core::backend::kernel`'s element functions.
 //!
 //! Each pass is dispatched once per span on the discriminants of its specification (which
 //! operands exist, which base rule), so that the loop itself is a straight-line call of the
@@ -6,8 +6,8 @@
 //! compiler removes the per-element `match`es and can vectorise. The per-element operations
 //! are exactly the kernel's, so the results are bit-identical to the reference backend.
 
-use sam_core::kernel;
-use sam_core::{
+use sam_core::backend::kernel;
+use sam_core::backend::{
     AdamStep, AverageFold, BaseStep, GradMix, MAX_AVERAGES, PerturbSpec, PostMix, Real, SgdStep,
     UpdateSpec, Weighting,
 };

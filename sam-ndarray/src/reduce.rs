@@ -1,4 +1,4 @@
-//! The reduce pass in the canonical order of `sam_core::kernel`.
+//! The reduce pass in the canonical order of `sam_core::backend::kernel`.
 //!
 //! The group's elements are numbered across the tensor concatenation; block `b` covers elements
 //! `b·BLOCK .. (b+1)·BLOCK` (it may span several tensors) and is accumulated by a
@@ -7,8 +7,8 @@
 //! `rayon` feature, by the same tree whose two halves run under `rayon::join`.
 
 use ndarray::ArrayD;
-use sam_core::kernel::{self, BLOCK, BlockReducer, LANES};
-use sam_core::{Real, ReduceSpec, Reduction, Weighting};
+use sam_core::backend::kernel::{self, BLOCK, BlockReducer, LANES};
+use sam_core::backend::{Real, ReduceSpec, Reduction, Weighting};
 
 /// What a block needs to read.
 pub(crate) struct ReduceCtx<'a, T> {

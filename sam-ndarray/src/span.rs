@@ -10,7 +10,7 @@ use ndarray::ArrayD;
 use crate::NdError;
 
 /// Number of slot roles: backup, stash, 3 base-rule states, the running averages.
-pub(crate) const NSLOTS: usize = 5 + sam_core::MAX_AVERAGES;
+pub(crate) const NSLOTS: usize = 5 + sam_core::backend::MAX_AVERAGES;
 /// Role index of the backup.
 pub(crate) const BACKUP: usize = 0;
 /// Role index of the stash.

@@ -13,6 +13,7 @@ use ndarray::{ArrayD, IxDyn};
 use sam_core::{
     AdamConfig, BaseOptimizer, BaseRule, Group, GroupOptions, Sam, SamConfig, SgdConfig, StepStatus,
 };
+use sam_core::{Optimizer as _, SamOptimizer as _};
 use sam_ndarray::{NdError, NdGroup};
 
 /// Counts allocations while `COUNTING` is set.
@@ -153,8 +154,11 @@ fn steps_after_the_first_do_not_allocate() {
 
     // The closure-driven step.
     let mut sam2 = Sam::new(SamConfig {
-        rho: 0.1,
-        adaptive: true,
+        perturbation: sam_core::Perturbation {
+            rho: 0.1,
+            adaptive: true,
+            ..Default::default()
+        },
         ..Default::default()
     })
     .unwrap();
@@ -178,7 +182,7 @@ fn steps_after_the_first_do_not_allocate() {
     let mut base = BaseOptimizer::new();
     let mut base_step = |groups: &mut [Group<NdGroup<f32>>]| {
         backward(groups);
-        assert_eq!(base.step(groups).expect("base step"), StepStatus::Applied);
+        assert_eq!(base.apply(groups).expect("base step"), StepStatus::Applied);
     };
     base_step(&mut groups);
     assert_eq!(

@@ -13,13 +13,14 @@
 //! value (including `-0.0` vs `0.0` and subnormals) must match exactly.
 
 use ndarray::{ArrayD, IxDyn};
+use sam_core::backend::{Real, Reduction, Slot};
 use sam_core::reference::SliceBuffer;
-use sam_core::{Group, GroupOptions, Real, Reduction, Slot};
+use sam_core::{Group, GroupOptions};
 use sam_ndarray::NdGroup;
 
 pub mod strategy;
 
-/// Every slot a buffer can hold, in [`SlotSpec`](sam_core::SlotSpec) order.
+/// Every slot a buffer can hold, in [`SlotSpec`](sam_core::backend::SlotSpec) order.
 pub const ALL_SLOTS: [Slot; 9] = [
     Slot::Backup,
     Slot::Stash,

@@ -1,8 +1,8 @@
 //! Proptest strategies: group shapes, slot specifications and every pass specification.
 
 use proptest::prelude::*;
-use sam_core::kernel::BLOCK;
-use sam_core::{
+use sam_core::backend::kernel::BLOCK;
+use sam_core::backend::{
     AdamStep, AverageFold, BaseStep, GradMix, MAX_AVERAGES, PerturbSpec, PostMix, ReduceSpec,
     SgdStep, SlotSpec, UpdateSpec, Weighting,
 };

@@ -6,6 +6,7 @@ use std::cell::Cell;
 
 use sam_core::reference::SliceBuffer;
 use sam_core::{BaseOptimizer, Error, Group, Sam, SamConfig, SkipReason, StepStatus};
+use sam_core::{Optimizer as _, SamOptimizer as _};
 use sam_ndarray::{NdError, NdGroup};
 use sam_tests::{
     Bits, assert_groups_same, nd_groups, on_every_pool, ref_groups, standard_groups,
@@ -70,10 +71,7 @@ fn sam_steps<T: Bits>(cfg: SamConfig) {
 #[test]
 fn sam_matches_reference() {
     on_every_pool(|| {
-        let cfg = SamConfig {
-            rho: 0.05,
-            ..Default::default()
-        };
+        let cfg = SamConfig::from(sam_core::Perturbation::sam(0.05));
         sam_steps::<f32>(cfg);
         sam_steps::<f64>(cfg);
     });
@@ -82,12 +80,7 @@ fn sam_matches_reference() {
 #[test]
 fn asam_matches_reference() {
     on_every_pool(|| {
-        let cfg = SamConfig {
-            rho: 0.5,
-            adaptive: true,
-            eta: 0.01,
-            ..Default::default()
-        };
+        let cfg = SamConfig::from(sam_core::Perturbation::asam(0.5, 0.01));
         sam_steps::<f32>(cfg);
         sam_steps::<f64>(cfg);
     });
@@ -97,10 +90,7 @@ fn external_and_guard<T: Bits>() {
     let (nds, mut stores, opts) = standard_groups::<T>();
     let mut a = nd_groups(nds, &opts);
     let mut b = ref_groups(&mut stores, &opts);
-    let cfg = SamConfig {
-        rho: 0.1,
-        ..Default::default()
-    };
+    let cfg = SamConfig::from(sam_core::Perturbation::sam(0.1));
     let (mut sam_a, mut sam_b) = (Sam::new(cfg).unwrap(), Sam::new(cfg).unwrap());
     for step in 0..4u64 {
         write_grads_nd(&mut a, 2 * step, None);
@@ -142,7 +132,7 @@ fn base_steps<T: Bits>() {
         let nan = (step == 4).then_some((2, 1));
         write_grads_nd(&mut a, step, nan);
         write_grads_ref(&mut b, step, nan);
-        assert_eq!(oa.step(&mut a).unwrap(), ob.step(&mut b).unwrap());
+        assert_eq!(oa.apply(&mut a).unwrap(), ob.apply(&mut b).unwrap());
         assert_groups_same(&a, &b);
     }
     assert_eq!(oa.steps(), 7);

@@ -3,7 +3,7 @@
 //! bit with the reference backend (the property tests draw these at random; this makes sure
 //! none is missed).
 
-use sam_core::{
+use sam_core::backend::{
     AdamStep, AverageFold, BaseStep, GradMix, ParamBuffer, PerturbSpec, PostMix, ReduceSpec,
     SgdStep, SlotSpec, UpdateSpec, Weighting,
 };
@@ -65,7 +65,10 @@ fn fixture<T: Bits>(
             nd.len(),
             Palette::Moderate,
         );
-        let v: Vec<T> = if matches!(slot, sam_core::Slot::State(1) | sam_core::Slot::State(2)) {
+        let v: Vec<T> = if matches!(
+            slot,
+            sam_core::backend::Slot::State(1) | sam_core::backend::Slot::State(2)
+        ) {
             v.into_iter()
                 .map(|x| T::from_f64(x.to_f64().abs()))
                 .collect() // Adam's v, vmax ≥ 0

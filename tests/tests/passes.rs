@@ -7,8 +7,8 @@
 //! random (small) parallel split size so that the passes really split.
 
 use proptest::prelude::*;
+use sam_core::backend::{ParamBuffer, Reduction, SlotSpec};
 use sam_core::reference::SliceError;
-use sam_core::{ParamBuffer, Reduction, SlotSpec};
 use sam_ndarray::{NdError, NdGroup};
 use sam_tests::strategy::{self, Op};
 use sam_tests::{

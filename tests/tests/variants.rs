@@ -5,6 +5,7 @@
 
 use std::cell::Cell;
 
+use sam_core::Optimizer as _;
 use sam_core::reference::{SliceBuffer, SliceError};
 use sam_core::{
     Error, Group, GroupOptions, Gsam, GsamConfig, RhoSchedule, SamConfig, Schedule, StepStatus,
@@ -75,9 +76,12 @@ fn gsam<T: Bits>() {
     let rho = RhoSchedule::Schedule(Schedule::constant(0.05).unwrap());
     for (alpha, adaptive) in [(0.4, false), (0.1, true)] {
         let cfg = GsamConfig {
+            perturbation: sam_core::Perturbation {
+                adaptive,
+                eta: 0.01,
+                ..Default::default()
+            },
             alpha,
-            adaptive,
-            eta: 0.01,
             ..GsamConfig::new(rho)
         };
         compare!(
@@ -114,10 +118,7 @@ fn wsam<T: Bits>() {
 }
 
 fn wasam<T: Bits>() {
-    let cfg = SamConfig {
-        rho: 0.05,
-        ..Default::default()
-    };
+    let cfg = SamConfig::from(sam_core::Perturbation::sam(0.05));
     compare!(
         T,
         Wasam::new(cfg, &[0, 3]).unwrap(),

@@ -1,10 +1,10 @@
 //! Storage backends the runner can replay a case on.
 
 use ndarray::{ArrayD, IxDyn};
-use sam_core::reference::{SliceBuffer, SliceError};
-use sam_core::{
+use sam_core::backend::{
     AverageFold, ParamBuffer, PerturbSpec, Real, ReduceSpec, Reduction, Slot, SlotSpec, UpdateSpec,
 };
+use sam_core::reference::{SliceBuffer, SliceError};
 use sam_cuda::{Context, CudaGroup, CudaReal};
 use sam_ndarray::NdGroup;
 

@@ -1,9 +1,11 @@
 //! Replays a conformance case through the public `sam-core` API on a backend.
 
+use sam_core::Optimizer as _;
+use sam_core::backend::{ParamBuffer, Real};
 use sam_core::{
-    AdamConfig, BaseRule, Group, GroupOptions, Gsam, GsamConfig, ParamBuffer, Proportional, Real,
-    RhoSchedule, Sam, SamConfig, Schedule, ScheduleConfig, ScheduleShape, SgdConfig, StepStatus,
-    Timeline, Wasam, Wsam, WsamConfig,
+    AdamConfig, BaseRule, Group, GroupOptions, Gsam, GsamConfig, Proportional, RhoSchedule, Sam,
+    SamConfig, Schedule, ScheduleConfig, ScheduleShape, SgdConfig, StepStatus, Timeline, Wasam,
+    Wsam, WsamConfig,
 };
 
 use crate::backend::{Element, ReplayBackend};
@@ -304,10 +306,13 @@ where
             sam_eps,
         } => {
             let cfg = WsamConfig {
+                perturbation: sam_core::Perturbation {
+                    eps: *sam_eps,
+                    ..Default::default()
+                },
                 gamma: *gamma,
                 decouple: *decouple,
                 max_norm: *max_norm,
-                sam_eps: *sam_eps,
                 ..Default::default()
             };
             let mut opt = Wsam::new(cfg)?;
@@ -341,13 +346,16 @@ where
             };
             let lr_schedule = lr_schedule.as_ref().map(schedule).transpose()?;
             let cfg = GsamConfig {
+                perturbation: sam_core::Perturbation {
+                    adaptive: *adaptive,
+                    eta: 0.0,
+                    eps: *perturb_eps,
+                    ..Default::default()
+                },
                 alpha: *alpha,
-                rho,
+                rho_schedule: Some(rho),
                 lr_schedule,
                 timeline: Timeline::Upstream,
-                adaptive: *adaptive,
-                eta: 0.0,
-                perturb_eps: *perturb_eps,
             };
             let mut opt = Gsam::new(cfg)?;
             let lr0 = case.groups.first().map_or(0.0, |g| g.base.lr());

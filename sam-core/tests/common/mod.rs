@@ -3,8 +3,9 @@
 #![allow(dead_code)]
 
 use proptest::prelude::*;
+use sam_core::backend::Real;
 use sam_core::reference::SliceBuffer;
-use sam_core::{Group, GroupOptions, Real};
+use sam_core::{Group, GroupOptions};
 
 /// Owned memory of one group.
 #[derive(Debug, Clone, PartialEq)]

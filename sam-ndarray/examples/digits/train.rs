@@ -6,9 +6,9 @@ use std::time::Instant;
 use indicatif::ProgressBar;
 use ndarray::{Axis, s};
 use sam_core::{
-    BaseOptimizer, BaseRule, Group, Gsam, GsamConfig, Proportional, RhoSchedule, Sam, SamConfig,
-    Schedule, ScheduleConfig, ScheduleShape, SgdConfig, StepStatus, Timeline, Wasam, Wsam,
-    WsamConfig,
+    BaseOptimizer, BaseRule, Group, Gsam, GsamConfig, Optimizer, Perturbation, Proportional,
+    RhoSchedule, Sam, SamConfig, Schedule, ScheduleConfig, ScheduleShape, SgdConfig, StepStatus,
+    Timeline, Wasam, Wsam, WsamConfig,
 };
 use sam_ndarray::NdGroup;
 
@@ -146,46 +146,34 @@ pub struct RunOutput {
     pub skipped: u64,
 }
 
-enum Opt {
-    Base(BaseOptimizer),
-    Sam(Sam),
-    Gsam(Gsam),
-    Wsam(Wsam),
-    Wasam(Wasam),
-}
-
 type Groups = [Group<NdGroup<f64>>; 1];
 type BoxErr = Box<dyn Error>;
 
-fn sgd(h: &Hyper, lr: f64) -> Result<BaseRule, BoxErr> {
-    Ok(BaseRule::sgd(SgdConfig {
-        lr,
-        momentum: h.momentum,
-        weight_decay: h.weight_decay,
-        ..Default::default()
-    })?)
+/// Evaluates the live weights.
+fn evaluate(
+    groups: &[Group<NdGroup<f64>>],
+    mlp: &Mlp,
+    eval: &Dataset,
+) -> Result<(Eval, Vec<f64>), BoxErr> {
+    let weights = groups[0].buffer.weights();
+    let (e, _) = mlp.forward(weights, eval.x.view(), &eval.y, false)?;
+    Ok((e, flatten(weights)))
 }
 
-/// Evaluates the live weights, or WASAM's average once it holds a snapshot.
-fn evaluate(
-    opt: &mut Opt,
+/// Evaluates WASAM's average once it holds a snapshot (the live weights before that).
+fn evaluate_average(
+    w: &mut Wasam,
     groups: &mut Groups,
     mlp: &Mlp,
     eval: &Dataset,
 ) -> Result<(Eval, Vec<f64>), BoxErr> {
-    if let Opt::Wasam(w) = opt {
-        if w.counts().first().copied().unwrap_or(0) > 0 {
-            let sw = w.swap(groups, 0)?;
-            let weights = sw.groups()[0].buffer.weights();
-            let (e, _) = mlp.forward(weights, eval.x.view(), &eval.y, false)?;
-            let flat = flatten(weights);
-            sw.swap_back()?;
-            return Ok((e, flat));
-        }
+    if w.counts().first().copied().unwrap_or(0) == 0 {
+        return evaluate(groups, mlp, eval);
     }
-    let weights = groups[0].buffer.weights();
-    let (e, _) = mlp.forward(weights, eval.x.view(), &eval.y, false)?;
-    Ok((e, flatten(weights)))
+    let sw = w.swap(groups, 0)?;
+    let out = evaluate(sw.groups(), mlp, eval);
+    sw.swap_back()?;
+    out
 }
 
 /// Trains `mlp` on `train` with optimizer `kind`; `seed` fixes the initialisation and the
@@ -199,38 +187,15 @@ pub fn train(
     seed: u64,
     pb: &ProgressBar,
 ) -> Result<RunOutput, BoxErr> {
-    let mut init_rng = Rng::new("init", seed);
-    let mut order_rng = Rng::new("batches", seed);
-    let n = train.len();
-    let batch = h.batch.clamp(1, n);
-    let per_epoch = n.div_ceil(batch);
-    let total = (per_epoch * h.epochs).max(1) as u64;
-    let lr_schedule = Schedule::new(ScheduleConfig {
-        shape: ScheduleShape::Cosine,
-        t_max: total,
-        max_value: h.lr,
-        min_value: 0.0,
-        init_value: h.lr,
-        warmup_steps: 0,
-        clamp: true,
-    })?;
-
-    let mut groups: Groups = [Group::new(
-        NdGroup::new(mlp.init(&mut init_rng))?,
-        sgd(h, h.lr)?,
-    )];
-    let mut opt = match kind {
-        Kind::Sgd => Opt::Base(BaseOptimizer::new()),
-        Kind::Sam => Opt::Sam(Sam::new(SamConfig {
-            rho: h.rho,
-            ..Default::default()
-        })?),
-        Kind::Asam => Opt::Sam(Sam::new(SamConfig {
-            rho: h.asam_rho,
-            adaptive: true,
-            eta: h.asam_eta,
-            ..Default::default()
-        })?),
+    let run = Run::new(h, mlp, train, eval, seed, pb)?;
+    let sam = |rho| SamConfig::from(Perturbation::sam(rho));
+    match kind {
+        Kind::Sgd => run.fit(&mut BaseOptimizer::new(), evaluate_live),
+        Kind::Sam => run.fit(&mut Sam::new(sam(h.rho))?, evaluate_live),
+        Kind::Asam => run.fit(
+            &mut Sam::new(Perturbation::asam(h.asam_rho, h.asam_eta).into())?,
+            evaluate_live,
+        ),
         Kind::Gsam => {
             let rho = RhoSchedule::Proportional(Proportional {
                 max_lr: h.lr,
@@ -238,90 +203,153 @@ pub fn train(
                 max_value: h.rho,
                 min_value: h.gsam_rho_min,
             });
-            let mut cfg = GsamConfig::new(rho);
-            cfg.alpha = h.gsam_alpha;
-            cfg.lr_schedule = Some(lr_schedule);
-            cfg.timeline = Timeline::Synced;
-            Opt::Gsam(Gsam::new(cfg)?)
+            let cfg = GsamConfig {
+                alpha: h.gsam_alpha,
+                lr_schedule: Some(run.lr_schedule),
+                timeline: Timeline::Synced,
+                ..GsamConfig::new(rho)
+            };
+            run.fit(&mut Gsam::new(cfg)?, evaluate_live)
         }
-        Kind::Wsam => Opt::Wsam(Wsam::new(WsamConfig {
-            rho: h.rho,
-            gamma: h.wsam_gamma,
-            ..Default::default()
-        })?),
+        Kind::Wsam => {
+            let cfg = WsamConfig {
+                perturbation: Perturbation::sam(h.rho),
+                gamma: h.wsam_gamma,
+                ..Default::default()
+            };
+            run.fit(&mut Wsam::new(cfg)?, evaluate_live)
+        }
         Kind::Wasam => {
-            let start = ((total as f64) * h.swa_start).floor() as u64;
-            Opt::Wasam(Wasam::new(
-                SamConfig {
-                    rho: h.rho,
-                    ..Default::default()
-                },
-                &[start.min(total - 1)],
-            )?)
+            let start = ((run.total as f64) * h.swa_start).floor() as u64;
+            let mut w = Wasam::new(sam(h.rho), &[start.min(run.total - 1)])?;
+            run.fit(&mut w, evaluate_average)
         }
-    };
-
-    let mut logs = Vec::with_capacity(h.epochs);
-    let mut order: Vec<usize> = (0..n).collect();
-    let (mut t, mut skipped) = (0u64, 0u64);
-    let mut epoch_seconds = Vec::with_capacity(h.epochs);
-    let mut last_weights = flatten(groups[0].buffer.weights());
-    for _epoch in 0..h.epochs {
-        let start = Instant::now();
-        order_rng.shuffle(&mut order);
-        let xs = train.x.select(Axis(0), &order);
-        let ys: Vec<usize> = order.iter().map(|&i| train.y[i]).collect();
-        let mut loss_sum = 0.0;
-        for b in 0..per_epoch {
-            let (lo, hi) = (b * batch, ((b + 1) * batch).min(n));
-            let xb = xs.slice(s![lo..hi, ..]);
-            let yb = &ys[lo..hi];
-            if !matches!(opt, Opt::Gsam(_)) {
-                groups[0].options = groups[0].options.with_base(sgd(h, lr_schedule.value(t))?);
-            }
-            let mut closure = |gs: &mut [Group<NdGroup<f64>>]| -> Result<f64, BoxErr> {
-                let (w, mut g) = gs[0].buffer.weights_and_grads_mut();
-                Ok(mlp.backward_into(w, xb, yb, &mut g)?)
-            };
-            let (loss, status) = match &mut opt {
-                Opt::Base(o) => {
-                    let loss = closure(&mut groups)?;
-                    (loss, o.step(&mut groups)?)
-                }
-                Opt::Sam(o) => o
-                    .step(&mut groups, &mut closure)
-                    .map(|r| (r.loss, r.status))?,
-                Opt::Gsam(o) => o
-                    .step(&mut groups, &mut closure)
-                    .map(|r| (r.loss, r.status))?,
-                Opt::Wsam(o) => o
-                    .step(&mut groups, &mut closure)
-                    .map(|r| (r.loss, r.status))?,
-                Opt::Wasam(o) => o
-                    .step(&mut groups, &mut closure)
-                    .map(|r| (r.loss, r.status))?,
-            };
-            if status != StepStatus::Applied {
-                skipped += 1;
-            }
-            loss_sum += loss * (hi - lo) as f64;
-            t += 1;
-        }
-        epoch_seconds.push(start.elapsed().as_secs_f64());
-        let (e, weights) = evaluate(&mut opt, &mut groups, mlp, eval)?;
-        last_weights = weights;
-        logs.push(EpochLog {
-            eval: e,
-            train_loss: loss_sum / n as f64,
-        });
-        pb.set_message(format!("acc {:.2}%", 100.0 * e.accuracy()));
-        pb.inc(1);
     }
-    Ok(RunOutput {
-        epochs: logs,
-        weights: last_weights,
-        epoch_seconds,
-        steps: t,
-        skipped,
-    })
+}
+
+/// [`evaluate`] with the optimizer's signature of [`Run::fit`].
+fn evaluate_live<O>(
+    _: &mut O,
+    groups: &mut Groups,
+    mlp: &Mlp,
+    eval: &Dataset,
+) -> Result<(Eval, Vec<f64>), BoxErr> {
+    evaluate(groups, mlp, eval)
+}
+
+/// One training run's fixed inputs.
+struct Run<'a> {
+    h: &'a Hyper,
+    mlp: &'a Mlp,
+    train: &'a Dataset,
+    eval: &'a Dataset,
+    seed: u64,
+    pb: &'a ProgressBar,
+    /// Steps in the run.
+    total: u64,
+    /// Cosine decay of the lr to 0 over the run, the same for every optimizer.
+    lr_schedule: Schedule,
+}
+
+impl<'a> Run<'a> {
+    fn new(
+        h: &'a Hyper,
+        mlp: &'a Mlp,
+        train: &'a Dataset,
+        eval: &'a Dataset,
+        seed: u64,
+        pb: &'a ProgressBar,
+    ) -> Result<Self, BoxErr> {
+        let per_epoch = train.len().div_ceil(h.batch.clamp(1, train.len()));
+        let total = (per_epoch * h.epochs).max(1) as u64;
+        let lr_schedule = Schedule::new(ScheduleConfig {
+            shape: ScheduleShape::Cosine,
+            t_max: total,
+            max_value: h.lr,
+            min_value: 0.0,
+            init_value: h.lr,
+            warmup_steps: 0,
+            clamp: true,
+        })?;
+        Ok(Run {
+            h,
+            mlp,
+            train,
+            eval,
+            seed,
+            pb,
+            total,
+            lr_schedule,
+        })
+    }
+
+    /// The training loop, the same for every optimizer of the family.
+    fn fit<O: Optimizer>(
+        &self,
+        opt: &mut O,
+        evaluate: impl Fn(&mut O, &mut Groups, &Mlp, &Dataset) -> Result<(Eval, Vec<f64>), BoxErr>,
+    ) -> Result<RunOutput, BoxErr> {
+        let (h, mlp, train) = (self.h, self.mlp, self.train);
+        let mut init_rng = Rng::new("init", self.seed);
+        let mut order_rng = Rng::new("batches", self.seed);
+        let n = train.len();
+        let batch = h.batch.clamp(1, n);
+        let per_epoch = n.div_ceil(batch);
+        let mut groups: Groups = [Group::new(
+            NdGroup::new(mlp.init(&mut init_rng))?,
+            BaseRule::sgd(SgdConfig {
+                lr: h.lr,
+                momentum: h.momentum,
+                weight_decay: h.weight_decay,
+                ..Default::default()
+            })?,
+        )];
+        if opt.lr_schedule().is_none() {
+            opt.set_lr_schedule(Some(self.lr_schedule))?;
+        }
+
+        let mut logs = Vec::with_capacity(h.epochs);
+        let mut order: Vec<usize> = (0..n).collect();
+        let (mut t, mut skipped) = (0u64, 0u64);
+        let mut epoch_seconds = Vec::with_capacity(h.epochs);
+        let mut last_weights = flatten(groups[0].buffer.weights());
+        for _epoch in 0..h.epochs {
+            let start = Instant::now();
+            order_rng.shuffle(&mut order);
+            let xs = train.x.select(Axis(0), &order);
+            let ys: Vec<usize> = order.iter().map(|&i| train.y[i]).collect();
+            let mut loss_sum = 0.0;
+            for b in 0..per_epoch {
+                let (lo, hi) = (b * batch, ((b + 1) * batch).min(n));
+                let xb = xs.slice(s![lo..hi, ..]);
+                let yb = &ys[lo..hi];
+                let report = opt.step(&mut groups, |gs| -> Result<f64, BoxErr> {
+                    let (w, mut g) = gs[0].buffer.weights_and_grads_mut();
+                    Ok(mlp.backward_into(w, xb, yb, &mut g)?)
+                })?;
+                if report.status != StepStatus::Applied {
+                    skipped += 1;
+                }
+                loss_sum += report.loss * (hi - lo) as f64;
+                t += 1;
+            }
+            epoch_seconds.push(start.elapsed().as_secs_f64());
+            let (e, weights) = evaluate(opt, &mut groups, mlp, self.eval)?;
+            last_weights = weights;
+            logs.push(EpochLog {
+                eval: e,
+                train_loss: loss_sum / n as f64,
+            });
+            self.pb
+                .set_message(format!("acc {:.2}%", 100.0 * e.accuracy()));
+            self.pb.inc(1);
+        }
+        Ok(RunOutput {
+            epochs: logs,
+            weights: last_weights,
+            epoch_seconds,
+            steps: t,
+            skipped,
+        })
+    }
 }
