@@ -6,7 +6,7 @@
 //! the host. The element functions [`SgdStep::apply`] and [`AdamStep::apply`] are then the single
 //! source of truth every backend calls per element (they compute in `f64`).
 //!
-//! Semantics (conformance `SCHEMA.md` §6, from `torch.optim.SGD` / `Adam` / `AdamW`,
+//! Semantics (conformance `verification/SCHEMA.md` §6, from `torch.optim.SGD` / `Adam` / `AdamW`,
 //! single-tensor path):
 //!
 //! ```text
@@ -391,7 +391,7 @@ mod tests {
     use super::*;
 
     // Expected values in these tests were worked out by hand from torch's update formulas
-    // (SCHEMA.md §6) with exactly representable inputs, so every intermediate is exact in f64;
+    // (`verification/SCHEMA.md` §6) with exactly representable inputs, so every intermediate is exact in f64;
     // each is written next to the assertion. The conformance cases (produced by torch itself)
     // check the same code end to end.
 

@@ -87,7 +87,7 @@ pub enum Timeline {
     /// optimizer, and the official GSAM JAX code's. The default of every variant but GSAM.
     #[default]
     Synced,
-    /// The PyTorch GSAM reference's timeline (SCHEMA.md §7.4): the lr used at step `t ≥ 1` is
+    /// The PyTorch GSAM reference's timeline (`verification/SCHEMA.md` §7.4): the lr used at step `t ≥ 1` is
     /// `S_lr(t − 1)` (the groups' own lr at step 0), ρ at step `t` is `S_ρ(t)`, and a
     /// proportional ρ follows the lr one step ahead (`P(init_value)` at step 0).
     Upstream,

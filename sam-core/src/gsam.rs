@@ -70,7 +70,7 @@ impl GsamConfig {
 ///
 /// Reference: Zhuang et al., *Surrogate Gap Minimization Improves Sharpness-Aware Training*,
 /// ICLR 2022, <https://arxiv.org/abs/2203.08065>; upstream juntang-zhuang/GSAM `gsam.py`,
-/// `scheduler.py` (conformance `SCHEMA.md` §7.4). Differences: the weights are restored from a
+/// `scheduler.py` (conformance `verification/SCHEMA.md` §7.4). Differences: the weights are restored from a
 /// copy (upstream subtracts `e`, about 1 ulp apart), and ρ and adaptivity are global, so groups
 /// with `rho`/`adaptive` overrides are rejected.
 ///

@@ -50,7 +50,7 @@ impl From<Perturbation> for SamConfig {
 /// References: Foret et al., *Sharpness-Aware Minimization for Efficiently Improving
 /// Generalization*, ICLR 2021, <https://arxiv.org/abs/2010.01412>; Kwon et al., *ASAM:
 /// Adaptive Sharpness-Aware Minimization*, ICML 2021, <https://arxiv.org/abs/2102.11600>.
-/// Upstream semantics: davda54/sam `sam.py` (conformance `SCHEMA.md` §7.1).
+/// Upstream semantics: davda54/sam `sam.py` (conformance `verification/SCHEMA.md` §7.1).
 ///
 /// ```
 /// use sam_core::{BaseRule, Group, Optimizer, Sam, SamConfig, SgdConfig, Perturbation, reference::SliceBuffer};

@@ -1,7 +1,7 @@
 //! Schedules for ρ and the learning rate: pure functions of the step index.
 //!
 //! Semantics follow juntang-zhuang/GSAM `scheduler.py` (`SchedulerBase.step`), with no clamping
-//! by default (conformance `SCHEMA.md` §7.4). With `W = warmup_steps`, `T = t_max`:
+//! by default (conformance `verification/SCHEMA.md` §7.4). With `W = warmup_steps`, `T = t_max`:
 //!
 //! ```text
 //! k <  W : init + (max − init)·k / W

@@ -31,7 +31,7 @@ pub struct WasamState {
 ///
 /// Reference: Kaddour et al., *When Do Flat Minima Optimizers Work?*, NeurIPS 2022,
 /// <https://arxiv.org/abs/2202.00661>; upstream JeanKaddour/WASAM `wasam.py`, `swa_utils.py`
-/// (conformance `SCHEMA.md` §7.2).
+/// (conformance `verification/SCHEMA.md` §7.2).
 ///
 /// [`swap`]: Wasam::swap
 ///

@@ -53,7 +53,7 @@ impl Default for WsamConfig {
 ///
 /// Reference: Yue et al., *Sharpness-Aware Minimization Revisited: Weighted Sharpness as a
 /// Regularization Term*, KDD 2023, <https://arxiv.org/abs/2305.15817>; upstream atorch
-/// `WeightedSAM` (`wsam.py`; conformance `SCHEMA.md` §7.3). Difference: the weights are
+/// `WeightedSAM` (`wsam.py`; conformance `verification/SCHEMA.md` §7.3). Difference: the weights are
 /// restored from a copy (upstream subtracts `e`, about 1 ulp apart).
 ///
 /// ```

@@ -1,4 +1,4 @@
-//! Property tests of the invariants in DESIGN.md §6 (1–6) on the reference backend, in f32 and
+//! Property tests of the invariants in docs/design.md §6 (1–6) on the reference backend, in f32 and
 //! f64, for random shapes, groups, magnitudes (zeros, subnormals, 1e±30) and hyperparameters.
 
 mod common;

@@ -1,4 +1,4 @@
-//! Property tests of the variants: DESIGN.md §6 invariant 3 (special cases that reduce to SAM or
+//! Property tests of the variants: docs/design.md §6 invariant 3 (special cases that reduce to SAM or
 //! to the base optimizer), invariant 7 (weight averages), and GSAM's geometry.
 
 mod common;

@@ -9,7 +9,7 @@
 //! the real `sam_core::Sam` API (the second gradient is the one already in the buffer: no model
 //! runs). Timed with CUDA events (median over `--iters`), compared with a device-to-device copy
 //! of the same number of f32 values measured in the same run. Bytes per parameter, following
-//! DESIGN.md §10 plus the finiteness check: SGD-momentum 4 + 16 + 4 + 20 = 44 B, AdamW
+//! docs/design.md §10 plus the finiteness check: SGD-momentum 4 + 16 + 4 + 20 = 44 B, AdamW
 //! 4 + 16 + 4 + 28 = 52 B. A copy moves 8 B per value.
 //!
 //! `--machine` prints one line per measurement, `SAMCUDA <optimizer> <size-label> <n> <ms>`,
