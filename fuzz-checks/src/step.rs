@@ -604,10 +604,49 @@ fn ulp(x: f64, is_f64: bool) -> f64 {
     }
 }
 
-/// `a/(t·ρ)` without a needless underflow or overflow of the intermediate product.
-fn quotient(a: f64, t: f64, rho: f64) -> f64 {
-    let d = t * rho;
-    if d.is_normal() { a / d } else { (a / t) / rho }
+/// `x = f·2^e` with `f` in `[1, 2)` for a finite non-zero `x` (`(x, 0)` otherwise); exact.
+fn split(x: f64) -> (f64, i32) {
+    if x == 0.0 || !x.is_finite() {
+        return (x, 0);
+    }
+    let (x, bias) = if x.abs() < f64::MIN_POSITIVE {
+        (x * 2f64.powi(64), -64)
+    } else {
+        (x, 0)
+    };
+    let e = ((x.to_bits() >> 52) & 0x7ff) as i32 - 1023;
+    let f = f64::from_bits((x.to_bits() & !(0x7ff << 52)) | (1023 << 52));
+    (f, e + bias)
+}
+
+/// `m·2^e`, exact unless the result overflows or is subnormal (one rounding at the end).
+fn ldexp(m: f64, e: i32) -> f64 {
+    let mut x = m;
+    let mut e = e;
+    while e > 0 {
+        let k = e.min(1000);
+        x *= 2f64.powi(k);
+        e -= k;
+    }
+    while e < 0 {
+        let k = (-e).min(1000);
+        // Only the last multiplication can leave the normal range (|m| ≥ 2^-1 here), so the
+        // result is rounded once, unless it is 0 anyway.
+        x *= 2f64.powi(-k);
+        e += k;
+    }
+    x
+}
+
+/// `a/(t·ρ·2^unit)` from the parts of each factor: no intermediate overflows or underflows.
+fn in_units(a: f64, t: f64, rho: f64, unit: i32) -> f64 {
+    if a == 0.0 || !a.is_finite() {
+        return if a == 0.0 { 0.0 } else { a };
+    }
+    let (fa, ea) = split(a);
+    let (ft, et) = split(t);
+    let (fr, er) = split(rho);
+    ldexp(fa / (ft * fr), ea - et - er - unit)
 }
 
 fn t_of(p: &Option<PerturbParams>, w: f64) -> f64 {
@@ -885,7 +924,10 @@ fn check_finite(now: &[GroupSnap], grads_too: bool, what: &str) -> Result<(), Vi
 /// Checks the state right after a successful first step: backup = clean weights, stash = clean
 /// gradient, kept slots unchanged, and the perturbation norm of every group.
 ///
-/// The bound, per group: `|measured − expected| ≤ NORM_RTOL·expected + allowance`, where
+/// The bound, per group, in units of `ρ·2^k` with `k` chosen so that `expected` is of order 1
+/// (exact power-of-two bookkeeping, so that subnormal perturbations and radii near `f64::MAX`
+/// compare without an intermediate rounding): `|measured − expected| ≤
+/// NORM_RTOL·expected + allowance`, where
 /// `measured = ‖(w_p − w)/T‖` over elements with `T ≠ 0`, `expected = ρ_g·‖T_g⊙g_g‖/(n+ε)`
 /// (`0` if `n = 0`) with the global `n` computed independently, and `allowance` is the norm of
 /// `(ulp(w_p)/2 + ulp₆₄(w_p − w)/2)/T` (the rounding of `w + e` to the storage type and of the
@@ -940,25 +982,17 @@ pub fn check_perturbation(
         if a.w.iter().any(|x| !x.is_finite()) || b.w.iter().any(|x| !x.is_finite()) {
             continue;
         }
+        // Everything below is in units of `ρ·2^unit`, with `unit` chosen so that the expected
+        // norm is of order 1: `ρ·‖T_g⊙g_g‖/(n+ε)` and every element's displacement are then
+        // compared without an overflow or a subnormal intermediate (a group whose gradient is
+        // tiny next to the global norm has a subnormal perturbation, and a radius near
+        // f64::MAX must not overflow). Mantissas and exponents are carried separately.
         let tg: Vec<f64> =
             b.w.iter()
                 .zip(&b.g)
-                .map(|(w, g)| t_of(&Some(*p), *w) * g / big)
+                .map(|(w, g)| t_of(&Some(*p), *w) * g)
                 .collect();
-        // ρ·‖T_g⊙g_g‖/(n+ε) relative to the largest |T⊙g| (`big`), so that nothing overflows
-        // and no intermediate is rounded in the subnormal range: ‖T_g⊙g_g‖/big · r with
-        // r = big/(n+ε) = 1/(n/big + ε/big), or big/ε once ε/big overflows (then ε ≫ n).
-        let expected = if big == 0.0 {
-            0.0
-        } else {
-            let inv = n_rel + p.eps / big;
-            let r = if inv.is_finite() {
-                1.0 / inv
-            } else {
-                big / p.eps
-            };
-            p.rho * (norm(&tg) * r)
-        };
+        let m_g = tg.iter().fold(0.0f64, |a, x| a.max(x.abs()));
         let n = n_rel * big;
         if p.rho == 0.0 {
             if !same(&a.w, &b.w) {
@@ -972,8 +1006,23 @@ pub fn check_perturbation(
             }
             continue;
         }
-        // In units of rho (so that rho near f64::MAX cannot overflow the comparison).
-        let expected = expected / p.rho;
+        // expected/ρ = ‖T_g⊙g_g‖/(n + ε) = a_g·m_g/(big·(n_rel + ε/big)), or a_g·m_g/ε once
+        // ε/big overflows (then ε ≫ n).
+        let (expected, unit) = if m_g == 0.0 {
+            (0.0, 0)
+        } else {
+            let a_g = norm(&tg.iter().map(|x| x / m_g).collect::<Vec<_>>());
+            let (fm, em) = split(m_g);
+            let inv = n_rel + p.eps / big;
+            let (den, eden) = if inv.is_finite() {
+                let (fb, eb) = split(big);
+                let (fi, ei) = split(inv);
+                (fb * fi, eb + ei)
+            } else {
+                split(p.eps)
+            };
+            (a_g * fm / den, em - eden)
+        };
         let mut scaled = Vec::with_capacity(tg.len());
         let mut allow = Vec::with_capacity(tg.len());
         let mut measurable = true;
@@ -991,9 +1040,10 @@ pub fn check_perturbation(
                 continue;
             }
             let d = wp - w;
-            let x = quotient(d, t, p.rho);
-            let tol =
-                (quotient(ulp(*wp, is_f64), t, p.rho) + quotient(ulp(d, true), t, p.rho)) * 0.5;
+            let x = in_units(d, t, p.rho, unit);
+            let tol = (in_units(ulp(*wp, is_f64), t, p.rho, unit)
+                + in_units(ulp(d, true), t, p.rho, unit))
+                * 0.5;
             measurable &= x.is_finite() && !tol.is_nan();
             scaled.push(x);
             allow.push(tol);
@@ -1019,7 +1069,7 @@ pub fn check_perturbation(
             return Err(Violation::new(
                 finding,
                 format!(
-                    "first step: group {i} perturbation norm {measured:e}·rho, expected {expected:e}·rho (rho {}, eps {}, n {n:e}, bound {bound:e}·rho)",
+                    "first step: group {i} perturbation norm {measured:e}·u, expected {expected:e}·u with u = rho·2^{unit} (rho {}, eps {}, n {n:e}, bound {bound:e}·u)",
                     p.rho, p.eps
                 ),
             ));

@@ -1401,6 +1401,32 @@ fn a_tiny_radius_next_to_a_huge_norm_is_applied_in_every_variant() {
 }
 
 #[test]
+fn a_gradient_element_tiny_next_to_a_rescaled_norm_is_perturbed_to_full_precision() {
+    // ‖g‖ = 1e200 is computed at the scale s = 2^-665; for g = 1e-110, g·s ≈ 1e-310 is
+    // subnormal, and ((g·s)·c) with c ≈ ρ = 1e10 would keep about 14 bits of e = 1e-300. The
+    // core multiplies by s·c (exact) instead: e is correctly rounded.
+    let mut sam = Sam::new(
+        Perturbation {
+            rho: 1e10,
+            eps: 0.0,
+            ..Default::default()
+        }
+        .into(),
+    )
+    .expect("valid");
+    let mut st = vec![
+        store(&[0.0], &[1e200]),
+        store(&[0.0, 0.0], &[1e-110, 3e-111]),
+    ];
+    let mut gs = groups(&mut st, sgd());
+    let guard = sam.first_step(&mut gs).expect("first step");
+    let e = guard.groups()[1].buffer.weights();
+    let k = 1e10 / 1e200; // ρ/‖g‖ (the small elements do not change ‖g‖ in f64)
+    assert_eq!(e[0], 1e-110 * k, "perturbation {e:?}");
+    assert_eq!(e[1], 3e-111 * k, "perturbation {e:?}");
+}
+
+#[test]
 fn a_perturbation_below_half_an_ulp_of_the_weight_rounds_to_nothing_as_documented() {
     // f32 storage: e = 1e-10 next to w = 1 (ulp 1.2e-7) is lost when added; nothing else
     // happens (no error, the step proceeds on the second gradient).

@@ -17,7 +17,7 @@
 //!        p −= (lr/(1−β1^t)) · m / (√v̂ / √(1−β2^t) + eps)
 //! ```
 
-use crate::error::{Error, invalid};
+use crate::error::{Error, invalid, non_negative};
 
 /// Hyperparameters of SGD (torch `SGD`). Validate with [`BaseRule::sgd`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -101,31 +101,12 @@ enum Kind {
     AdamW(AdamConfig),
 }
 
-fn check_lr(lr: f64) -> Result<(), Error> {
-    if !(lr >= 0.0 && lr.is_finite()) {
-        return Err(invalid("lr", "the learning rate must be finite and >= 0"));
-    }
-    Ok(())
-}
-
-fn check_wd(wd: f64) -> Result<(), Error> {
-    if !(wd >= 0.0 && wd.is_finite()) {
-        return Err(invalid(
-            "weight_decay",
-            "weight decay must be finite and >= 0",
-        ));
-    }
-    Ok(())
-}
-
 impl BaseRule {
     /// SGD with torch's semantics; rejects out-of-domain hyperparameters (NaN included).
     pub fn sgd(c: SgdConfig) -> Result<Self, Error> {
-        check_lr(c.lr)?;
-        check_wd(c.weight_decay)?;
-        if !(c.momentum >= 0.0 && c.momentum.is_finite()) {
-            return Err(invalid("momentum", "momentum must be finite and >= 0"));
-        }
+        non_negative("lr", c.lr)?;
+        non_negative("weight_decay", c.weight_decay)?;
+        non_negative("momentum", c.momentum)?;
         if !c.dampening.is_finite() {
             return Err(invalid("dampening", "dampening must be finite"));
         }
@@ -151,8 +132,8 @@ impl BaseRule {
     }
 
     fn check_adam(c: &AdamConfig) -> Result<(), Error> {
-        check_lr(c.lr)?;
-        check_wd(c.weight_decay)?;
+        non_negative("lr", c.lr)?;
+        non_negative("weight_decay", c.weight_decay)?;
         if !(c.beta1 >= 0.0 && c.beta1 < 1.0) {
             return Err(invalid("beta1", "beta1 must be in [0, 1)"));
         }
@@ -177,7 +158,7 @@ impl BaseRule {
 
     /// The same rule with learning rate `lr` (validated as at construction).
     pub fn with_lr(&self, lr: f64) -> Result<Self, Error> {
-        check_lr(lr)?;
+        non_negative("lr", lr)?;
         let mut kind = self.0;
         match &mut kind {
             Kind::Sgd(c) => c.lr = lr,

@@ -90,11 +90,18 @@ impl Perturbation {
 
 /// The perturb spec for radius `rho` and the global norm in `norms`.
 ///
-/// `c = ρ/(n_s + ε·s)` at the norm's scale `s` (`0` for a zero gradient). When that coefficient
-/// would leave the normal range (a radius tiny next to the norm, such as ρ = 1e-300 with
-/// ‖g‖ = 8e38), the norm is rescaled by a further power of two `s'` (exact) so that
-/// `c' = ρ/(n_s·s' + ε·s·s')` is normal and the kernel forms `((T·g)·(s·s'))·c'`: the same
-/// value, without flushing to zero on the way.
+/// `c = ρ/(n_s + ε·s)` at the norm's scale `s` (`0` for a zero gradient); the kernel forms
+/// `((T·g)·scale)·coeff`.
+///
+/// - When `k = s·c` is a normal number (the ordinary case), the spec is `scale = 1`,
+///   `coeff = k`: `s·c` is exact (a power of two times a normal number), so for every `T·g`
+///   whose product with `s` is normal this is bit for bit `((T·g)·s)·c`, and for a `T·g` whose
+///   product with `s` would be subnormal (a gradient element tiny next to the global norm)
+///   it avoids rounding that product to a few bits before multiplying by a large `c`.
+/// - When `c` itself would leave the normal range (a radius tiny next to the norm, such as
+///   ρ = 1e-300 with ‖g‖ = 8e38), the norm is rescaled by a further power of two `s'` (exact)
+///   so that `c' = ρ/(n_s·s' + ε·s·s')` is normal and the kernel forms `((T·g)·(s·s'))·c'`:
+///   the same value, without flushing to zero on the way.
 pub(crate) fn perturb_spec(
     weighting: Weighting,
     rho: f64,
@@ -103,12 +110,19 @@ pub(crate) fn perturb_spec(
     stash: bool,
 ) -> PerturbSpec {
     let (scale, coeff) = coefficient(rho, eps, norms.perturb_scale, norms.perturb_scaled);
+    let (scale, coeff) = fold_scale(scale, coeff);
     PerturbSpec {
         stash,
         weighting,
         scale,
         coeff,
     }
+}
+
+/// `(1, s·c)` when `s·c` is normal (then exact), else `(s, c)` unchanged.
+fn fold_scale(s: f64, c: f64) -> (f64, f64) {
+    let k = s * c;
+    if k.is_normal() { (1.0, k) } else { (s, c) }
 }
 
 /// 2^-120, exactly (`2f64.powi` needs `std`).
@@ -156,6 +170,30 @@ mod tests {
         assert_eq!(
             super::TWO_POW_MINUS_120.to_bits(),
             ((1023 - 120) as u64) << 52
+        );
+    }
+
+    #[test]
+    fn folding_the_scale_keeps_ordinary_products_and_rescues_subnormal_ones() {
+        use super::fold_scale;
+        // An ordinary element: the same bits either way.
+        let (s, c) = (2f64.powi(-40), 7.5e9);
+        let (s1, k) = fold_scale(s, c);
+        assert_eq!(s1, 1.0);
+        for g in [1.0, 0.3, -2.5e-7, 123.456] {
+            assert_eq!(((g * s) * c).to_bits(), ((g * s1) * k).to_bits());
+        }
+        // A gradient element 1e-310 next to a norm of 1e12: g·s = 9e-323 keeps 5 bits, and the
+        // product with c is off by several percent; g·k is correctly rounded.
+        let g = 1e-310;
+        let exact = g * (s * c);
+        assert!((((g * s) * c) / exact - 1.0).abs() > 1e-3);
+        assert_eq!((g * s1) * k, exact);
+        // Not normal: unchanged.
+        assert_eq!(fold_scale(1.0, 0.0), (1.0, 0.0));
+        assert_eq!(
+            fold_scale(2f64.powi(-1000), 1e-300),
+            (2f64.powi(-1000), 1e-300)
         );
     }
 
