@@ -1,9 +1,9 @@
-// sam-cuda: compile-time check that the #[repr(C)] argument structs of src/abi.rs and the
+// sam-cuda: compile-time check that the #[repr(C)] argument structs of src/internals/abi.rs and the
 // structs of sam_common.cuh have the same size, alignment and field offsets.
 //
-// Compiled by NVRTC after sam_common.cuh (tests/nvrtc.rs, `sam_cuda::kernels::check_layout`).
+// Compiled by NVRTC after sam_common.cuh (tests/nvrtc.rs, `sam_cuda::internals::kernels::check_layout`).
 // The expected values are the Rust ones (core::mem::size_of / align_of / offset_of!), passed
-// as -D options by `sam_cuda::abi::layout_defines()`; a field listed here but missing on the
+// as -D options by `sam_cuda::internals::abi::layout_defines()`; a field listed here but missing on the
 // Rust side is an undefined macro, hence a compile error too.
 //
 // NVRTC has no `offsetof` (no <cstddef>, and EDG's __builtin_offsetof is not enabled), so the

@@ -32,7 +32,7 @@
 //! - Elementwise passes (perturb, restore, update, fold, swap) compute each element with the
 //!   same `f64` operations, in the same order and with the same rounding points, as
 //!   `sam_core::backend::kernel` / `sam_core::base`; the kernels are compiled with `--fmad=false` so that
-//!   NVRTC does not fuse `a*b + c` (see [`kernels::compile_options`]). They are bit-identical to
+//!   NVRTC does not fuse `a*b + c` (see [`internals::kernels::compile_options`]). They are bit-identical to
 //!   `sam_core::reference::SliceBuffer` (for NaN *values* only the payload may differ).
 //! - The reduce pass follows sam-core's canonical reduction order exactly (blocks of
 //!   [`sam_core::backend::kernel::BLOCK`] elements, 8 sequential lanes, the fixed lane tree, the pairwise
@@ -63,11 +63,12 @@
 
 #![deny(missing_docs)]
 
-pub mod abi;
 mod context;
 mod error;
 mod group;
-pub mod kernels;
+pub mod internals;
+
+use internals::{abi, kernels};
 
 pub use context::Context;
 pub use error::{CudaError, Library};

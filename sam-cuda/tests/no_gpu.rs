@@ -1,7 +1,8 @@
 //! Host-side behaviour that must hold on any machine, with or without CUDA: the error paths
 //! when the driver, the device or NVRTC is missing (errors, never panics), and the error type.
 
-use sam_cuda::{Context, CudaError, Library, kernels};
+use sam_cuda::internals::kernels;
+use sam_cuda::{Context, CudaError, Library};
 
 #[test]
 fn context_creation_never_panics() {

@@ -9,7 +9,7 @@
 //! cargo test -p sam-cuda --test nvrtc
 //! ```
 
-use sam_cuda::kernels;
+use sam_cuda::internals::kernels;
 
 /// Whether NVRTC is there; prints the skip reason (or panics if it is required) when not.
 fn nvrtc_or_skip(test: &str) -> bool {
@@ -196,7 +196,7 @@ fn layout_check_catches_a_wrong_offset() {
     // really compare against the injected numbers.
     let src = format!("{}\n{}\n", kernels::COMMON, kernels::LAYOUT_CHECK);
     let mut opts = kernels::compile_options(None);
-    let mut defs = sam_cuda::abi::layout_defines();
+    let mut defs = sam_cuda::internals::abi::layout_defines();
     let i = defs
         .iter()
         .position(|d| d.starts_with("-DSAM_OFFSETOF_SamUpdateArgs_adam="))

@@ -13,7 +13,7 @@ mod common;
 use common::Rng;
 use sam_core::backend::kernel::{self, BLOCK, LANES};
 use sam_core::backend::{ReduceSpec, Reduction, Weighting};
-use sam_cuda::abi::{CombinePass, combine_passes};
+use sam_cuda::internals::abi::{CombinePass, combine_passes};
 
 fn max(a: f64, b: f64) -> f64 {
     if b > a { b } else { a }

@@ -18,13 +18,13 @@ use crate::abi;
 use crate::error::{CudaError, Library};
 
 /// Definitions shared by all kernels: ABI structs and element functions.
-pub const COMMON: &str = include_str!("../kernels/sam_common.cuh");
+pub const COMMON: &str = include_str!("../../kernels/sam_common.cuh");
 /// The two-stage reduce pass.
-pub const REDUCE: &str = include_str!("../kernels/reduce.cu");
+pub const REDUCE: &str = include_str!("../../kernels/reduce.cu");
 /// The elementwise passes.
-pub const PASSES: &str = include_str!("../kernels/passes.cu");
+pub const PASSES: &str = include_str!("../../kernels/passes.cu");
 /// Static layout assertions against the Rust ABI structs (not part of the module).
-pub const LAYOUT_CHECK: &str = include_str!("../kernels/layout_check.cu");
+pub const LAYOUT_CHECK: &str = include_str!("../../kernels/layout_check.cu");
 
 /// Every source file, by name.
 pub const SOURCES: [(&str, &str); 4] = [
