@@ -5,19 +5,6 @@ use sam_core::backend::{ParamBuffer, Real, Slot};
 use sam_core::reference::SliceBuffer;
 use sam_ndarray::NdGroup;
 
-/// Every slot role a buffer may hold, in [`SlotSpec`](sam_core::backend::SlotSpec) order.
-pub const ROLES: [Slot; 9] = [
-    Slot::Backup,
-    Slot::Stash,
-    Slot::State(0),
-    Slot::State(1),
-    Slot::State(2),
-    Slot::Average(0),
-    Slot::Average(1),
-    Slot::Average(2),
-    Slot::Average(3),
-];
-
 /// Whether a role holds state that must survive an error or a skip (base-rule state and
 /// averages); backup and stash are scratch.
 pub fn kept(role: Slot) -> bool {
@@ -114,7 +101,7 @@ pub struct GroupSnap {
     pub w: Vec<f64>,
     /// Gradient.
     pub g: Vec<f64>,
-    /// Each role of [`ROLES`], if held.
+    /// Each role of [`Slot::ALL`], if held.
     pub slots: [Option<Vec<f64>>; 9],
 }
 
@@ -124,13 +111,13 @@ impl GroupSnap {
         GroupSnap {
             w: b.weights_f64(),
             g: b.grads_f64(),
-            slots: ROLES.map(|r| b.slot_f64(r)),
+            slots: Slot::ALL.map(|r| b.slot_f64(r)),
         }
     }
 
     /// One role's values.
     pub fn slot(&self, role: Slot) -> Option<&[f64]> {
-        ROLES
+        Slot::ALL
             .iter()
             .position(|r| *r == role)
             .and_then(|i| self.slots[i].as_deref())

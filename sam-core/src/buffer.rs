@@ -46,6 +46,22 @@ pub enum Slot {
     Average(u8),
 }
 
+impl Slot {
+    /// Every slot a buffer can hold, in [`SlotSpec`] order (backup, stash, the three base-state
+    /// slots, the [`MAX_AVERAGES`] averages).
+    pub const ALL: [Slot; 5 + MAX_AVERAGES] = [
+        Slot::Backup,
+        Slot::Stash,
+        Slot::State(0),
+        Slot::State(1),
+        Slot::State(2),
+        Slot::Average(0),
+        Slot::Average(1),
+        Slot::Average(2),
+        Slot::Average(3),
+    ];
+}
+
 impl SlotSpec {
     /// Total number of slots, i.e. values stored per parameter element.
     pub fn count(&self) -> usize {

@@ -20,19 +20,6 @@ use sam_ndarray::NdGroup;
 
 pub mod strategy;
 
-/// Every slot a buffer can hold, in [`SlotSpec`](sam_core::backend::SlotSpec) order.
-pub const ALL_SLOTS: [Slot; 9] = [
-    Slot::Backup,
-    Slot::Stash,
-    Slot::State(0),
-    Slot::State(1),
-    Slot::State(2),
-    Slot::Average(0),
-    Slot::Average(1),
-    Slot::Average(2),
-    Slot::Average(3),
-];
-
 /// Exact bit access for the two storage types.
 pub trait Bits: Real {
     /// The value's bit pattern, widened to `u64`.
@@ -112,7 +99,7 @@ pub fn check_same_bits<T: Bits>(
 ) -> Result<(), String> {
     check_slices("weights", &flat(nd.weights()), reference.weights())?;
     check_slices("gradient", &flat(nd.grads()), reference.grad())?;
-    for slot in ALL_SLOTS {
+    for slot in Slot::ALL {
         match (nd.slot(slot), reference.slot(slot)) {
             (None, None) => {}
             (Some(a), Some(b)) => check_slices(&format!("slot {slot:?}"), a, b)?,
@@ -141,7 +128,7 @@ pub fn assert_same_bits<T: Bits>(nd: &NdGroup<T>, reference: &SliceBuffer<'_, T>
 pub fn check_nd_same<T: Bits>(a: &NdGroup<T>, b: &NdGroup<T>) -> Result<(), String> {
     check_slices("weights", &flat(a.weights()), &flat(b.weights()))?;
     check_slices("gradient", &flat(a.grads()), &flat(b.grads()))?;
-    for slot in ALL_SLOTS {
+    for slot in Slot::ALL {
         match (a.slot(slot), b.slot(slot)) {
             (None, None) => {}
             (Some(x), Some(y)) => check_slices(&format!("slot {slot:?}"), x, y)?,
@@ -205,7 +192,7 @@ impl<T: Real> RefStore<T> {
         RefStore {
             w,
             g,
-            slots: vec![T::from_f64(0.0); ALL_SLOTS.len() * n],
+            slots: vec![T::from_f64(0.0); Slot::ALL.len() * n],
         }
     }
 

@@ -59,7 +59,7 @@ fn fixture<T: Bits>(
     nd.set_min_parallel_len(1000);
     nd.prepare(&FULL).unwrap();
     // Non-zero slots (stash, states, averages) so that every operand matters.
-    for (k, slot) in sam_tests::ALL_SLOTS.into_iter().enumerate() {
+    for (k, slot) in sam_core::backend::Slot::ALL.into_iter().enumerate() {
         let v: Vec<T> = sam_tests::values(
             &mut sam_tests::SplitMix(seed ^ k as u64),
             nd.len(),

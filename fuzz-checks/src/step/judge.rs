@@ -115,7 +115,7 @@ pub(crate) fn check_same(
                 ),
             ));
         }
-        for (k, role) in ROLES.iter().enumerate() {
+        for (k, role) in Slot::ALL.iter().enumerate() {
             if !kept(*role) || except == Some(*role) {
                 continue;
             }
@@ -170,7 +170,7 @@ pub(crate) fn check_finite(
                     None,
                     format!(
                         "{what}: finite-class input gave slot {:?}[{j}] of group {i} non-finite",
-                        ROLES[k]
+                        Slot::ALL[k]
                     ),
                 ));
             }

@@ -33,7 +33,7 @@ use sam_core::{Error, Group, Optimizer, Phase, SamOptimizer, SkipReason, StepSta
 use sam_ndarray::NdGroup;
 
 use crate::config::{GroupRaw, Opt, VariantRaw};
-use crate::inspect::{GroupSnap, Inspect, ROLES, first_diff, kept, same, same_modulo_nan};
+use crate::inspect::{GroupSnap, Inspect, first_diff, kept, same, same_modulo_nan};
 use crate::palette;
 use crate::src::Src;
 use crate::variant::{PerturbParams, base_raw};
@@ -304,7 +304,7 @@ pub(crate) fn run_lockstep<T: Real>(setup: &Setup) -> Result<(), Violation> {
             if !same_modulo_nan(&x.g, &y.g) {
                 diffs.push(format!("gradient ({})", first_diff(&x.g, &y.g)));
             }
-            for (k, role) in ROLES.iter().enumerate() {
+            for (k, role) in Slot::ALL.iter().enumerate() {
                 match (&x.slots[k], &y.slots[k]) {
                     (Some(p), Some(q)) if !same_modulo_nan(p, q) => {
                         diffs.push(format!("slot {role:?} ({})", first_diff(p, q)))

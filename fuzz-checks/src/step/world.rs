@@ -56,9 +56,9 @@ pub(crate) fn strip(mut v: Vec<GroupSnap>, yes: bool) -> Vec<GroupSnap> {
     v
 }
 
-/// The position of a role in [`ROLES`] (and in [`GroupSnap::slots`]).
+/// The position of a role in [`Slot::ALL`] (and in [`GroupSnap::slots`]).
 pub(crate) fn role_index(role: Slot) -> Option<usize> {
-    ROLES.iter().position(|r| *r == role)
+    Slot::ALL.iter().position(|r| *r == role)
 }
 
 impl<B: Inspect> World<B> {
@@ -107,7 +107,7 @@ impl<B: Inspect> World<B> {
         let values_ok = self.act().iter().all(|g| {
             let b = &g.buffer;
             b.weights_f64().iter().all(|x| x.abs() <= BOUND_VALUE)
-                && ROLES.iter().filter(|r| kept(**r)).all(|r| {
+                && Slot::ALL.iter().filter(|r| kept(**r)).all(|r| {
                     b.slot_f64(*r)
                         .is_none_or(|v| v.iter().all(|x| x.abs() <= BOUND_SLOT))
                 })
