@@ -6,7 +6,7 @@
 //! second gradient) → update (restore from the backup, `GradMix::Current`, SGD momentum 0.9).
 //! One case (`sam_api`) runs the same step through `sam_core::Sam` for comparison.
 //!
-//! Bytes per element (DESIGN §10): reduce 4 + perturb 16 + restore-and-SGD-momentum 20 = 40
+//! Bytes per element (docs/design.md §10): reduce 4 + perturb 16 + restore-and-SGD-momentum 20 = 40
 //! B model; 44 B actually moved with the finiteness re-read of the gradient. The triad
 //! `a[i] = b[i] + s·c[i]` moves 12 B per element, over arrays of at least 4× the last-level
 //! cache, on the same threads as the step (one thread, or rayon's pool with `--features rayon`).
@@ -27,7 +27,7 @@ use sam_core::backend::{
 use sam_core::{BaseRule, Group, Sam, SamConfig, SgdConfig};
 use sam_ndarray::NdGroup;
 
-/// Model bytes per element of a SAM step with SGD momentum (DESIGN §10).
+/// Model bytes per element of a SAM step with SGD momentum (docs/design.md §10).
 const MODEL_BYTES: f64 = 40.0;
 /// Bytes actually moved, with the finiteness check of the second gradient.
 const ACTUAL_BYTES: f64 = 44.0;
