@@ -1,9 +1,9 @@
 //! The bad-input contract (`docs/bad-input.md`): one test per row that no other test proves.
 //!
 //! The section "Fixed findings" states the behaviour of `sam-core` where the fuzz harness found
-//! it wrong (see `sam_fuzz_checks::Finding`). Tests named `open_finding_*` state the promised
-//! behaviour where `sam-core` does not deliver it yet; they are `#[ignore]`d until the fix lands
-//! (`cargo test -p sam-fuzz-checks --test contract -- --ignored` runs them).
+//! it wrong (see `sam_fuzz_checks::Finding`). Every finding is fixed, so every test here runs;
+//! a finding not yet fixed would get a test named `open_finding_*`, `#[ignore]`d until the fix
+//! lands.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
