@@ -10,12 +10,13 @@
 
 use sam_core::{
     AdamConfig, BaseRule, Error, GroupOptions, Gsam, GsamConfig, Optimizer, Perturbation,
-    Proportional, RhoSchedule, Sam, SamConfig, Schedule, ScheduleConfig, ScheduleShape, SgdConfig,
-    Timeline, Wasam, Wsam, WsamConfig,
+    Proportional, RhoSchedule, SamConfig, Schedule, ScheduleConfig, ScheduleShape, SgdConfig,
+    Timeline, Wsam, WsamConfig,
 };
 
 use crate::palette::{self, hyper};
 use crate::src::Src;
+use crate::variant::{Drawn, WithDrawn};
 use crate::{Finding, Policy, Violation};
 
 fn nonneg(x: f64) -> bool {
@@ -485,34 +486,6 @@ impl GroupRaw {
     }
 }
 
-/// An optimizer built from a [`VariantRaw`].
-#[derive(Debug, Clone)]
-pub enum Opt {
-    /// SAM / ASAM.
-    Sam(Sam),
-    /// GSAM.
-    Gsam(Gsam),
-    /// WSAM.
-    Wsam(Wsam),
-    /// WASAM.
-    Wasam(Wasam),
-    /// The base optimizer alone.
-    Base(sam_core::BaseOptimizer),
-}
-
-impl VariantRaw {
-    /// Validates through `sam-core`.
-    pub fn build(&self) -> Result<Opt, Error> {
-        Ok(match self {
-            VariantRaw::Sam(c) => Opt::Sam(Sam::new(*c)?),
-            VariantRaw::Gsam(g) => Opt::Gsam(g.build()?),
-            VariantRaw::Wsam(c) => Opt::Wsam(Wsam::new(*c)?),
-            VariantRaw::Wasam(c, starts) => Opt::Wasam(Wasam::new(*c, starts)?),
-            VariantRaw::Base => Opt::Base(sam_core::BaseOptimizer::new()),
-        })
-    }
-}
-
 /// Step indices worth evaluating a schedule at.
 fn probe_steps(c: &ScheduleConfig) -> [u64; 12] {
     let (w, t) = (c.warmup_steps, c.t_max);
@@ -634,15 +607,26 @@ fn run(s: &mut Src<'_>, wild: bool) -> Result<(), Violation> {
     }
     // Every variant.
     let v = VariantRaw::generate(s, wild);
-    let built = v.build();
+    let built = v.build_into(Computed(&v));
     check_construction(
         "variant",
         built.as_ref().map(|_| ()).map_err(Clone::clone),
         v.in_domain(),
         &v,
     )?;
-    match built {
-        Ok(Opt::Gsam(g)) => {
+    built.unwrap_or(Ok(()))
+}
+
+/// Checks the values a validated variant computes (schedules, GSAM's ρ and lr, WSAM's α,
+/// WASAM's counts).
+struct Computed<'a>(&'a VariantRaw);
+
+impl WithDrawn for Computed<'_> {
+    type Out = Result<(), Violation>;
+
+    fn run<O: Drawn>(self, opt: O) -> Self::Out {
+        let v = self.0;
+        if let Some(g) = opt.gsam() {
             let cfg = *g.config();
             if let Some(RhoSchedule::Schedule(sch)) = &cfg.rho_schedule {
                 check_schedule_values("GSAM rho schedule", sch)?;
@@ -665,19 +649,22 @@ fn run(s: &mut Src<'_>, wild: bool) -> Result<(), Violation> {
                 let _ = g.rho_at(t);
             }
         }
-        Ok(Opt::Wsam(w)) if !(w.alpha().is_finite() && w.alpha() >= 0.0) => {
+        let alpha = opt.wsam().map_or(0.0, Wsam::alpha);
+        if !(alpha.is_finite() && alpha >= 0.0) {
             return Err(Violation::new(
                 None,
-                format!("WSAM alpha {} for {v:?}", w.alpha()),
+                format!("WSAM alpha {alpha} for {v:?}"),
             ));
         }
-        Ok(Opt::Wasam(w)) if w.counts().len() != w.swa_starts().len() => {
+        if opt
+            .wasam()
+            .is_some_and(|w| w.counts().len() != w.swa_starts().len())
+        {
             return Err(Violation::new(
                 None,
                 "WASAM counts and starts differ in length".into(),
             ));
         }
-        _ => {}
+        Ok(())
     }
-    Ok(())
 }

@@ -1,26 +1,19 @@
-//! What the step checks need to know about an optimizer built from a drawn configuration.
+//! What the checks need to know about an optimizer built from a drawn configuration, and the
+//! one place where a drawn configuration becomes a concrete optimizer type.
 //!
-//! The checks drive the optimizers through `sam_core::Optimizer` and `sam_core::SamOptimizer`;
-//! this module only answers questions about the drawn variant (its perturbation parameters,
-//! whether it stashes, whether it checks the second gradient).
+//! The checks drive the optimizers through `sam_core::Optimizer` and `sam_core::SamOptimizer`,
+//! generically over [`Drawn`]; this module only answers questions about the drawn variant (its
+//! perturbation parameters, whether it stashes, whether it checks the second gradient) and
+//! gives the variant-specific calls (GSAM's schedules, WASAM's swaps) a typed way in.
 
-use sam_core::backend::SlotSpec;
-use sam_core::{BaseOptimizer, GroupOptions, Optimizer, Phase};
+use std::fmt::Debug;
 
-use crate::config::{BaseRaw, Opt};
+use sam_core::{
+    BaseOptimizer, Error, GroupOptions, Gsam, Optimizer, Perturbation, Sam, SamOptimizer, Wasam,
+    WasamState, Wsam,
+};
 
-/// Calls the same `Optimizer` method on whichever optimizer an [`Opt`] holds.
-macro_rules! each {
-    ($opt:expr, $o:ident => $e:expr) => {
-        match $opt {
-            Opt::Sam($o) => $e,
-            Opt::Gsam($o) => $e,
-            Opt::Wsam($o) => $e,
-            Opt::Wasam($o) => $e,
-            Opt::Base($o) => $e,
-        }
-    };
-}
+use crate::config::{BaseRaw, VariantRaw};
 
 /// How a variant perturbs one group: `(ρ, Some(η) if adaptive, ε)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -33,72 +26,229 @@ pub struct PerturbParams {
     pub eps: f64,
 }
 
-impl Opt {
-    /// The optimizer's phase (the base optimizer is always idle).
-    pub fn phase(&self) -> Phase {
-        each!(self, o => o.phase())
-    }
-
-    /// Steps applied.
-    pub fn steps(&self) -> u64 {
-        each!(self, o => o.steps())
-    }
-
-    /// The slots a group needs.
-    pub fn slot_spec(&self, o: &GroupOptions) -> SlotSpec {
-        each!(self, v => v.slot_spec(o))
-    }
-
-    /// How the next first step perturbs a group (`None` for the base optimizer).
-    pub fn perturb_params(&self, o: &GroupOptions) -> Option<PerturbParams> {
-        let group = |p: &sam_core::Perturbation| PerturbParams {
+impl PerturbParams {
+    /// The parameters of a group under a variant with per-group ρ / adaptive overrides.
+    fn of_group(p: &Perturbation, o: &GroupOptions) -> Self {
+        Self {
             rho: o.rho().unwrap_or(p.rho),
             eta: o.adaptive().unwrap_or(p.adaptive).then_some(p.eta),
             eps: p.eps,
-        };
-        match self {
-            Opt::Sam(v) => Some(group(&v.config().perturbation)),
-            Opt::Wasam(v) => Some(group(&v.config().perturbation)),
-            Opt::Wsam(v) => Some(group(&v.config().perturbation)),
-            Opt::Gsam(v) => {
-                let p = &v.config().perturbation;
-                Some(PerturbParams {
-                    rho: v.rho_at(v.steps()),
-                    eta: p.adaptive.then_some(p.eta),
-                    eps: p.eps,
-                })
-            }
-            Opt::Base(_) => None,
         }
     }
+}
+
+/// How a drawn optimizer takes a step.
+pub enum Form<'a, S> {
+    /// The SAM family: the two-call step (`first_step` … finish) and the two-call closure step.
+    Sam(&'a mut S),
+    /// The base optimizer: one gradient, one call.
+    Base(&'a mut BaseOptimizer),
+}
+
+/// An optimizer the checks can drive: the `sam_core` interface plus the facts about the drawn
+/// variant that the predictions depend on. Implemented by the five optimizer types.
+pub trait Drawn: Optimizer + Clone + Debug {
+    /// How the next first step perturbs a group (`None` for the base optimizer).
+    fn perturb_params(&self, o: &GroupOptions) -> Option<PerturbParams>;
 
     /// Whether the clean gradient is stashed (GSAM, WSAM).
-    pub fn stashes(&self) -> bool {
-        matches!(self, Opt::Gsam(_) | Opt::Wsam(_))
+    fn stashes(&self) -> bool {
+        false
     }
 
     /// Whether a non-finite second gradient is guaranteed to skip the step.
-    pub fn checks_second(&self) -> bool {
-        match self {
-            Opt::Sam(v) => v.config().check_second_gradient,
-            Opt::Wasam(v) => v.config().check_second_gradient,
-            Opt::Wsam(v) => v.config().check_second_gradient || v.config().max_norm.is_some(),
-            Opt::Gsam(_) => true,
-            Opt::Base(_) => false,
-        }
+    fn checks_second(&self) -> bool;
+
+    /// Whether the base step takes the second gradient as it is (SAM, WASAM), so that an
+    /// external finish leaves exactly that gradient in the buffers.
+    fn is_sam_like(&self) -> bool {
+        false
     }
 
     /// The lr the next step uses in a group.
-    pub fn lr_used(&self, o: &GroupOptions) -> f64 {
-        each!(self, v => v.lr_at(v.steps(), o.base().lr()))
+    fn lr_used(&self, o: &GroupOptions) -> f64 {
+        self.lr_at(self.steps(), o.base().lr())
     }
 
-    /// The base optimizer, if that is the variant.
-    pub fn as_base(&mut self) -> Option<&mut BaseOptimizer> {
-        match self {
-            Opt::Base(b) => Some(b),
-            _ => None,
+    /// How the optimizer takes a step.
+    fn form(&mut self) -> Form<'_, impl SamOptimizer>;
+
+    /// GSAM, if that is the variant.
+    fn gsam(&self) -> Option<&Gsam> {
+        None
+    }
+
+    /// WSAM, if that is the variant.
+    fn wsam(&self) -> Option<&Wsam> {
+        None
+    }
+
+    /// WASAM, if that is the variant.
+    fn wasam(&self) -> Option<&Wasam> {
+        None
+    }
+
+    /// WASAM, if that is the variant.
+    fn wasam_mut(&mut self) -> Option<&mut Wasam> {
+        None
+    }
+
+    /// Edits a checkpoint as a hostile caller would: sets the step count and (WASAM) the
+    /// snapshot counts, flips WASAM's pending fold. Returns whether the result is a state no run
+    /// produces, which `load_state` must refuse.
+    fn edit_state(
+        state: &mut Self::State,
+        steps: Option<u64>,
+        counts: Option<u64>,
+        flip: bool,
+    ) -> bool;
+}
+
+/// The step count of the plain host state, as [`Drawn::edit_state`] edits it.
+fn edit_steps(state: &mut sam_core::OptimizerState, steps: Option<u64>) -> bool {
+    if let Some(s) = steps {
+        state.steps = s;
+    }
+    false
+}
+
+impl Drawn for Sam {
+    fn perturb_params(&self, o: &GroupOptions) -> Option<PerturbParams> {
+        Some(PerturbParams::of_group(&self.config().perturbation, o))
+    }
+    fn checks_second(&self) -> bool {
+        self.config().check_second_gradient
+    }
+    fn is_sam_like(&self) -> bool {
+        true
+    }
+    fn form(&mut self) -> Form<'_, impl SamOptimizer> {
+        Form::Sam(self)
+    }
+    fn edit_state(s: &mut Self::State, steps: Option<u64>, _: Option<u64>, _: bool) -> bool {
+        edit_steps(s, steps)
+    }
+}
+
+impl Drawn for Gsam {
+    fn perturb_params(&self, _: &GroupOptions) -> Option<PerturbParams> {
+        let p = &self.config().perturbation;
+        Some(PerturbParams {
+            rho: self.rho_at(self.steps()),
+            eta: p.adaptive.then_some(p.eta),
+            eps: p.eps,
+        })
+    }
+    fn stashes(&self) -> bool {
+        true
+    }
+    fn checks_second(&self) -> bool {
+        true
+    }
+    fn form(&mut self) -> Form<'_, impl SamOptimizer> {
+        Form::Sam(self)
+    }
+    fn gsam(&self) -> Option<&Gsam> {
+        Some(self)
+    }
+    fn edit_state(s: &mut Self::State, steps: Option<u64>, _: Option<u64>, _: bool) -> bool {
+        edit_steps(s, steps)
+    }
+}
+
+impl Drawn for Wsam {
+    fn perturb_params(&self, o: &GroupOptions) -> Option<PerturbParams> {
+        Some(PerturbParams::of_group(&self.config().perturbation, o))
+    }
+    fn stashes(&self) -> bool {
+        true
+    }
+    fn checks_second(&self) -> bool {
+        self.config().check_second_gradient || self.config().max_norm.is_some()
+    }
+    fn form(&mut self) -> Form<'_, impl SamOptimizer> {
+        Form::Sam(self)
+    }
+    fn wsam(&self) -> Option<&Wsam> {
+        Some(self)
+    }
+    fn edit_state(s: &mut Self::State, steps: Option<u64>, _: Option<u64>, _: bool) -> bool {
+        edit_steps(s, steps)
+    }
+}
+
+impl Drawn for Wasam {
+    fn perturb_params(&self, o: &GroupOptions) -> Option<PerturbParams> {
+        Some(PerturbParams::of_group(&self.config().perturbation, o))
+    }
+    fn checks_second(&self) -> bool {
+        self.config().check_second_gradient
+    }
+    fn is_sam_like(&self) -> bool {
+        true
+    }
+    fn form(&mut self) -> Form<'_, impl SamOptimizer> {
+        Form::Sam(self)
+    }
+    fn wasam(&self) -> Option<&Wasam> {
+        Some(self)
+    }
+    fn wasam_mut(&mut self) -> Option<&mut Wasam> {
+        Some(self)
+    }
+    fn edit_state(
+        st: &mut WasamState,
+        steps: Option<u64>,
+        counts: Option<u64>,
+        flip: bool,
+    ) -> bool {
+        if let Some(s) = steps {
+            st.steps = s;
         }
+        if let Some(c) = counts {
+            st.counts = [c; sam_core::backend::MAX_AVERAGES];
+        }
+        st.pending_fold ^= flip;
+        // No run leaves a fold pending before its first step.
+        st.pending_fold && st.steps == 0
+    }
+}
+
+impl Drawn for BaseOptimizer {
+    fn perturb_params(&self, _: &GroupOptions) -> Option<PerturbParams> {
+        None
+    }
+    fn checks_second(&self) -> bool {
+        false
+    }
+    fn form(&mut self) -> Form<'_, impl SamOptimizer> {
+        // `Sam` only names the type of the variant that is not used here.
+        Form::<Sam>::Base(self)
+    }
+    fn edit_state(s: &mut Self::State, steps: Option<u64>, _: Option<u64>, _: bool) -> bool {
+        edit_steps(s, steps)
+    }
+}
+
+/// A computation over whichever optimizer a drawn configuration builds: the generic closure
+/// that [`VariantRaw::build_into`] calls with the concrete type.
+pub trait WithDrawn {
+    /// What the computation returns.
+    type Out;
+    /// Runs the computation on a freshly built optimizer.
+    fn run<O: Drawn>(self, opt: O) -> Self::Out;
+}
+
+impl VariantRaw {
+    /// Validates through `sam-core` and runs `f` on the optimizer built.
+    pub fn build_into<W: WithDrawn>(&self, f: W) -> Result<W::Out, Error> {
+        Ok(match self {
+            VariantRaw::Sam(c) => f.run(Sam::new(*c)?),
+            VariantRaw::Gsam(g) => f.run(g.build()?),
+            VariantRaw::Wsam(c) => f.run(Wsam::new(*c)?),
+            VariantRaw::Wasam(c, starts) => f.run(Wasam::new(*c, starts)?),
+            VariantRaw::Base => f.run(BaseOptimizer::new()),
+        })
     }
 }
 

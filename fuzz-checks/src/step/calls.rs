@@ -305,8 +305,8 @@ pub(crate) fn base_step<B: Inspect>(
 pub(crate) const SKIPPED_RESPEC: &str = "skipped in lockstep (would prepare another slot layout)";
 
 /// Applies one operation to a world, checking every promise; updates the model.
-pub fn apply<B: Inspect>(
-    w: &mut World<B>,
+pub fn apply<B: Inspect, O: Drawn>(
+    w: &mut World<B, O>,
     m: &mut Model,
     op: &Op,
     lockstep: bool,
@@ -324,12 +324,9 @@ pub fn apply<B: Inspect>(
             let inactive = snaps(&w.groups[n..]);
             let params = w.params();
             let groups = &mut w.groups[..n];
-            let out = match &mut w.opt {
-                Opt::Base(b) => base_step(b, groups, &j, m),
-                Opt::Sam(o) => guarded(o, groups, &j, &params, g2, *finish, m),
-                Opt::Gsam(o) => guarded(o, groups, &j, &params, g2, *finish, m),
-                Opt::Wsam(o) => guarded(o, groups, &j, &params, g2, *finish, m),
-                Opt::Wasam(o) => guarded(o, groups, &j, &params, g2, *finish, m),
+            let out = match w.opt.form() {
+                Form::Sam(o) => guarded(o, groups, &j, &params, g2, *finish, m),
+                Form::Base(b) => base_step(b, groups, &j, m),
             }?;
             w.note(m, &j.first);
             check_inactive(&inactive, &snaps(&w.groups[n..]))?;
@@ -348,7 +345,7 @@ pub fn apply<B: Inspect>(
                 .collect();
             let mut j = judge(w, m, &g1v);
             // A closure that fails on its first call stops the step before the optimizer runs.
-            let begins = *fail != 1 || matches!(w.opt, Opt::Base(_));
+            let begins = *fail != 1 || matches!(w.opt.form(), Form::Base(_));
             if !begins {
                 j.first.prepares = 0;
                 j.first.reinterpret = false;
@@ -358,15 +355,12 @@ pub fn apply<B: Inspect>(
             }
             let inactive = snaps(&w.groups[n..]);
             let groups = &mut w.groups[..n];
-            let out = match &mut w.opt {
-                Opt::Base(b) => {
+            let out = match w.opt.form() {
+                Form::Base(b) => {
                     write_recipe(groups, g1);
                     base_step(b, groups, &j, m)
                 }
-                Opt::Sam(o) => closure(o, groups, &j, g1, g2, *fail, m),
-                Opt::Gsam(o) => closure(o, groups, &j, g1, g2, *fail, m),
-                Opt::Wsam(o) => closure(o, groups, &j, g1, g2, *fail, m),
-                Opt::Wasam(o) => closure(o, groups, &j, g1, g2, *fail, m),
+                Form::Sam(o) => closure(o, groups, &j, g1, g2, *fail, m),
             }?;
             if begins {
                 w.note(m, &j.first);
@@ -417,7 +411,7 @@ pub fn apply<B: Inspect>(
         }
         Op::Swap { k, touch, end } => swap(w, m, *k, touch.as_ref(), *end, lockstep),
         Op::UpdateAverages => {
-            let Opt::Wasam(v) = &w.opt else {
+            let Some(v) = w.opt.wasam() else {
                 return Ok("update_averages: n/a".into());
             };
             let fold = owed_fold(v);
@@ -426,7 +420,7 @@ pub fn apply<B: Inspect>(
                 return Ok(format!("update_averages: {SKIPPED_RESPEC}"));
             }
             let before = strip(snaps(&w.groups[..n]), first.reinterpret);
-            let Opt::Wasam(v) = &mut w.opt else {
+            let Some(v) = w.opt.wasam_mut() else {
                 unreachable!("checked above")
             };
             let groups = &mut w.groups[..n];
@@ -515,15 +509,15 @@ pub fn apply<B: Inspect>(
 /// the fold owed is applied, the live weights are average `k` and average `k` the live weights
 /// (bit for bit), and after the swap back (or `recover` of a leaked guard) everything is as
 /// after the fold, except that average `k` holds what the live weights held while swapped.
-pub(crate) fn swap<B: Inspect>(
-    w: &mut World<B>,
+pub(crate) fn swap<B: Inspect, O: Drawn>(
+    w: &mut World<B, O>,
     m: &mut Model,
     k: u8,
     touch: Option<&Recipe>,
     end: SwapEnd,
     lockstep: bool,
 ) -> Result<Outcome, Violation> {
-    let Opt::Wasam(v) = &w.opt else {
+    let Some(v) = w.opt.wasam() else {
         return Ok("swap: n/a".into());
     };
     let n = w.active;
@@ -541,7 +535,7 @@ pub(crate) fn swap<B: Inspect>(
         return Ok(format!("swap: {SKIPPED_RESPEC}"));
     }
     let before = strip(snaps(&w.groups[..n]), first.reinterpret);
-    let Opt::Wasam(v) = &mut w.opt else {
+    let Some(v) = w.opt.wasam_mut() else {
         unreachable!("checked above")
     };
     let groups = &mut w.groups[..n];
@@ -632,110 +626,62 @@ pub(crate) fn swap<B: Inspect>(
     Ok("swap: back".into())
 }
 
-/// Saves the host state, edits it, loads it back. Returns the outcome and whether a state was
-/// loaded (which resets the optimizer's record of the groups).
-pub(crate) fn checkpoint(
-    opt: &mut Opt,
+/// Saves the host state, edits it ([`Drawn::edit_state`]), loads it back. Returns the outcome
+/// and whether a state was loaded (which resets the optimizer's record of the groups).
+pub(crate) fn checkpoint<O: Drawn>(
+    opt: &mut O,
     steps: Option<u64>,
     counts: Option<u64>,
     flip: bool,
 ) -> Result<(Outcome, bool), Violation> {
     let phase = opt.phase();
-    let refused_state = |e: Error| -> Result<(Outcome, bool), Violation> {
-        match e {
-            Error::WrongPhase { .. } if phase != Phase::Idle => {
-                Ok(("checkpoint: WrongPhase".into(), false))
-            }
-            e => Err(Violation::new(
-                None,
-                format!("state() in phase {phase:?}: {e}"),
-            )),
+    let old = match opt.state() {
+        Ok(st) => st,
+        Err(Error::WrongPhase { .. }) if phase != Phase::Idle => {
+            return Ok(("checkpoint: WrongPhase".into(), false));
         }
-    };
-    let idle_only = || -> Result<(), Violation> {
-        if phase != Phase::Idle {
+        Err(e) => {
             return Err(Violation::new(
                 None,
-                format!("state() succeeded in phase {phase:?}"),
+                format!("state() in phase {phase:?}: {e}"),
             ));
         }
-        Ok(())
     };
-    macro_rules! plain {
-        ($o:expr) => {{
-            match $o.state() {
-                Ok(mut st) => {
-                    idle_only()?;
-                    if let Some(s) = steps {
-                        st.steps = s;
-                    }
-                    if let Err(e) = $o.load_state(&st) {
-                        return Err(Violation::new(
-                            None,
-                            format!("load_state failed when idle: {e}"),
-                        ));
-                    }
-                    if $o.state().ok() != Some(st) {
-                        return Err(Violation::new(
-                            None,
-                            "load_state did not restore the state".into(),
-                        ));
-                    }
-                    Ok(("checkpoint: loaded".into(), true))
-                }
-                Err(e) => refused_state(e),
-            }
-        }};
+    if phase != Phase::Idle {
+        return Err(Violation::new(
+            None,
+            format!("state() succeeded in phase {phase:?}"),
+        ));
     }
-    match opt {
-        Opt::Base(o) => plain!(o),
-        Opt::Sam(o) => plain!(o),
-        Opt::Gsam(o) => plain!(o),
-        Opt::Wsam(o) => plain!(o),
-        Opt::Wasam(o) => match o.state() {
-            Ok(old) => {
-                idle_only()?;
-                let mut st = old;
-                if let Some(s) = steps {
-                    st.steps = s;
-                }
-                if let Some(c) = counts {
-                    st.counts = [c; MAX_AVERAGES];
-                }
-                st.pending_fold ^= flip;
-                // No run leaves a fold pending before its first step: such a state is refused,
-                // and nothing changes.
-                let refuse = st.pending_fold && st.steps == 0;
-                match (o.load_state(&st), refuse) {
-                    (Ok(()), false) => {
-                        if o.state().ok() != Some(st) {
-                            return Err(Violation::new(
-                                None,
-                                "WASAM load_state did not restore the state".into(),
-                            ));
-                        }
-                        Ok(("checkpoint: loaded".into(), true))
-                    }
-                    (Err(Error::InvalidState { .. }), true) => {
-                        if o.state().ok() != Some(old) {
-                            return Err(Violation::new(
-                                None,
-                                "WASAM load_state refused a state but changed the optimizer".into(),
-                            ));
-                        }
-                        Ok(("checkpoint: InvalidState".into(), false))
-                    }
-                    (r, _) => Err(Violation::new(
-                        None,
-                        format!(
-                            "WASAM load_state({st:?}) returned {r:?}, predicted {}",
-                            if refuse { "InvalidState" } else { "Ok" }
-                        ),
-                    )),
-                }
+    let mut st = old.clone();
+    let refuse = O::edit_state(&mut st, steps, counts, flip);
+    match (opt.load_state(&st), refuse) {
+        (Ok(()), false) => {
+            if opt.state().ok() != Some(st) {
+                return Err(Violation::new(
+                    None,
+                    "load_state did not restore the state".into(),
+                ));
             }
-            Err(e) => refused_state(e),
-        },
+            Ok(("checkpoint: loaded".into(), true))
+        }
+        // Nothing changes on a refused state.
+        (Err(Error::InvalidState { .. }), true) => {
+            if opt.state().ok() != Some(old) {
+                return Err(Violation::new(
+                    None,
+                    "load_state refused a state but changed the optimizer".into(),
+                ));
+            }
+            Ok(("checkpoint: InvalidState".into(), false))
+        }
+        (r, _) => Err(Violation::new(
+            None,
+            format!(
+                "load_state({st:?}) returned {r:?}, predicted {}",
+                if refuse { "InvalidState" } else { "Ok" }
+            ),
+        )),
     }
 }
 

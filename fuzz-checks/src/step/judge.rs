@@ -224,25 +224,22 @@ impl Judge {
     }
 }
 
-pub(crate) fn judge<B: Inspect>(w: &World<B>, m: &Model, g1: &[Vec<f64>]) -> Judge {
+pub(crate) fn judge<B: Inspect, O: Drawn>(w: &World<B, O>, m: &Model, g1: &[Vec<f64>]) -> Judge {
     let first = w.predict_first(m, g1);
     Judge {
         first,
-        fold: match &w.opt {
-            Opt::Wasam(v) => owed_fold(v),
-            _ => None,
-        },
-        gsam: match &w.opt {
-            Opt::Gsam(v) => Some((v.config().alpha, v.config().perturbation.eps)),
-            _ => None,
-        },
+        fold: w.opt.wasam().and_then(owed_fold),
+        gsam: w
+            .opt
+            .gsam()
+            .map(|v| (v.config().alpha, v.config().perturbation.eps)),
         // A call that reinterprets slot memory leaves the class (its base state is garbage).
         class: w.class_pre(m) && !first.reinterpret,
         lr_zero: w.act().iter().all(|g| w.opt.lr_used(&g.options) == 0.0),
         checks_second: w.opt.checks_second(),
         stashes: w.opt.stashes(),
-        wsam_decoupled: matches!(&w.opt, Opt::Wsam(v) if v.config().decouple),
-        is_sam_like: matches!(w.opt, Opt::Sam(_) | Opt::Wasam(_)),
+        wsam_decoupled: w.opt.wsam().is_some_and(|v| v.config().decouple),
+        is_sam_like: w.opt.is_sam_like(),
         is_f64: w.f64,
     }
 }

@@ -32,11 +32,11 @@ use sam_core::reference::{SliceBuffer, SliceError};
 use sam_core::{Error, Group, Optimizer, Phase, SamOptimizer, SkipReason, StepStatus};
 use sam_ndarray::NdGroup;
 
-use crate::config::{GroupRaw, Opt, VariantRaw};
+use crate::config::{GroupRaw, VariantRaw};
 use crate::inspect::{GroupSnap, Inspect, first_diff, kept, same, same_modulo_nan};
 use crate::palette;
 use crate::src::Src;
-use crate::variant::{PerturbParams, base_raw};
+use crate::variant::{Drawn, Form, PerturbParams, WithDrawn, base_raw};
 use crate::{Finding, Policy, Violation};
 
 mod calls;
@@ -90,14 +90,12 @@ pub(crate) fn stores<T: Real>(setup: &Setup) -> Vec<Store<T>> {
         .collect()
 }
 
-/// Builds the reference world; `None` if the variant is refused (the config check's business).
-pub(crate) fn reference_world<'a, T: Real>(
+/// Builds the reference world around a freshly built optimizer.
+pub(crate) fn reference_world<'a, T: Real, O: Drawn>(
     setup: &Setup,
     stores: &'a mut [Store<T>],
-) -> Result<Option<World<SliceBuffer<'a, T>>>, Violation> {
-    let Ok(opt) = setup.variant.build() else {
-        return Ok(None);
-    };
+    opt: O,
+) -> Result<World<SliceBuffer<'a, T>, O>, Violation> {
     let mut groups = Vec::new();
     let mut caps = Vec::new();
     for (gs, st) in setup.groups.iter().zip(stores.iter_mut()) {
@@ -128,28 +126,47 @@ pub(crate) fn reference_world<'a, T: Real>(
         caps.push(gs.slot_values);
     }
     let active = groups.len();
-    Ok(Some(World {
+    Ok(World {
         prepared: vec![None; active],
         groups,
         caps,
         active,
         opt,
         f64: setup.f64,
-    }))
+    })
+}
+
+/// Runs a check over the optimizer of the drawn variant; a variant `sam-core` refuses passes
+/// (refusing it correctly is the `config` check's business).
+pub(crate) fn with_variant<W: WithDrawn<Out = Result<(), Violation>>>(
+    setup: &Setup,
+    check: W,
+) -> Result<(), Violation> {
+    setup.variant.build_into(check).unwrap_or(Ok(()))
+}
+
+/// The `step` check on element type `T`.
+pub(crate) struct Reference<'s, T>(&'s Setup, std::marker::PhantomData<T>);
+
+impl<T: Real> WithDrawn for Reference<'_, T> {
+    type Out = Result<(), Violation>;
+
+    fn run<O: Drawn>(self, opt: O) -> Self::Out {
+        let setup = self.0;
+        let mut st = stores::<T>(setup);
+        let mut world = reference_world(setup, &mut st, opt)?;
+        let mut m = new_model(setup);
+        for op in &setup.ops {
+            let out = apply(&mut world, &mut m, op, false);
+            trace(op, &out);
+            out?;
+        }
+        Ok(())
+    }
 }
 
 pub(crate) fn run_reference<T: Real>(setup: &Setup) -> Result<(), Violation> {
-    let mut st = stores::<T>(setup);
-    let Some(mut world) = reference_world(setup, &mut st)? else {
-        return Ok(());
-    };
-    let mut m = new_model(setup);
-    for op in &setup.ops {
-        let out = apply(&mut world, &mut m, op, false);
-        trace(op, &out);
-        out?;
-    }
-    Ok(())
+    with_variant(setup, Reference::<T>(setup, std::marker::PhantomData))
 }
 
 /// The outcomes of the calls an input makes on the reference backend, prefixed by the variant
@@ -167,26 +184,36 @@ pub fn outcomes(data: &[u8]) -> Vec<String> {
         },
         if setup.f64 { "f64" } else { "f32" }
     );
-    fn go<T: Real>(setup: &Setup, tag: &str) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut st = stores::<T>(setup);
-        let Ok(Some(mut world)) = reference_world(setup, &mut st) else {
-            return out;
-        };
-        let mut m = new_model(setup);
-        for op in &setup.ops {
-            match apply(&mut world, &mut m, op, false) {
-                Ok(o) => out.push(format!("{tag} {o}")),
-                Err(_) => break,
+    struct Go<'s, T>(&'s Setup, &'s str, std::marker::PhantomData<T>);
+    impl<T: Real> WithDrawn for Go<'_, T> {
+        type Out = Vec<String>;
+        fn run<O: Drawn>(self, opt: O) -> Vec<String> {
+            let (setup, tag) = (self.0, self.1);
+            let mut out = Vec::new();
+            let mut st = stores::<T>(setup);
+            let Ok(mut world) = reference_world(setup, &mut st, opt) else {
+                return out;
+            };
+            let mut m = new_model(setup);
+            for op in &setup.ops {
+                match apply(&mut world, &mut m, op, false) {
+                    Ok(o) => out.push(format!("{tag} {o}")),
+                    Err(_) => break,
+                }
             }
+            out
         }
-        out
     }
-    if setup.f64 {
-        go::<f64>(&setup, &tag)
+    let r = if setup.f64 {
+        setup
+            .variant
+            .build_into(Go::<f64>(&setup, &tag, std::marker::PhantomData))
     } else {
-        go::<f32>(&setup, &tag)
-    }
+        setup
+            .variant
+            .build_into(Go::<f32>(&setup, &tag, std::marker::PhantomData))
+    };
+    r.unwrap_or_default()
 }
 
 /// The `step` check: see the module docs.
@@ -240,10 +267,23 @@ pub(crate) fn nd_constructors<T: Real>() -> Result<(), Violation> {
 
 pub(crate) fn run_lockstep<T: Real>(setup: &Setup) -> Result<(), Violation> {
     nd_constructors::<T>()?;
+    with_variant(setup, Lockstep::<T>(setup, std::marker::PhantomData))
+}
+
+/// The `ndarray_step` check on element type `T`.
+pub(crate) struct Lockstep<'s, T>(&'s Setup, std::marker::PhantomData<T>);
+
+impl<T: Real> WithDrawn for Lockstep<'_, T> {
+    type Out = Result<(), Violation>;
+
+    fn run<O: Drawn>(self, opt: O) -> Self::Out {
+        lockstep::<T, O>(self.0, opt)
+    }
+}
+
+fn lockstep<T: Real, O: Drawn>(setup: &Setup, opt: O) -> Result<(), Violation> {
     let mut st = stores::<T>(setup);
-    let Some(mut a) = reference_world(setup, &mut st)? else {
-        return Ok(());
-    };
+    let mut a = reference_world(setup, &mut st, opt.clone())?;
     let mut groups = Vec::new();
     for gs in &setup.groups {
         let Ok(options) = gs.raw.build() else {
@@ -264,9 +304,6 @@ pub(crate) fn run_lockstep<T: Real>(setup: &Setup) -> Result<(), Violation> {
     }
     let caps = vec![usize::MAX; groups.len()];
     let active = groups.len();
-    let Ok(opt) = setup.variant.build() else {
-        return Ok(());
-    };
     let mut b = World {
         prepared: vec![None; active],
         groups,

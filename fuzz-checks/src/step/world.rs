@@ -26,7 +26,7 @@ pub struct Model {
 }
 
 /// A backend's view of a run.
-pub struct World<B> {
+pub struct World<B, O> {
     /// All groups (the first `active` are passed to the optimizer).
     pub groups: Vec<Group<B>>,
     /// Slot memory of each group, in values (`usize::MAX` for allocating backends).
@@ -36,7 +36,7 @@ pub struct World<B> {
     /// Number of groups passed.
     pub active: usize,
     /// The optimizer.
-    pub opt: Opt,
+    pub opt: O,
     /// Values are `f64` (else `f32`).
     pub f64: bool,
 }
@@ -61,7 +61,7 @@ pub(crate) fn role_index(role: Slot) -> Option<usize> {
     Slot::ALL.iter().position(|r| *r == role)
 }
 
-impl<B: Inspect> World<B> {
+impl<B: Inspect, O: Drawn> World<B, O> {
     pub(crate) fn act(&self) -> &[Group<B>] {
         &self.groups[..self.active]
     }
@@ -165,7 +165,7 @@ impl<B: Inspect> World<B> {
     /// gradient (or an adaptive group's weight) is NaN/±∞, `NormOverflow` if an adaptive
     /// group's `(|w|+η)·g` overflows for finite operands, else `Ok`.
     pub fn predict_first(&self, m: &Model, g1: &[Vec<f64>]) -> First {
-        if let Opt::Gsam(v) = &self.opt {
+        if let Some(v) = self.opt.gsam() {
             if self
                 .act()
                 .iter()
@@ -290,17 +290,14 @@ pub(crate) fn run_first<V: SamOptimizer, B: Inspect>(
     })
 }
 
-pub(crate) fn recover_opt<B: ParamBuffer>(
-    opt: &mut Opt,
+pub(crate) fn recover_opt<B: ParamBuffer, O: Drawn>(
+    opt: &mut O,
     groups: &mut [Group<B>],
 ) -> Option<Result<(), Error<B::Error>>> {
-    Some(match opt {
-        Opt::Sam(o) => o.recover(groups),
-        Opt::Gsam(o) => o.recover(groups),
-        Opt::Wsam(o) => o.recover(groups),
-        Opt::Wasam(o) => o.recover(groups),
-        Opt::Base(_) => return None,
-    })
+    match opt.form() {
+        Form::Sam(o) => Some(o.recover(groups)),
+        Form::Base(_) => None,
+    }
 }
 
 /// What a successful swap did.
