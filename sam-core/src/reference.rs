@@ -3,7 +3,8 @@
 //! It is the executable specification: each pass is the simplest loop around the element
 //! functions of [`kernel`], in the canonical order. Every other backend is tested
 //! against it. It allocates nothing: the caller provides the slot memory (`spec.count() · len`
-//! values, zero-initialised, laid out slot after slot).
+//! values, zero-initialised, laid out slot after slot). With the `alloc` feature, `VecBuffer`
+//! owns its memory and runs the same passes (for tests and for storage held in `Vec`s).
 //!
 //! ```
 //! use sam_core::reference::SliceBuffer;
@@ -21,6 +22,11 @@ use crate::backend::{BaseStep, GradMix, Real};
 use crate::buffer::{
     AverageFold, ParamBuffer, PerturbSpec, ReduceSpec, Reduction, Slot, SlotSpec, UpdateSpec,
 };
+
+#[cfg(feature = "alloc")]
+mod vec_buffer;
+#[cfg(feature = "alloc")]
+pub use vec_buffer::VecBuffer;
 
 /// Errors of the reference backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +51,12 @@ pub enum SliceError {
     /// The slot spec asks for more base-state slots (3) or averages
     /// ([`MAX_AVERAGES`](crate::backend::MAX_AVERAGES)) than any optimizer uses.
     UnsupportedSlots,
+    /// The slot memory an owning buffer (`VecBuffer`, feature `alloc`) needs could not be
+    /// allocated.
+    OutOfMemory {
+        /// Values that were to be allocated.
+        values: usize,
+    },
 }
 
 impl fmt::Display for SliceError {
@@ -62,6 +74,9 @@ impl fmt::Display for SliceError {
             SliceError::MissingSlot => f.write_str("a pass needs a slot that was not prepared"),
             SliceError::UnsupportedSlots => {
                 f.write_str("at most 3 base-state slots and MAX_AVERAGES averages are supported")
+            }
+            SliceError::OutOfMemory { values } => {
+                write!(f, "could not allocate slot memory of {values} values")
             }
         }
     }
@@ -138,6 +153,15 @@ impl<'a, T: Real> SliceBuffer<'a, T> {
     }
 }
 
+/// Refuses a slot spec no optimizer asks for (more than 3 base-state slots or
+/// [`MAX_AVERAGES`](crate::backend::MAX_AVERAGES) averages).
+fn supported(spec: &SlotSpec) -> Result<(), SliceError> {
+    if spec.state > 3 || usize::from(spec.averages) > crate::backend::MAX_AVERAGES {
+        return Err(SliceError::UnsupportedSlots);
+    }
+    Ok(())
+}
+
 impl<T: Real> ParamBuffer for SliceBuffer<'_, T> {
     type Scalar = T;
     type Error = SliceError;
@@ -147,9 +171,7 @@ impl<T: Real> ParamBuffer for SliceBuffer<'_, T> {
     }
 
     fn prepare(&mut self, spec: &SlotSpec) -> Result<(), SliceError> {
-        if spec.state > 3 || usize::from(spec.averages) > crate::backend::MAX_AVERAGES {
-            return Err(SliceError::UnsupportedSlots);
-        }
+        supported(spec)?;
         let needed = spec.count().saturating_mul(self.w.len());
         if self.slots.len() < needed {
             return Err(SliceError::SlotsTooSmall {

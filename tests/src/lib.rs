@@ -1,8 +1,8 @@
 //! Shared helpers of the workspace integration tests (`sam-tests`, not published).
 //!
-//! The central check is [`assert_same_bits`]: an [`NdGroup`] and a reference
-//! [`SliceBuffer`] holding the same group must agree bit for bit in weights, gradients and
-//! every slot. Around it: owned storage for reference groups ([`RefStore`]), paired fixtures
+//! The central check is [`assert_same_bits`]: an [`NdGroup`] and a reference buffer
+//! ([`VecBuffer`], the reference passes over owned memory) holding the same group must agree
+//! bit for bit in weights, gradients and every slot. Around it: paired fixtures
 //! built from tensor shapes ([`Fixture`]), deterministic value generators, proptest strategies
 //! for every pass specification ([`strategy`]), a deterministic gradient oracle for end-to-end
 //! runs ([`write_grads_nd`], [`write_grads_ref`]), and, with the `rayon` feature, fixed thread
@@ -13,8 +13,8 @@
 //! value (including `-0.0` vs `0.0` and subnormals) must match exactly.
 
 use ndarray::{ArrayD, IxDyn};
-use sam_core::backend::{Real, Reduction, Slot};
-use sam_core::reference::SliceBuffer;
+use sam_core::backend::{ParamBuffer, Real, Reduction, Slot};
+use sam_core::reference::VecBuffer;
 use sam_core::{Group, GroupOptions};
 use sam_ndarray::NdGroup;
 
@@ -93,10 +93,7 @@ pub fn flat<T: Real>(arrays: &[ArrayD<T>]) -> Vec<T> {
 
 /// Checks that an [`NdGroup`] and a reference buffer hold the same bits: weights, gradients,
 /// and every slot (present in both with the same values, or absent in both).
-pub fn check_same_bits<T: Bits>(
-    nd: &NdGroup<T>,
-    reference: &SliceBuffer<'_, T>,
-) -> Result<(), String> {
+pub fn check_same_bits<T: Bits>(nd: &NdGroup<T>, reference: &VecBuffer<T>) -> Result<(), String> {
     check_slices("weights", &flat(nd.weights()), reference.weights())?;
     check_slices("gradient", &flat(nd.grads()), reference.grad())?;
     for slot in Slot::ALL {
@@ -118,7 +115,7 @@ pub fn check_same_bits<T: Bits>(
 /// Asserts that an [`NdGroup`] and a reference buffer hold the same bits: weights, gradients,
 /// and every slot (present in both with the same values, or absent in both).
 #[track_caller]
-pub fn assert_same_bits<T: Bits>(nd: &NdGroup<T>, reference: &SliceBuffer<'_, T>) {
+pub fn assert_same_bits<T: Bits>(nd: &NdGroup<T>, reference: &VecBuffer<T>) {
     if let Err(e) = check_same_bits(nd, reference) {
         panic!("{e}");
     }
@@ -164,69 +161,24 @@ pub fn assert_same_reduction(nd: &Reduction, reference: &Reduction) {
 /// Asserts that two groups of [`NdGroup`]s and of reference buffers agree (see
 /// [`assert_same_bits`]), group by group.
 #[track_caller]
-pub fn assert_groups_same<T: Bits>(
-    nd: &[Group<NdGroup<T>>],
-    reference: &[Group<SliceBuffer<'_, T>>],
-) {
+pub fn assert_groups_same<T: Bits>(nd: &[Group<NdGroup<T>>], reference: &[Group<VecBuffer<T>>]) {
     assert_eq!(nd.len(), reference.len(), "number of groups");
     for (a, b) in nd.iter().zip(reference) {
         assert_same_bits(&a.buffer, &b.buffer);
     }
 }
 
-/// Owned memory of one reference group, with room for every slot.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RefStore<T> {
-    /// Weights.
-    pub w: Vec<T>,
-    /// Gradient.
-    pub g: Vec<T>,
-    /// Slot memory (9 slots).
-    pub slots: Vec<T>,
-}
-
-impl<T: Real> RefStore<T> {
-    /// Storage holding these weights and gradient, with zeroed room for all 9 slots.
-    pub fn new(w: Vec<T>, g: Vec<T>) -> Self {
-        let n = w.len();
-        RefStore {
-            w,
-            g,
-            slots: vec![T::from_f64(0.0); Slot::ALL.len() * n],
-        }
-    }
-
-    /// The same flat contents as an [`NdGroup`] (weights and gradients; slots zeroed).
-    pub fn from_nd(nd: &NdGroup<T>) -> Self {
-        Self::new(flat(nd.weights()), flat(nd.grads()))
-    }
-
-    /// A reference buffer over this storage.
-    pub fn buffer(&mut self) -> SliceBuffer<'_, T> {
-        match SliceBuffer::new(&mut self.w, &mut self.g, &mut self.slots) {
-            Ok(b) => b,
-            Err(e) => panic!("reference buffer: {e}"),
-        }
+/// A reference buffer holding the flat concatenation of an [`NdGroup`]'s weights and gradients
+/// (no slots yet).
+pub fn reference_of<T: Real>(nd: &NdGroup<T>) -> VecBuffer<T> {
+    match VecBuffer::new(flat(nd.weights()), flat(nd.grads())) {
+        Ok(b) => b,
+        Err(e) => panic!("reference buffer: {e}"),
     }
 }
 
-/// Reference groups borrowing `stores`, with these options (one per store).
-pub fn ref_groups<'a, T: Real>(
-    stores: &'a mut [RefStore<T>],
-    opts: &[GroupOptions],
-) -> Vec<Group<SliceBuffer<'a, T>>> {
-    stores
-        .iter_mut()
-        .zip(opts)
-        .map(|(s, o)| Group::with_options(s.buffer(), *o))
-        .collect()
-}
-
-/// [`NdGroup`] groups with these options (one per buffer).
-pub fn nd_groups<T: Real>(
-    buffers: Vec<NdGroup<T>>,
-    opts: &[GroupOptions],
-) -> Vec<Group<NdGroup<T>>> {
+/// Groups of these buffers with these options (one per buffer).
+pub fn groups<B: ParamBuffer>(buffers: Vec<B>, opts: &[GroupOptions]) -> Vec<Group<B>> {
     buffers
         .into_iter()
         .zip(opts)
@@ -317,8 +269,8 @@ pub fn array<T: Real>(rng: &mut SplitMix, shape: &[usize], palette: Palette) -> 
 pub struct Fixture<T: Real> {
     /// The ndarray group.
     pub nd: NdGroup<T>,
-    /// The reference storage (borrow it with [`RefStore::buffer`]).
-    pub reference: RefStore<T>,
+    /// The reference buffer.
+    pub reference: VecBuffer<T>,
 }
 
 impl<T: Real> Fixture<T> {
@@ -331,7 +283,7 @@ impl<T: Real> Fixture<T> {
             Ok(nd) => nd,
             Err(e) => panic!("fixture: {e}"),
         };
-        let reference = RefStore::from_nd(&nd);
+        let reference = reference_of(&nd);
         Fixture { nd, reference }
     }
 }
@@ -353,7 +305,7 @@ pub fn write_grad_nd<T: Real>(nd: &mut NdGroup<T>, f: impl Fn(usize, f64) -> f64
 }
 
 /// Writes `g_i = f(i, w_i)` into a reference buffer's gradient (see [`write_grad_nd`]).
-pub fn write_grad_ref<T: Real>(r: &mut SliceBuffer<'_, T>, f: impl Fn(usize, f64) -> f64) {
+pub fn write_grad_ref<T: Real>(r: &mut VecBuffer<T>, f: impl Fn(usize, f64) -> f64) {
     let (w, g) = r.weights_and_grad();
     for (i, (gi, wi)) in g.iter_mut().zip(w).enumerate() {
         *gi = T::from_f64(f(i, wi.to_f64()));
@@ -388,7 +340,7 @@ pub fn write_grads_nd<T: Real>(
 
 /// Writes the [`oracle`] gradient into every reference group.
 pub fn write_grads_ref<T: Real>(
-    groups: &mut [Group<SliceBuffer<'_, T>>],
+    groups: &mut [Group<VecBuffer<T>>],
     salt: u64,
     nan_at: Option<(usize, usize)>,
 ) {
@@ -403,7 +355,7 @@ pub fn write_grads_ref<T: Real>(
 /// vector and a matrix with ASAM around Adam (L2 decay); an empty tensor, a 5-vector and a
 /// scalar with AMSGrad AdamW and their own ρ = 0.2. Weights and gradients are moderate values;
 /// with the `rayon` feature the groups split work down to 500 elements.
-pub fn standard_groups<T: Real>() -> (Vec<NdGroup<T>>, Vec<RefStore<T>>, Vec<GroupOptions>) {
+pub fn standard_groups<T: Real>() -> (Vec<NdGroup<T>>, Vec<VecBuffer<T>>, Vec<GroupOptions>) {
     use sam_core::{AdamConfig, BaseRule, SgdConfig};
     let shapes = [
         vec![vec![16, 3, 3, 3], vec![16], vec![16]],

@@ -4,13 +4,13 @@
 
 use std::cell::Cell;
 
-use sam_core::reference::SliceBuffer;
+use sam_core::reference::VecBuffer;
 use sam_core::{BaseOptimizer, Error, Group, Sam, SamConfig, SkipReason, StepStatus};
 use sam_core::{Optimizer as _, SamOptimizer as _};
 use sam_ndarray::{NdError, NdGroup};
 use sam_tests::{
-    Bits, assert_groups_same, nd_groups, on_every_pool, ref_groups, standard_groups,
-    write_grads_nd, write_grads_ref,
+    Bits, assert_groups_same, groups, on_every_pool, standard_groups, write_grads_nd,
+    write_grads_ref,
 };
 
 /// Gradient salt and NaN position for call `c` of the closure (two calls per SAM step).
@@ -23,9 +23,9 @@ fn schedule(c: u64) -> (u64, Option<(usize, usize)>) {
 }
 
 fn sam_steps<T: Bits>(cfg: SamConfig) {
-    let (nds, mut stores, opts) = standard_groups::<T>();
-    let mut a = nd_groups(nds, &opts);
-    let mut b = ref_groups(&mut stores, &opts);
+    let (nds, stores, opts) = standard_groups::<T>();
+    let mut a = groups(nds, &opts);
+    let mut b = groups(stores, &opts);
     let mut sam_a = Sam::new(cfg).unwrap();
     let mut sam_b = Sam::new(cfg).unwrap();
     let (ca, cb) = (Cell::new(0u64), Cell::new(0u64));
@@ -39,7 +39,7 @@ fn sam_steps<T: Bits>(cfg: SamConfig) {
             })
             .unwrap();
         let rb = sam_b
-            .step(&mut b, |gs: &mut [Group<SliceBuffer<'_, T>>]| {
+            .step(&mut b, |gs: &mut [Group<VecBuffer<T>>]| {
                 let (salt, nan) = schedule(cb.replace(cb.get() + 1));
                 write_grads_ref(gs, salt, nan);
                 Ok::<_, Error<sam_core::reference::SliceError>>(())
@@ -87,9 +87,9 @@ fn asam_matches_reference() {
 }
 
 fn external_and_guard<T: Bits>() {
-    let (nds, mut stores, opts) = standard_groups::<T>();
-    let mut a = nd_groups(nds, &opts);
-    let mut b = ref_groups(&mut stores, &opts);
+    let (nds, stores, opts) = standard_groups::<T>();
+    let mut a = groups(nds, &opts);
+    let mut b = groups(stores, &opts);
     let cfg = SamConfig::from(sam_core::Perturbation::sam(0.1));
     let (mut sam_a, mut sam_b) = (Sam::new(cfg).unwrap(), Sam::new(cfg).unwrap());
     for step in 0..4u64 {
@@ -124,9 +124,9 @@ fn external_base_and_dropped_guard_match_reference() {
 }
 
 fn base_steps<T: Bits>() {
-    let (nds, mut stores, opts) = standard_groups::<T>();
-    let mut a = nd_groups(nds, &opts);
-    let mut b = ref_groups(&mut stores, &opts);
+    let (nds, stores, opts) = standard_groups::<T>();
+    let mut a = groups(nds, &opts);
+    let mut b = groups(stores, &opts);
     let (mut oa, mut ob) = (BaseOptimizer::new(), BaseOptimizer::new());
     for step in 0..8u64 {
         let nan = (step == 4).then_some((2, 1));

@@ -50,7 +50,7 @@ fn fixture<T: Bits>(
     shapes: &[Vec<usize>],
     seed: u64,
     palette: Palette,
-) -> (NdGroup<T>, sam_tests::RefStore<T>) {
+) -> (NdGroup<T>, sam_core::reference::VecBuffer<T>) {
     let Fixture {
         mut nd,
         mut reference,
@@ -58,6 +58,7 @@ fn fixture<T: Bits>(
     #[cfg(feature = "rayon")]
     nd.set_min_parallel_len(1000);
     nd.prepare(&FULL).unwrap();
+    reference.prepare(&FULL).unwrap();
     // Non-zero slots (stash, states, averages) so that every operand matters.
     for (k, slot) in sam_core::backend::Slot::ALL.into_iter().enumerate() {
         let v: Vec<T> = sam_tests::values(
@@ -76,8 +77,7 @@ fn fixture<T: Bits>(
             v
         };
         nd.slot_mut(slot).unwrap().copy_from_slice(&v);
-        let n = v.len();
-        reference.slots[k * n..(k + 1) * n].copy_from_slice(&v);
+        reference.slot_mut(slot).unwrap().copy_from_slice(&v);
     }
     (nd, reference)
 }
@@ -85,8 +85,7 @@ fn fixture<T: Bits>(
 fn reduce_all<T: Bits>() {
     for (li, shapes) in layouts().iter().enumerate() {
         for palette in [Palette::Moderate, Palette::Extreme, Palette::NonFinite] {
-            let (mut nd, mut store) = fixture::<T>(shapes, 1 + li as u64, palette);
-            let mut r = store.buffer();
+            let (mut nd, mut r) = fixture::<T>(shapes, 1 + li as u64, palette);
             r.prepare(&FULL).unwrap();
             for perturb in weightings() {
                 for bits in 0..8u8 {
@@ -116,9 +115,7 @@ fn perturb_all<T: Bits>() {
         for stash in [false, true] {
             for weighting in [Weighting::Plain, Weighting::Adaptive { eta: 0.01 }] {
                 for (scale, coeff) in [(1.0, 0.3), (1.0, 0.0), (2f64.powi(-40), 7e11)] {
-                    let (mut nd, mut store) =
-                        fixture::<T>(shapes, 100 + li as u64, Palette::Extreme);
-                    let mut r = store.buffer();
+                    let (mut nd, mut r) = fixture::<T>(shapes, 100 + li as u64, Palette::Extreme);
                     r.prepare(&FULL).unwrap();
                     let spec = PerturbSpec {
                         stash,
@@ -207,9 +204,8 @@ fn update_all<T: Bits>() {
                 for grad in [GradMix::Current, GradMix::Mix { a: 1.3, b: -0.4 }] {
                     for post in [None, Some(PostMix { a: -0.01, b: 0.02 })] {
                         for average in folds {
-                            let (mut nd, mut store) =
+                            let (mut nd, mut r) =
                                 fixture::<T>(shapes, 200 + li as u64, Palette::Extreme);
-                            let mut r = store.buffer();
                             r.prepare(&FULL).unwrap();
                             let spec = UpdateSpec {
                                 restore,

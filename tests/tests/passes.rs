@@ -54,7 +54,7 @@ fn case() -> impl Strategy<Value = Case> {
 fn apply<T: Bits>(
     op: &Op,
     nd: &mut NdGroup<T>,
-    r: &mut sam_core::reference::SliceBuffer<'_, T>,
+    r: &mut sam_core::reference::VecBuffer<T>,
 ) -> (
     Result<Option<Reduction>, NdError>,
     Result<Option<Reduction>, SliceError>,
@@ -84,12 +84,11 @@ fn apply<T: Bits>(
 fn run_case<T: Bits>(case: &Case) {
     let Fixture {
         mut nd,
-        mut reference,
+        reference: mut r,
     } = Fixture::<T>::new(&case.shapes, case.seed, case.weights, case.grads);
     #[cfg(feature = "rayon")]
     nd.set_min_parallel_len(case.min_par);
     let _ = case.min_par;
-    let mut r = reference.buffer();
     nd.prepare(&case.slots).expect("prepare (ndarray)");
     r.prepare(&case.slots).expect("prepare (reference)");
     assert_same_bits(&nd, &r);

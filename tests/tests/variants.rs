@@ -6,15 +6,15 @@
 use std::cell::Cell;
 
 use sam_core::Optimizer as _;
-use sam_core::reference::{SliceBuffer, SliceError};
+use sam_core::reference::{SliceError, VecBuffer};
 use sam_core::{
     Error, Group, GroupOptions, Gsam, GsamConfig, RhoSchedule, SamConfig, Schedule, StepStatus,
     Wasam, Wsam, WsamConfig,
 };
 use sam_ndarray::{NdError, NdGroup};
 use sam_tests::{
-    Bits, assert_groups_same, nd_groups, on_every_pool, ref_groups, standard_groups,
-    write_grads_nd, write_grads_ref,
+    Bits, assert_groups_same, groups, on_every_pool, standard_groups, write_grads_nd,
+    write_grads_ref,
 };
 
 /// Gradient salt and NaN position for call `c` of the closure (two calls per step): a NaN in a
@@ -36,10 +36,10 @@ macro_rules! compare {
         compare!($t, $a, $b, $steps, $map, |_oa, _ob, _ga, _gb| {})
     };
     ($t:ty, $a:expr, $b:expr, $steps:expr, $map:expr, |$oa:ident, $ob:ident, $ga:ident, $gb:ident| $after:block) => {{
-        let (nds, mut stores, opts) = standard_groups::<$t>();
+        let (nds, stores, opts) = standard_groups::<$t>();
         let opts: Vec<GroupOptions> = opts.into_iter().map($map).collect();
-        let mut ga = nd_groups(nds, &opts);
-        let mut gb = ref_groups(&mut stores, &opts);
+        let mut ga = groups(nds, &opts);
+        let mut gb = groups(stores, &opts);
         let (mut a, mut b) = ($a, $b);
         let (ca, cb) = (Cell::new(0u64), Cell::new(0u64));
         let mut applied = 0;
@@ -52,7 +52,7 @@ macro_rules! compare {
                 })
                 .unwrap();
             let rb = b
-                .step(&mut gb, |gs: &mut [Group<SliceBuffer<'_, $t>>]| {
+                .step(&mut gb, |gs: &mut [Group<VecBuffer<$t>>]| {
                     let (salt, nan) = schedule(cb.replace(cb.get() + 1));
                     write_grads_ref(gs, salt, nan);
                     Ok::<_, Error<SliceError>>(())

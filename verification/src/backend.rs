@@ -1,10 +1,8 @@
 //! Storage backends the runner can replay a case on.
 
 use ndarray::{ArrayD, IxDyn};
-use sam_core::backend::{
-    AverageFold, ParamBuffer, PerturbSpec, Real, ReduceSpec, Reduction, Slot, SlotSpec, UpdateSpec,
-};
-use sam_core::reference::{SliceBuffer, SliceError};
+use sam_core::backend::{ParamBuffer, Real, Slot};
+use sam_core::reference::VecBuffer;
 use sam_cuda::{Context, CudaGroup, CudaReal};
 use sam_ndarray::NdGroup;
 
@@ -36,76 +34,9 @@ pub trait ReplayBackend {
     ) -> Result<(), String>;
 }
 
-/// The core's reference backend ([`SliceBuffer`]) over vectors owned by the runner.
+/// The core's reference backend over vectors it owns ([`VecBuffer`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CoreBackend;
-
-/// Owned storage viewed through a [`SliceBuffer`] for each pass.
-#[derive(Debug, Clone)]
-pub struct OwnedSlices<T: Real> {
-    w: Vec<T>,
-    g: Vec<T>,
-    slots: Vec<T>,
-    spec: Option<SlotSpec>,
-}
-
-impl<T: Real> OwnedSlices<T> {
-    fn view<R>(
-        &mut self,
-        f: impl FnOnce(&mut SliceBuffer<'_, T>) -> Result<R, SliceError>,
-    ) -> Result<R, SliceError> {
-        let mut b = SliceBuffer::new(&mut self.w, &mut self.g, &mut self.slots)?;
-        if let Some(spec) = &self.spec {
-            b.prepare(spec)?;
-        }
-        f(&mut b)
-    }
-}
-
-impl<T: Real> ParamBuffer for OwnedSlices<T> {
-    type Scalar = T;
-    type Error = SliceError;
-
-    fn len(&self) -> usize {
-        self.w.len()
-    }
-
-    fn prepare(&mut self, spec: &SlotSpec) -> Result<(), SliceError> {
-        if self.spec.as_ref() != Some(spec) {
-            let n = spec
-                .count()
-                .checked_mul(self.w.len())
-                .ok_or(SliceError::MissingSlot)?;
-            self.slots = vec![T::default(); n];
-            self.spec = Some(*spec);
-        }
-        Ok(())
-    }
-
-    fn reduce(&mut self, spec: &ReduceSpec) -> Result<Reduction, SliceError> {
-        self.view(|b| b.reduce(spec))
-    }
-
-    fn perturb(&mut self, spec: &PerturbSpec) -> Result<(), SliceError> {
-        self.view(|b| b.perturb(spec))
-    }
-
-    fn restore(&mut self) -> Result<(), SliceError> {
-        self.view(|b| b.restore())
-    }
-
-    fn update(&mut self, spec: &UpdateSpec) -> Result<(), SliceError> {
-        self.view(|b| b.update(spec))
-    }
-
-    fn fold_averages(&mut self, fold: &AverageFold) -> Result<(), SliceError> {
-        self.view(|b| b.fold_averages(fold))
-    }
-
-    fn swap_average(&mut self, k: u8) -> Result<(), SliceError> {
-        self.view(|b| b.swap_average(k))
-    }
-}
 
 fn copy<T: Copy>(out: &mut [T], src: &[T]) -> Result<(), String> {
     if out.len() != src.len() {
@@ -116,42 +47,35 @@ fn copy<T: Copy>(out: &mut [T], src: &[T]) -> Result<(), String> {
 }
 
 impl ReplayBackend for CoreBackend {
-    type Buf<T: Element> = OwnedSlices<T>;
+    type Buf<T: Element> = VecBuffer<T>;
 
     fn name(&self) -> &'static str {
         "core"
     }
 
-    fn make<T: Element>(&self, init: Vec<T>, _lens: &[usize]) -> Result<OwnedSlices<T>, String> {
+    fn make<T: Element>(&self, init: Vec<T>, _lens: &[usize]) -> Result<VecBuffer<T>, String> {
         let g = vec![T::default(); init.len()];
-        Ok(OwnedSlices {
-            w: init,
-            g,
-            slots: Vec::new(),
-            spec: None,
-        })
+        VecBuffer::new(init, g).map_err(|e| e.to_string())
     }
 
-    fn read_weights<T: Element>(&self, buf: &OwnedSlices<T>, out: &mut [T]) -> Result<(), String> {
-        copy(out, &buf.w)
+    fn read_weights<T: Element>(&self, buf: &VecBuffer<T>, out: &mut [T]) -> Result<(), String> {
+        copy(out, buf.weights())
     }
 
-    fn write_grad<T: Element>(&self, buf: &mut OwnedSlices<T>, grad: &[T]) -> Result<(), String> {
-        copy(&mut buf.g, grad)
+    fn write_grad<T: Element>(&self, buf: &mut VecBuffer<T>, grad: &[T]) -> Result<(), String> {
+        copy(buf.grad_mut(), grad)
     }
 
     fn read_average<T: Element>(
         &self,
-        buf: &OwnedSlices<T>,
+        buf: &VecBuffer<T>,
         k: u8,
         out: &mut [T],
     ) -> Result<(), String> {
-        let n = buf.w.len();
-        let i = buf
-            .spec
-            .and_then(|s| s.index(Slot::Average(k)))
+        let avg = buf
+            .slot(Slot::Average(k))
             .ok_or_else(|| format!("average {k} was never allocated"))?;
-        copy(out, &buf.slots[i * n..(i + 1) * n])
+        copy(out, avg)
     }
 }
 
