@@ -27,7 +27,9 @@ use sam_verification::{case, run_bytes};
 // ---------------------------------------------------------------------------------------------
 // Harness
 
-/// Owned memory of one reference-backend group (room for every slot).
+/// Caller-provided memory of one `SliceBuffer` group, with room for every slot. The contract
+/// tests keep `SliceBuffer` (not the owning `VecBuffer`) because they cut this memory short and
+/// read its scratch slots directly.
 #[derive(Debug, Clone, PartialEq)]
 struct Store {
     w: Vec<f64>,
@@ -39,7 +41,7 @@ fn store(w: &[f64], g: &[f64]) -> Store {
     Store {
         w: w.to_vec(),
         g: g.to_vec(),
-        s: vec![0.0; 9 * w.len()],
+        s: vec![0.0; Slot::ALL.len() * w.len()],
     }
 }
 

@@ -3,11 +3,13 @@
 #![allow(dead_code)]
 
 use proptest::prelude::*;
-use sam_core::backend::Real;
+use sam_core::backend::{Real, Slot};
 use sam_core::reference::SliceBuffer;
 use sam_core::{Group, GroupOptions};
 
-/// Owned memory of one group.
+/// Caller-provided memory of one `SliceBuffer` group: these tests check the reference backend
+/// itself, including its slot-memory checks, so they keep the slices (the owning `VecBuffer`
+/// needs the `alloc` feature and runs the same passes).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Store<T> {
     pub w: Vec<T>,
@@ -22,7 +24,7 @@ impl<T: Real> Store<T> {
         Store {
             w,
             g,
-            slots: vec![T::default(); 9 * n],
+            slots: vec![T::default(); Slot::ALL.len() * n],
         }
     }
 }
