@@ -93,7 +93,7 @@ pub(crate) fn guarded<V: SamOptimizer, B: Inspect>(
     };
     let expect = predict_second(j, finish, &g1, &g2)?;
     let external = finish == Finish::External;
-    match (result, expect.outcome) {
+    match (result, expect.against(outcome_of(&result))) {
         (Ok(StepStatus::Applied), Ok(None)) => {
             if external {
                 check_unchanged(&base, &now, "restore_with_gradient")?;
@@ -193,7 +193,7 @@ pub(crate) fn closure<V: SamOptimizer, B: Inspect>(
                 return Ok(format!("closure: {name}"));
             }
             let expect = predict_second(j, Finish::Second, &g1, &g2)?;
-            match expect.outcome {
+            match expect.against(Err(name)) {
                 Err(p) if p == name => {
                     check_unchanged(&base, &now, "closure step")?;
                     Ok(format!("closure: {name}"))
@@ -237,7 +237,7 @@ pub(crate) fn closure<V: SamOptimizer, B: Inspect>(
                     ));
                 }
                 let expect = predict_second(j, Finish::Second, &g1, &g2)?;
-                match (status, expect.outcome) {
+                match (status, expect.against(outcome_of(&Ok(status)))) {
                     (StepStatus::Applied, Ok(None)) => {
                         let class =
                             judge_applied(j, &before, &now, &g1, &g2, false, "closure step")?;

@@ -281,22 +281,48 @@ pub fn check_perturbation(
     Ok(())
 }
 
-/// The predicted second half: `Ok(None)` applied, `Ok(Some(skip))`, or an error's name; with
-/// the open finding a different outcome would be an instance of, if any.
+/// A second half's outcome: `Ok(None)` applied, `Ok(Some(skip))`, or an error's name.
+pub type SecondOutcome = Result<Option<SkipReason>, &'static str>;
+
+/// The predicted second half, with the open finding a different outcome would be an instance
+/// of, if any. `also` is a second outcome that is accepted too: the model's values lie within
+/// its error bound of a threshold (an overflow), where rounding decides.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SecondPred {
     /// The outcome.
-    pub outcome: Result<Option<SkipReason>, &'static str>,
+    pub outcome: SecondOutcome,
+    /// Another outcome accepted (a threshold within the model's error bound).
+    pub also: Option<SecondOutcome>,
     /// The known finding a different outcome is an instance of.
     pub finding: Option<Finding>,
 }
 
 impl SecondPred {
-    pub(crate) fn of(outcome: Result<Option<SkipReason>, &'static str>) -> Self {
+    pub(crate) fn of(outcome: SecondOutcome) -> Self {
         SecondPred {
             outcome,
+            also: None,
             finding: None,
         }
+    }
+
+    /// The outcome to judge `got` against: `got` itself when it is the accepted alternative,
+    /// else the predicted one.
+    pub(crate) fn against(&self, got: SecondOutcome) -> SecondOutcome {
+        if self.also == Some(got) {
+            got
+        } else {
+            self.outcome
+        }
+    }
+}
+
+/// A step's status or an error's name, as a [`SecondOutcome`].
+pub(crate) fn outcome_of(r: &Result<StepStatus, &'static str>) -> SecondOutcome {
+    match r {
+        Ok(StepStatus::Applied) => Ok(None),
+        Ok(StepStatus::Skipped(s)) => Ok(Some(*s)),
+        Err(e) => Err(e),
     }
 }
 
@@ -311,7 +337,7 @@ pub(crate) fn predict_second(
         return Ok(SecondPred::of(Err("InvalidGroups")));
     }
     if let Some((alpha, eps)) = j.gsam {
-        return gsam_second(alpha, eps, g1, g2);
+        return Ok(gsam_second(alpha, eps, g1, g2));
     }
     if j.checks_second && any_nonfinite(g2) {
         return Ok(SecondPred::of(Ok(Some(SkipReason::NonFiniteSecond))));
@@ -319,155 +345,138 @@ pub(crate) fn predict_second(
     Ok(SecondPred::of(Ok(None)))
 }
 
-/// The exact prediction of GSAM's second half (`gsam.rs`, `second`) for clean gradient `g1`
-/// (the stash) and second gradient `g2`, per group.
+/// The prediction of GSAM's second half for clean gradient `g1` (the stash) and second gradient
+/// `g2`, per group, from the documented rules (`Gsam`'s docs and `sam_core::Error`) evaluated
+/// by an independent model in logarithms (no reduction or rescaling of the core):
 ///
-/// The norms are those of `Engine::norms`: the canonical reduction of `sam_core::backend::kernel`
-/// (which every backend reproduces bit for bit), repeated at power-of-two scales `s₂`, `s₁`
-/// when a sum overflows or the values are tiny. Then, as documented: a skip if `g₂` (or the
-/// stash) is not finite; `NormOverflow` unless `‖g₂‖` and `‖g₁‖` are finite; the cosine
-/// `⟨g₁,g₂⟩/(‖g₂‖‖g₁‖ + ε)` evaluated at the reduction's scales, `dot_s/(n₂ₛ·n₁ₛ + ε·s₂·s₁)`
-/// (`0` when that denominator is 0 or infinite); `a = 1` when `cos = 0`, else
-/// `1 + α·cos·‖g₁‖/(‖g₂‖ + ε)`; `NormOverflow` if `a` is not finite; else applied. The norms and
-/// the cosine are cross-checked against independent ones ([`norm`], a scaled dot product).
+/// 1. a skip (`NonFiniteSecond`) if `g₂` or the stash holds a NaN/±∞;
+/// 2. `NormOverflow` unless `‖g₂‖` and `‖g₁‖` are finite;
+/// 3. `cos = ⟨g₁,g₂⟩/(‖g₂‖‖g₁‖ + ε)` (0 when that denominator is 0; when ε dwarfs the norms
+///    so far that it is not representable even at the reduction's scales, the core takes 0,
+///    which gives the same outcome as the true cosine, see [`coefficient`]);
+/// 4. `a = 1` when `cos = 0`, else `1 + α·cos·‖g₁‖/(‖g₂‖ + ε)` evaluated left to right in
+///    `f64`: `NormOverflow` when `α·cos·‖g₁‖` or the quotient overflows, else applied.
 ///
-/// `ε·s₂·s₁` is `ε` times the (exact) product of the scales whenever that product is
-/// representable, else `(ε·s₂)·s₁` (past finding [`Finding::GsamScaledEps`]: the core used to
-/// multiply in turn always, overflowing or underflowing in between).
-pub fn gsam_second(
-    alpha: f64,
-    eps: f64,
-    g1: &[Vec<f64>],
-    g2: &[Vec<f64>],
-) -> Result<SecondPred, Violation> {
-    let reduce = |scales: [f64; 3]| {
-        let spec = ReduceSpec {
-            grad: true,
-            stash: true,
-            dot: true,
-            scale_grad: scales[1],
-            scale_stash: scales[2],
-            ..ReduceSpec::FINITE_ONLY
-        };
-        g2.iter().zip(g1).fold(Reduction::ZERO, |acc, (g, s)| {
-            acc.combine(kernel::reduce_flat(g.len(), &spec, |i| (0.0, g[i], s[i])))
-        })
-    };
-    let mut r = reduce([1.0; 3]);
-    let mut scales = [1.0; 3];
-    if r.finite
-        && (kernel::needs_rescale(r.perturb_sq, r.perturb_max)
-            || kernel::needs_rescale(r.grad_sq, r.grad_max)
-            || kernel::needs_rescale(r.stash_sq, r.stash_max)
-            || !r.dot.is_finite())
-    {
-        scales = [
-            kernel::scale_for(r.perturb_max),
-            kernel::scale_for(r.grad_max),
-            kernel::scale_for(r.stash_max),
-        ];
-        r = reduce(scales);
+/// Every threshold is compared with a margin: the model's logarithms are within `1e-9` of the
+/// true values, the cosine within `1e-6` relative plus the products the core may lose below
+/// the subnormal range. Where a threshold lies inside the margin, both outcomes are accepted
+/// ([`SecondPred::also`]).
+pub fn gsam_second(alpha: f64, eps: f64, g1: &[Vec<f64>], g2: &[Vec<f64>]) -> SecondPred {
+    let (a, b) = (g1.concat(), g2.concat());
+    if any_nonfinite(g1) || any_nonfinite(g2) {
+        return SecondPred::of(Ok(Some(SkipReason::NonFiniteSecond)));
     }
-    if !r.finite {
-        return Ok(SecondPred::of(Ok(Some(SkipReason::NonFiniteSecond))));
+    let (ln_n1, ln_n2) = (ln_norm(&a), ln_norm(&b));
+    let overflow: SecondOutcome = Err("NormOverflow");
+    // Rule 2, with its margin: a norm at the threshold gives overflow or the rest of the rules.
+    match (above_max(ln_n1), above_max(ln_n2)) {
+        (Some(true), _) | (_, Some(true)) => SecondPred::of(overflow),
+        (None, _) | (_, None) => SecondPred {
+            outcome: overflow,
+            also: Some(coefficient(alpha, eps, &a, &b, ln_n1, ln_n2).outcome),
+            finding: None,
+        },
+        _ => coefficient(alpha, eps, &a, &b, ln_n1, ln_n2),
     }
-    let (grad_s, stash_s) = (r.grad_sq.sqrt(), r.stash_sq.sqrt());
-    let (grad, stash) = (grad_s / scales[1], stash_s / scales[2]);
-    if !(grad.is_finite() && stash.is_finite()) {
-        return Ok(SecondPred::of(Err("NormOverflow")));
-    }
-    // Both scales are powers of two: ε times their product is one rounding whenever the product
-    // is representable (a product of 0 or ∞ means scales on the same side of 1, and then the
-    // two steps lose nothing a single one would keep). The two steps differ from it only when
-    // they overflow, or underflow below the normal range (where a subnormal ε·s₂·s₁ next to
-    // n₂ₛ·n₁ₛ ≥ 4e-47 does not change the cosine).
-    let p = scales[1] * scales[2];
-    let eps_s = if eps == 0.0 {
-        0.0
-    } else if p != 0.0 && p.is_finite() {
-        eps * p
-    } else {
-        (eps * scales[1]) * scales[2]
-    };
-    let finding = None;
-    let pred = |outcome| Ok(SecondPred { outcome, finding });
-    let den = grad_s * stash_s + eps_s;
-    let cos = if den > 0.0 && den.is_finite() {
-        r.dot / den
-    } else {
-        0.0
-    };
-    // Products of the dot product below the subnormal range are lost (at most 2^-1074 each at
-    // the reduction's scales). An infinite denominator is documented to mean that ε dwarfs the
-    // norms: the cosine is then 0 by definition (it matters only through `a`, where
-    // α·cos·‖g₁‖/(‖g₂‖+ε) is then below the rounding of 1 unless α is astronomical).
-    let lost = if !den.is_finite() {
-        f64::INFINITY
-    } else if den > 0.0 {
-        (g1.iter().map(Vec::len).sum::<usize>() as f64 + 1.0) * f64::from_bits(1) / den
-    } else {
-        0.0
-    };
-    cross_check(grad, stash, cos, lost, eps, g1, g2)?;
-    let a = if cos == 0.0 {
-        1.0
-    } else {
-        1.0 + alpha * cos * stash / (grad + eps)
-    };
-    if !a.is_finite() {
-        return pred(Err("NormOverflow"));
-    }
-    pred(Ok(None))
 }
 
-/// GSAM's norms and cosine (as the core computes them) against independent ones: a coarse bound
-/// (`1e-6` relative, an absolute `1e-300`, and `lost` for the cosine: the products lost below
-/// the subnormal range) that catches a wrong reduction, scaling or formula, not rounding.
-pub(crate) fn cross_check(
-    grad: f64,
-    stash: f64,
-    cos: f64,
-    lost: f64,
-    eps: f64,
-    g1: &[Vec<f64>],
-    g2: &[Vec<f64>],
-) -> Result<(), Violation> {
-    const RTOL: f64 = 1e-6;
-    const ATOL: f64 = 1e-300;
-    let (a, b) = (g1.concat(), g2.concat());
-    let close = |x: f64, y: f64, scale: f64| {
-        !(x.is_finite() && y.is_finite() && scale.is_finite())
-            || (x - y).abs() <= RTOL * scale + ATOL
-    };
-    let (n1, n2) = (norm(&a), norm(&b));
+/// Steps 3 and 4 of [`gsam_second`] with finite norms `e^ln_n1`, `e^ln_n2`.
+fn coefficient(alpha: f64, eps: f64, a: &[f64], b: &[f64], ln_n1: f64, ln_n2: f64) -> SecondPred {
+    let (applied, overflow): (SecondOutcome, SecondOutcome) = (Ok(None), Err("NormOverflow"));
     let ma = a.iter().fold(0.0f64, |m, x| m.max(x.abs()));
     let mb = b.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    // cos = ⟨a,b⟩/(‖a‖‖b‖ + ε), everything relative to the largest magnitudes (‖·‖ ≥ 1 there).
-    let (cos_i, scale) = if ma > 0.0 && mb > 0.0 {
-        let (d, s) = a.iter().zip(&b).fold((0.0, 0.0), |(d, s), (x, y)| {
-            let p = (x / ma) * (y / mb);
-            (d + p, s + p.abs())
-        });
-        let ra: Vec<f64> = a.iter().map(|x| x / ma).collect();
-        let rb: Vec<f64> = b.iter().map(|y| y / mb).collect();
-        // ε/(max|a|·max|b|) in logarithms (the product of the maxima may leave the range).
-        let e = if eps == 0.0 {
-            0.0
-        } else {
-            (eps.ln() - ma.ln() - mb.ln()).exp()
-        };
-        let den = norm(&ra) * norm(&rb) + e;
-        (d / den, s / den)
-    } else {
-        (0.0, 0.0)
-    };
-    if close(grad, n2, n2) && close(stash, n1, n1) && close(cos, cos_i, scale + lost / RTOL) {
-        return Ok(());
+    let ln_eps = eps.ln();
+    // ln(‖g₁‖‖g₂‖ + ε), which may exceed ln f64::MAX: the core evaluates the cosine at scales
+    // that bring the norms to order 1, so its denominator is infinite only when ε dwarfs the
+    // norms by a factor of about f64::MAX, and then the coefficient is below overflow whether
+    // cos is 0 or the true one (|α·cos·‖g₁‖/(‖g₂‖+ε)| ≤ α·‖g₁‖²‖g₂‖/ε² < f64::MAX). A zero
+    // denominator or dot product gives cos = 0 (rule 3).
+    let ln_den = ln_add(ln_n1 + ln_n2, ln_eps);
+    if ln_den == f64::NEG_INFINITY || ma == 0.0 || mb == 0.0 || alpha == 0.0 {
+        return SecondPred::of(applied);
     }
-    Err(Violation::new(
-        None,
-        format!(
-            "GSAM second half: the reduction gives ‖g₂‖ = {grad:e}, ‖g₁‖ = {stash:e}, cos = {cos:e}; independently {n2:e}, {n1:e}, {cos_i:e} (Σ|g₁g₂|/(‖g₁‖‖g₂‖+ε) = {scale:e})"
-        ),
-    ))
+    // |⟨a,b⟩| relative to max|a|·max|b|, and Σ|aᵢbᵢ| for the rounding bound.
+    let (d, s) = a.iter().zip(b).fold((0.0f64, 0.0f64), |(d, s), (x, y)| {
+        let p = (x / ma) * (y / mb);
+        (d + p, s + p.abs())
+    });
+    let ln_scale = ma.ln() + mb.ln();
+    let ln_cos = d.abs().ln() + ln_scale - ln_den;
+    // Error bound of the cosine: 1e-6 of Σ|aᵢbᵢ|/den, plus n+1 products lost below 2^-1074 at
+    // the reduction's power-of-two scales (which bring the largest magnitudes to order 1, or
+    // are 1): at most 2^-1068·max(1, max|a|·max|b|) each in true terms.
+    let ln_lost = ((a.len() + 1) as f64).ln() - 1068.0 * std::f64::consts::LN_2 + ln_scale.max(0.0);
+    let ln_delta = ln_add((1e-6 * s).ln() + ln_scale, ln_lost) - ln_den;
+    let (lo, hi) = (ln_sub(ln_cos, ln_delta), ln_add(ln_cos, ln_delta));
+    let ln_alpha = alpha.abs().ln();
+    let ln_den2 = ln_add(ln_n2, ln_eps);
+    let finite_at = |ln_c: f64| -> Option<bool> {
+        if ln_c == f64::NEG_INFINITY {
+            return Some(true);
+        }
+        let num = ln_alpha + ln_c.min(0.0) + ln_n1;
+        match above_max(num) {
+            Some(true) => return Some(false),
+            None => return None,
+            Some(false) => {}
+        }
+        if above_max(ln_den2) != Some(false) {
+            // The quotient is at most α·cos·‖g₁‖/f64::MAX-ish: far below overflow.
+            return Some(true);
+        }
+        above_max(num - ln_den2).map(|o| !o)
+    };
+    match (finite_at(lo), finite_at(hi)) {
+        (Some(x), Some(y)) if x == y => {
+            if x {
+                SecondPred::of(applied)
+            } else {
+                SecondPred::of(overflow)
+            }
+        }
+        _ => SecondPred {
+            outcome: applied,
+            also: Some(overflow),
+            finding: None,
+        },
+    }
+}
+
+/// `ln ‖v‖`, scaled by the largest magnitude (no overflow or underflow); `-∞` for zero.
+fn ln_norm(v: &[f64]) -> f64 {
+    let m = v.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    if m == 0.0 {
+        return f64::NEG_INFINITY;
+    }
+    m.ln() + 0.5 * v.iter().map(|x| (x / m) * (x / m)).sum::<f64>().ln()
+}
+
+/// `ln(eˣ + eʸ)`.
+fn ln_add(x: f64, y: f64) -> f64 {
+    let (hi, lo) = if x >= y { (x, y) } else { (y, x) };
+    if lo == f64::NEG_INFINITY {
+        return hi;
+    }
+    hi + (lo - hi).exp().ln_1p()
+}
+
+/// `ln(max(eˣ − eʸ, 0))`.
+fn ln_sub(x: f64, y: f64) -> f64 {
+    if y >= x {
+        return f64::NEG_INFINITY;
+    }
+    x + (-(y - x).exp()).ln_1p()
+}
+
+/// Whether `eˡ` is above `f64::MAX`, with a margin of `1e-9` in `l`: `None` inside it.
+fn above_max(l: f64) -> Option<bool> {
+    const MARGIN: f64 = 1e-9;
+    let max = f64::MAX.ln();
+    if l > max + MARGIN {
+        Some(true)
+    } else if l < max - MARGIN {
+        Some(false)
+    } else {
+        None
+    }
 }
