@@ -353,7 +353,7 @@ pub(crate) fn predict_second(
 /// 2. `NormOverflow` unless `‖g₂‖` and `‖g₁‖` are finite;
 /// 3. `cos = ⟨g₁,g₂⟩/(‖g₂‖‖g₁‖ + ε)` (0 when that denominator is 0; when ε dwarfs the norms
 ///    so far that it is not representable even at the reduction's scales, the core takes 0,
-///    which gives the same outcome as the true cosine, see [`coefficient`]);
+///    which gives the same outcome as the true cosine);
 /// 4. `a = 1` when `cos = 0`, else `1 + α·cos·‖g₁‖/(‖g₂‖ + ε)` evaluated left to right in
 ///    `f64`: `NormOverflow` when `α·cos·‖g₁‖` or the quotient overflows, else applied.
 ///
