@@ -962,7 +962,7 @@ fn case_caps_are_enforced() {
     assert!(e.contains("overflows"), "{e}");
     // The replay's work: a 150-element quadratic (150² per evaluation) over 100 000 steps is
     // 2.25·10⁹ > MAX_REPLAY_COST, although every other cap holds; refused before `expected`
-    // is even read.
+    // is checked.
     let n = 150;
     let mut v: serde_json::Value = serde_json::from_slice(&small_case()).expect("JSON");
     v["params"] = serde_json::json!([{"name": "u", "shape": [n], "init": vec![0.0; n]}]);
