@@ -3,9 +3,8 @@
 use sam_core::Optimizer as _;
 use sam_core::backend::{ParamBuffer, Real};
 use sam_core::{
-    AdamConfig, BaseRule, Group, GroupOptions, Gsam, GsamConfig, Proportional, RhoSchedule, Sam,
-    SamConfig, Schedule, ScheduleConfig, ScheduleShape, SgdConfig, StepStatus, Timeline, Wasam,
-    Wsam, WsamConfig,
+    BaseRule, Group, GroupOptions, Gsam, GsamConfig, Proportional, RhoSchedule, Sam, SamConfig,
+    Schedule, ScheduleConfig, ScheduleShape, StepStatus, Timeline, Wasam, Wsam, WsamConfig,
 };
 
 use crate::backend::{Element, ReplayBackend};
@@ -112,49 +111,9 @@ pub fn compare(case: &Case, traj: &Trajectory) -> Option<Mismatch> {
 /// Maps a case's base optimizer onto a validated [`BaseRule`].
 pub fn base_rule(b: &BaseHyper) -> Result<BaseRule, ReplayError> {
     Ok(match *b {
-        BaseHyper::Sgd {
-            lr,
-            momentum,
-            dampening,
-            weight_decay,
-            nesterov,
-        } => BaseRule::sgd(SgdConfig {
-            lr,
-            momentum,
-            dampening,
-            weight_decay,
-            nesterov,
-        })?,
-        BaseHyper::Adam {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            amsgrad,
-        } => BaseRule::adam(AdamConfig {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            amsgrad,
-        })?,
-        BaseHyper::AdamW {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            amsgrad,
-        } => BaseRule::adamw(AdamConfig {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            amsgrad,
-        })?,
+        BaseHyper::Sgd(c) => BaseRule::sgd(c)?,
+        BaseHyper::Adam(c) => BaseRule::adam(c)?,
+        BaseHyper::AdamW(c) => BaseRule::adamw(c)?,
     })
 }
 

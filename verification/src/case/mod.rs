@@ -17,6 +17,7 @@
 
 use std::fmt;
 
+use sam_core::{AdamConfig, SgdConfig};
 use serde::Deserialize;
 
 mod raw;
@@ -119,59 +120,25 @@ pub enum Objective {
     },
 }
 
-/// Resolved hyperparameters of the base optimizer of one group (SCHEMA §5, §6).
+/// Resolved hyperparameters of the base optimizer of one group (SCHEMA §5, §6), in sam-core's
+/// own config types (the case's keys are torch's, which these configs mirror; `betas` is
+/// `beta1`, `beta2`). Domains are not checked here: [`sam_core::BaseRule`] does that.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum BaseHyper {
     /// `torch.optim.SGD`.
-    Sgd {
-        /// Learning rate.
-        lr: f64,
-        /// Momentum factor (0 disables momentum).
-        momentum: f64,
-        /// Dampening of the momentum update.
-        dampening: f64,
-        /// L2 weight decay added to the gradient.
-        weight_decay: f64,
-        /// Nesterov momentum.
-        nesterov: bool,
-    },
+    Sgd(SgdConfig),
     /// `torch.optim.Adam` (L2 weight decay).
-    Adam {
-        /// Learning rate.
-        lr: f64,
-        /// First-moment decay (`betas[0]`).
-        beta1: f64,
-        /// Second-moment decay (`betas[1]`).
-        beta2: f64,
-        /// Denominator epsilon.
-        eps: f64,
-        /// L2 weight decay added to the gradient.
-        weight_decay: f64,
-        /// AMSGrad variant.
-        amsgrad: bool,
-    },
+    Adam(AdamConfig),
     /// `torch.optim.AdamW` (decoupled weight decay).
-    AdamW {
-        /// Learning rate.
-        lr: f64,
-        /// First-moment decay (`betas[0]`).
-        beta1: f64,
-        /// Second-moment decay (`betas[1]`).
-        beta2: f64,
-        /// Denominator epsilon.
-        eps: f64,
-        /// Decoupled weight decay.
-        weight_decay: f64,
-        /// AMSGrad variant.
-        amsgrad: bool,
-    },
+    AdamW(AdamConfig),
 }
 
 impl BaseHyper {
     /// The learning rate.
     pub fn lr(&self) -> f64 {
-        match *self {
-            Self::Sgd { lr, .. } | Self::Adam { lr, .. } | Self::AdamW { lr, .. } => lr,
+        match self {
+            Self::Sgd(c) => c.lr,
+            Self::Adam(c) | Self::AdamW(c) => c.lr,
         }
     }
 }

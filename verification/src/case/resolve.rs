@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use sam_core::{AdamConfig, SgdConfig};
+
 use super::raw::{
     RawCase, RawExpected, RawGroup, RawHyper, RawObjective, RawOptimizer, RawParam, RawSchedule,
     Uint,
@@ -425,42 +427,21 @@ fn apply_base_keys(
         }
     }
     match h {
-        BaseHyper::Sgd {
-            lr,
-            momentum,
-            dampening,
-            weight_decay,
-            nesterov,
-        } => {
-            set(lr, o.lr);
-            set(momentum, o.momentum);
-            set(dampening, o.dampening);
-            set(weight_decay, o.weight_decay);
-            set(nesterov, o.nesterov);
+        BaseHyper::Sgd(c) => {
+            set(&mut c.lr, o.lr);
+            set(&mut c.momentum, o.momentum);
+            set(&mut c.dampening, o.dampening);
+            set(&mut c.weight_decay, o.weight_decay);
+            set(&mut c.nesterov, o.nesterov);
         }
-        BaseHyper::Adam {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            amsgrad,
-        }
-        | BaseHyper::AdamW {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            amsgrad,
-        } => {
-            set(lr, o.lr);
-            if let Some([b1, b2]) = o.betas {
-                (*beta1, *beta2) = (b1, b2);
+        BaseHyper::Adam(c) | BaseHyper::AdamW(c) => {
+            set(&mut c.lr, o.lr);
+            if let Some([beta1, beta2]) = o.betas {
+                (c.beta1, c.beta2) = (beta1, beta2);
             }
-            set(eps, o.eps);
-            set(weight_decay, o.weight_decay);
-            set(amsgrad, o.amsgrad);
+            set(&mut c.eps, o.eps);
+            set(&mut c.weight_decay, o.weight_decay);
+            set(&mut c.amsgrad, o.amsgrad);
         }
     }
     Ok(())
@@ -470,33 +451,17 @@ fn apply_base_keys(
 fn base(b: &RawHyper) -> Result<BaseHyper> {
     const PATH: &str = "optimizer.base";
     let kind = required(PATH, "kind", b.kind.as_deref())?;
+    // torch's defaults; SGD has none for lr.
     let mut h = match kind {
-        "sgd" => {
-            required(PATH, "lr", b.lr)?;
-            BaseHyper::Sgd {
-                lr: 0.0,
-                momentum: 0.0,
-                dampening: 0.0,
-                weight_decay: 0.0,
-                nesterov: false,
-            }
-        }
-        "adam" => BaseHyper::Adam {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            amsgrad: false,
-        },
-        "adamw" => BaseHyper::AdamW {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
+        "sgd" => BaseHyper::Sgd(SgdConfig {
+            lr: required(PATH, "lr", b.lr)?,
+            ..SgdConfig::default()
+        }),
+        "adam" => BaseHyper::Adam(AdamConfig::default()),
+        "adamw" => BaseHyper::AdamW(AdamConfig {
             weight_decay: 1e-2,
-            amsgrad: false,
-        },
+            ..AdamConfig::default()
+        }),
         other => {
             return Err(CaseError::new(
                 "optimizer.base.kind",

@@ -48,13 +48,13 @@ fn resolution_and_defaults() {
     assert_eq!(c.groups[0].rho, 0.246);
     assert_eq!(
         c.groups[1].base,
-        BaseHyper::Sgd {
+        BaseHyper::Sgd(sam_core::SgdConfig {
             lr: 0.286,
             momentum: 0.136,
             dampening: 0.0,
             weight_decay: 0.0,
             nesterov: false
-        }
+        })
     );
     assert_eq!(c.offsets(), vec![0, 9]);
 
@@ -76,14 +76,14 @@ fn resolution_and_defaults() {
         c.groups[0],
         GroupSpec {
             params: vec![0, 1],
-            base: BaseHyper::AdamW {
+            base: BaseHyper::AdamW(sam_core::AdamConfig {
                 lr: 1e-3,
                 beta1: 0.9,
                 beta2: 0.999,
                 eps: 1e-8,
                 weight_decay: 1e-2,
                 amsgrad: false
-            },
+            }),
             rho: 0.05,
             adaptive: false,
         }
