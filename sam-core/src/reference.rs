@@ -4,7 +4,9 @@
 //! functions of [`kernel`], in the canonical order. Every other backend is tested
 //! against it. It allocates nothing: the caller provides the slot memory (`spec.count() · len`
 //! values, zero-initialised, laid out slot after slot). With the `alloc` feature, `VecBuffer`
-//! owns its memory and runs the same passes (for tests and for storage held in `Vec`s).
+//! owns its memory and runs the same passes (for tests and for storage held in `Vec`s), and
+//! `SlotMemory` is the owned slot memory of one tensor, for backends that run these passes on
+//! a framework's own weight and gradient storage.
 //!
 //! ```
 //! use sam_core::reference::SliceBuffer;
@@ -24,7 +26,11 @@ use crate::buffer::{
 };
 
 #[cfg(feature = "alloc")]
+mod slot_memory;
+#[cfg(feature = "alloc")]
 mod vec_buffer;
+#[cfg(feature = "alloc")]
+pub use slot_memory::SlotMemory;
 #[cfg(feature = "alloc")]
 pub use vec_buffer::VecBuffer;
 

@@ -2,7 +2,7 @@
 
 use alloc::vec::Vec;
 
-use super::{SliceBuffer, SliceError, supported};
+use super::{SliceBuffer, SliceError, SlotMemory};
 use crate::backend::Real;
 use crate::buffer::{
     AverageFold, ParamBuffer, PerturbSpec, ReduceSpec, Reduction, Slot, SlotSpec, UpdateSpec,
@@ -33,8 +33,7 @@ use crate::buffer::{
 pub struct VecBuffer<T: Real> {
     w: Vec<T>,
     g: Vec<T>,
-    slots: Vec<T>,
-    spec: Option<SlotSpec>,
+    slots: SlotMemory<T>,
 }
 
 impl<T: Real> VecBuffer<T> {
@@ -49,8 +48,7 @@ impl<T: Real> VecBuffer<T> {
         Ok(Self {
             w,
             g,
-            slots: Vec::new(),
-            spec: None,
+            slots: SlotMemory::new(),
         })
     }
 
@@ -81,29 +79,26 @@ impl<T: Real> VecBuffer<T> {
 
     /// The values of one slot, if prepared.
     pub fn slot(&self, slot: Slot) -> Option<&[T]> {
-        let n = self.w.len();
-        let k = self.spec?.index(slot)?;
-        self.slots.get(k * n..(k + 1) * n)
+        self.slots.slot(slot)
     }
 
     /// The values of one slot, mutably, if prepared (to load or corrupt a checkpoint).
     pub fn slot_mut(&mut self, slot: Slot) -> Option<&mut [T]> {
-        let n = self.w.len();
-        let k = self.spec?.index(slot)?;
-        self.slots.get_mut(k * n..(k + 1) * n)
+        self.slots.slot_mut(slot)
     }
 
     /// The slot layout last prepared.
     pub fn spec(&self) -> Option<SlotSpec> {
-        self.spec
+        self.slots.spec()
     }
 
     fn view<R>(
         &mut self,
         pass: impl FnOnce(&mut SliceBuffer<'_, T>) -> Result<R, SliceError>,
     ) -> Result<R, SliceError> {
-        let mut b = SliceBuffer::new(&mut self.w, &mut self.g, &mut self.slots)?;
-        if let Some(spec) = &self.spec {
+        let spec = self.slots.spec();
+        let mut b = SliceBuffer::new(&mut self.w, &mut self.g, self.slots.values_mut())?;
+        if let Some(spec) = &spec {
             b.prepare(spec)?;
         }
         pass(&mut b)
@@ -119,29 +114,7 @@ impl<T: Real> ParamBuffer for VecBuffer<T> {
     }
 
     fn prepare(&mut self, spec: &SlotSpec) -> Result<(), SliceError> {
-        if self.spec.as_ref() == Some(spec) {
-            return Ok(());
-        }
-        supported(spec)?;
-        let n = self.w.len();
-        let values = spec
-            .count()
-            .checked_mul(n)
-            .ok_or(SliceError::OutOfMemory { values: usize::MAX })?;
-        let mut slots = Vec::new();
-        slots
-            .try_reserve_exact(values)
-            .map_err(|_| SliceError::OutOfMemory { values })?;
-        slots.resize(values, T::default());
-        for role in Slot::ALL {
-            let old = self.spec.and_then(|s| s.index(role));
-            if let (Some(from), Some(to)) = (old, spec.index(role)) {
-                slots[to * n..(to + 1) * n].copy_from_slice(&self.slots[from * n..(from + 1) * n]);
-            }
-        }
-        self.slots = slots;
-        self.spec = Some(*spec);
-        Ok(())
+        self.slots.prepare(spec, self.w.len())
     }
 
     fn reduce(&mut self, spec: &ReduceSpec) -> Result<Reduction, SliceError> {
