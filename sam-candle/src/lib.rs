@@ -48,3 +48,9 @@ pub use buffer::VarBuffer;
 pub use driver::{CandlePerturbed, Error, SamCandle, load_grads};
 pub use element::Element;
 pub use error::{CandleError, Role};
+
+/// The workspace README's examples, compiled and run as doctests. They live in this crate, the
+/// one that depends on both sam-core and candle, because the README shows both.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

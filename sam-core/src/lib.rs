@@ -111,8 +111,3 @@ pub use sam::{Sam, SamConfig};
 pub use schedule::{MAX_STEP, MAX_VALUE, Proportional, Schedule, ScheduleConfig, ScheduleShape};
 pub use wasam::{Swapped, Wasam, WasamState};
 pub use wsam::{Wsam, WsamConfig};
-
-/// The README's examples, compiled and run as doctests.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-struct ReadmeDoctests;

@@ -6,8 +6,21 @@ use sam_core::reference::VecBuffer;
 use sam_cuda::{Context, CudaGroup, CudaReal};
 use sam_ndarray::NdGroup;
 
+#[cfg(feature = "candle")]
+pub use crate::candle_backend::CandleBackend;
+#[cfg(feature = "candle")]
+use sam_candle::Element as CandleElement;
+
+/// Without the `candle` feature: the bound [`Element`] puts on the candle backend's types.
+#[cfg(not(feature = "candle"))]
+pub trait CandleElement {}
+#[cfg(not(feature = "candle"))]
+impl CandleElement for f32 {}
+#[cfg(not(feature = "candle"))]
+impl CandleElement for f64 {}
+
 /// The element types a case can be replayed in (`f32`, `f64`) on every backend.
-pub trait Element: Real + crate::objective::Scalar + CudaReal {}
+pub trait Element: Real + crate::objective::Scalar + CudaReal + CandleElement {}
 impl Element for f32 {}
 impl Element for f64 {}
 

@@ -10,6 +10,8 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
+#[cfg(feature = "candle")]
+mod candle_backend;
 pub mod case;
 pub mod compare;
 pub mod objective;

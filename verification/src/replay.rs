@@ -200,7 +200,7 @@ where
     let theta0: Vec<T> = case
         .params
         .iter()
-        .flat_map(|p| p.init.iter().map(|&x| T::from_f64(x)))
+        .flat_map(|p| p.init.iter().map(|&x| <T as Real>::from_f64(x)))
         .collect();
     let with_rho = !matches!(case.variant, VariantSpec::Gsam { .. });
     let mut groups = Vec::with_capacity(case.groups.len());
@@ -237,7 +237,7 @@ where
             for _ in 0..case.steps {
                 let r = opt.step(&mut groups, &mut eval)?;
                 applied(r.status)?;
-                traj.loss.push(r.loss.to_f64());
+                traj.loss.push(Real::to_f64(r.loss));
                 record(&mut traj, &groups)?;
             }
         }
@@ -246,7 +246,7 @@ where
             for _ in 0..case.steps {
                 let r = opt.step(&mut groups, &mut eval)?;
                 applied(r.status)?;
-                traj.loss.push(r.loss.to_f64());
+                traj.loss.push(Real::to_f64(r.loss));
                 record(&mut traj, &groups)?;
             }
             let mut avg = vec![T::default(); layout.n];
@@ -278,7 +278,7 @@ where
             for _ in 0..case.steps {
                 let r = opt.step(&mut groups, &mut eval)?;
                 applied(r.status)?;
-                traj.loss.push(r.loss.to_f64());
+                traj.loss.push(Real::to_f64(r.loss));
                 record(&mut traj, &groups)?;
             }
         }
@@ -324,7 +324,7 @@ where
                 rhos.push(opt.rho_at(t));
                 let r = opt.step(&mut groups, &mut eval)?;
                 applied(r.status)?;
-                traj.loss.push(r.loss.to_f64());
+                traj.loss.push(Real::to_f64(r.loss));
                 record(&mut traj, &groups)?;
             }
             traj.lr = Some(lrs);

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use sam_verification::backend::{CoreBackend, CudaBackend, NdarrayBackend, ReplayBackend};
 use sam_verification::{collect_cases, run_file};
 
-const USAGE: &str = "usage: sam-conform [--backend core|ndarray|cuda] PATH...
+const USAGE: &str = "usage: sam-conform [--backend core|ndarray|candle|cuda] PATH...
 
 Replays every conformance case (a .json file, or a directory of them) through sam-core on the
 chosen storage backend and compares the trajectory with the case's tolerance.
@@ -15,6 +15,8 @@ exits 1 if any case failed, 2 on a usage error.
 
 backends: core     the reference backend of sam-core (default)
           ndarray  sam-ndarray (CPU; each param is its own tensor)
+          candle   sam-candle (CPU; each param is its own candle Var, gradients through a
+                   GradStore; needs the default feature `candle`)
           cuda     sam-cuda (GPU device 0; every case fails with the reason if there is none)";
 
 fn main() -> ExitCode {
@@ -42,6 +44,8 @@ fn main() -> ExitCode {
     match backend.as_str() {
         "core" => run(&CoreBackend, &paths),
         "ndarray" => run(&NdarrayBackend, &paths),
+        #[cfg(feature = "candle")]
+        "candle" => run(&sam_verification::backend::CandleBackend, &paths),
         "cuda" => run(&CudaBackend::new(), &paths),
         other => usage(&format!("unknown backend `{other}`")),
     }
