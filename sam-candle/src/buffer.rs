@@ -1,18 +1,19 @@
 //! [`VarBuffer`]: one param group of candle `Var`s as a sam-core [`ParamBuffer`].
 //!
-//! Each pass runs sam-core's reference passes ([`SliceBuffer`]) on every parameter in turn,
-//! directly on the `Var`'s storage and its gradient's (see [`crate::storage`]), with the
-//! parameter's slots in a [`SlotMemory`] the buffer owns. The reduction runs in the canonical
-//! order over the concatenation of the group's parameters, so a group gives the same bits as
-//! the reference backend over the same values laid end to end.
+//! Each element-wise pass runs sam-ndarray's fused CPU passes ([`sam_ndarray::slices`]) on
+//! every parameter in turn, directly on the `Var`'s storage and its gradient's (see
+//! [`crate::storage`]), with the parameter's slots in a [`SlotMemory`] the buffer owns. The
+//! reduction runs in the canonical order over the concatenation of the group's parameters, so a
+//! group gives the same bits as the reference backend over the same values laid end to end.
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use sam_core::backend::{
     AverageFold, ParamBuffer, PerturbSpec, ReduceSpec, Reduction, Slot, SlotSpec, UpdateSpec,
 };
-use sam_core::backend::{Real, kernel};
-use sam_core::reference::{SliceBuffer, SliceError, SlotMemory};
+use sam_core::reference::{SliceError, SlotMemory};
+use sam_ndarray::NdError;
+use sam_ndarray::slices::{self, TensorMut};
 
 use crate::element::Element;
 use crate::error::{CandleError, Role};
@@ -158,50 +159,48 @@ impl<T: Element> VarBuffer<T> {
         self.spec.ok_or_else(missing_slot)
     }
 
-    /// Runs a reference pass on every parameter in the step, on its weights and gradient.
+    /// Runs an element-wise pass on every parameter in the step, on its weights and gradient.
     fn each_in_step(
         &mut self,
-        pass: impl Fn(&mut SliceBuffer<'_, T>) -> Result<(), SliceError>,
+        pass: impl Fn(&SlotSpec, TensorMut<'_, T>) -> Result<(), NdError>,
     ) -> Result<(), CandleError> {
         let spec = self.spec()?;
         for p in &mut self.params {
             let Some(g) = &p.grad else { continue };
             let slots = p.slots.values_mut();
             write2(p.var.as_tensor(), g, |w: &mut [T], g: &mut [T]| {
-                let mut b = SliceBuffer::new(w, g, slots)?;
-                b.prepare(&spec)?;
-                pass(&mut b)
+                pass(&spec, TensorMut { w, g, slots })
             })??;
         }
         Ok(())
     }
 
-    /// Runs `f` on the weights and slots of every parameter `which` selects.
+    /// Runs a weights-only pass on every parameter `which` selects.
     fn each_weight(
         &mut self,
         which: Which,
-        f: impl Fn(&mut [T], &mut SlotMemory<T>) -> Result<(), CandleError>,
+        pass: impl Fn(&SlotSpec, TensorMut<'_, T>) -> Result<(), NdError>,
     ) -> Result<(), CandleError> {
+        let spec = self.spec()?;
         for p in &mut self.params {
             if !which.selects(p.grad.is_some()) {
                 continue;
             }
-            let slots = &mut p.slots;
-            write(p.var.as_tensor(), |w: &mut [T]| f(w, slots))??;
+            let slots = p.slots.values_mut();
+            write(p.var.as_tensor(), |w: &mut [T]| {
+                pass(
+                    &spec,
+                    TensorMut {
+                        w,
+                        g: &mut [],
+                        slots,
+                    },
+                )
+            })??;
         }
         Ok(())
     }
-
-    /// Refuses a pass that needs a slot the prepared layout lacks, before anything is written.
-    fn require(&self, slots: impl IntoIterator<Item = Slot>) -> Result<(), CandleError> {
-        let spec = self.spec()?;
-        match slots.into_iter().all(|s| spec.index(s).is_some()) {
-            true => Ok(()),
-            false => Err(missing_slot()),
-        }
-    }
 }
-
 /// Which parameters a weight pass visits.
 #[derive(Clone, Copy)]
 enum Which {
@@ -222,14 +221,6 @@ impl Which {
 
 fn missing_slot() -> CandleError {
     CandleError::Slots(SliceError::MissingSlot)
-}
-
-/// The averages a fold writes.
-fn averages(fold: &AverageFold) -> impl Iterator<Item = Slot> + '_ {
-    (0u8..)
-        .zip(fold.weights.iter())
-        .filter(|(_, w)| w.is_some())
-        .map(|(k, _)| Slot::Average(k))
 }
 
 /// Checks a tensor's dtype, device and layout.
@@ -255,11 +246,6 @@ fn check_tensor<T: Element>(param: &str, role: Role, t: &Tensor) -> Result<(), C
         });
     }
     Ok(())
-}
-
-/// The slot range of `slot` in a parameter's slot memory, or `MissingSlot`.
-fn slot_mut<T: Element>(m: &mut SlotMemory<T>, slot: Slot) -> Result<&mut [T], CandleError> {
-    m.slot_mut(slot).ok_or_else(missing_slot)
 }
 
 impl<T: Element> ParamBuffer for VarBuffer<T> {
@@ -293,80 +279,45 @@ impl<T: Element> ParamBuffer for VarBuffer<T> {
         } else {
             Vec::new()
         };
-        let total: usize = in_step.iter().map(|p| p.len).sum();
         let r = read_all(&tensors, |wg: &[&[T]]| {
-            // `reduce_flat` visits the elements in increasing order: a cursor finds each one.
-            let (mut k, mut start) = (0usize, 0usize);
-            kernel::reduce_flat(total, spec, |i| {
-                while i >= start + wg[2 * k].len() {
-                    start += wg[2 * k].len();
-                    k += 1;
-                }
-                let j = i - start;
-                let s = stashes.get(k).map_or(0.0, |s| Real::to_f64(s[j]));
-                (
-                    Real::to_f64(wg[2 * k][j]),
-                    Real::to_f64(wg[2 * k + 1][j]),
-                    s,
-                )
-            })
-        })?;
+            let w: Vec<&[T]> = wg.iter().step_by(2).copied().collect();
+            let g: Vec<&[T]> = wg.iter().skip(1).step_by(2).copied().collect();
+            slices::reduce(&w, &g, &stashes, spec)
+        })??;
         Ok(r)
     }
 
     fn perturb(&mut self, spec: &PerturbSpec) -> Result<(), CandleError> {
-        self.each_in_step(|b| b.perturb(spec))?;
+        self.each_in_step(|layout, t| slices::perturb(spec, layout, t))?;
         self.perturbed = true;
         Ok(())
     }
 
     fn restore(&mut self) -> Result<(), CandleError> {
-        self.require([Slot::Backup])?;
-        self.each_weight(Which::InStep, |w, m| {
-            w.copy_from_slice(slot_mut(m, Slot::Backup)?);
-            Ok(())
-        })?;
+        self.each_weight(Which::InStep, slices::restore)?;
         self.perturbed = false;
         Ok(())
     }
 
     fn update(&mut self, spec: &UpdateSpec) -> Result<(), CandleError> {
-        self.require(averages(&spec.average))?;
-        self.each_in_step(|b| b.update(spec))?;
+        self.each_in_step(|layout, t| slices::update(spec, layout, t))?;
         // Parameters left out of the step still enter the averages with their weights.
         let fold = spec.average;
-        self.each_weight(Which::OutOfStep, |w, m| fold_into(w, m, &fold))?;
+        self.each_weight(Which::OutOfStep, |layout, t| {
+            slices::fold_averages(&fold, layout, t)
+        })?;
         self.perturbed = false;
         self.clear_grads();
         Ok(())
     }
 
     fn fold_averages(&mut self, fold: &AverageFold) -> Result<(), CandleError> {
-        self.require(averages(fold))?;
-        self.each_weight(Which::All, |w, m| fold_into(w, m, fold))
+        self.each_weight(Which::All, |layout, t| {
+            slices::fold_averages(fold, layout, t)
+        })
     }
 
     fn swap_average(&mut self, k: u8) -> Result<(), CandleError> {
-        self.require([Slot::Average(k)])?;
-        self.each_weight(Which::All, |w, m| {
-            w.swap_with_slice(slot_mut(m, Slot::Average(k))?);
-            Ok(())
-        })
+        self.each_weight(Which::All, |layout, t| slices::swap_average(k, layout, t))
     }
-}
-
-/// `avg_k ← avg_k + (w − avg_k)·weight_k` for every average of `fold`.
-fn fold_into<T: Element>(
-    w: &mut [T],
-    m: &mut SlotMemory<T>,
-    fold: &AverageFold,
-) -> Result<(), CandleError> {
-    for (k, weight) in fold.weights.iter().enumerate() {
-        let Some(weight) = *weight else { continue };
-        let avg = slot_mut(m, Slot::Average(k as u8))?;
-        for (a, w) in avg.iter_mut().zip(w.iter()) {
-            *a = Real::from_f64(kernel::fold(Real::to_f64(*a), Real::to_f64(*w), weight));
-        }
-    }
-    Ok(())
 }

@@ -4,6 +4,7 @@ use core::fmt;
 
 use candle_core::DType;
 use sam_core::reference::SliceError;
+use sam_ndarray::NdError;
 
 /// Which tensor of a parameter an error is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,8 +84,10 @@ pub enum CandleError {
         /// The parameter.
         param: String,
     },
-    /// The slot memory could not be laid out (allocation failed).
+    /// The slot memory could not be laid out (allocation failed), or a pass ran before it was.
     Slots(SliceError),
+    /// A CPU pass refused its operands (a slot the layout lacks; nothing was written).
+    Pass(NdError),
     /// candle refused an in-place pass (an internal invariant; the message is candle's).
     Candle(String),
 }
@@ -126,6 +129,7 @@ impl fmt::Display for CandleError {
                 "{param}: no gradient in the second backward pass, but one in the first"
             ),
             CandleError::Slots(e) => write!(f, "slot memory: {e}"),
+            CandleError::Pass(e) => write!(f, "pass: {e}"),
             CandleError::Candle(e) => write!(f, "candle: {e}"),
         }
     }
@@ -136,6 +140,12 @@ impl std::error::Error for CandleError {}
 impl From<candle_core::Error> for CandleError {
     fn from(e: candle_core::Error) -> Self {
         CandleError::Candle(e.to_string())
+    }
+}
+
+impl From<NdError> for CandleError {
+    fn from(e: NdError) -> Self {
+        CandleError::Pass(e)
     }
 }
 

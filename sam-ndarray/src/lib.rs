@@ -107,14 +107,15 @@
 mod error;
 mod passes;
 mod reduce;
+pub mod slices;
 mod span;
 
 use core::ops::Range;
 
 use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD};
 use sam_core::backend::{
-    AverageFold, GradMix, MAX_AVERAGES, ParamBuffer, PerturbSpec, Real, ReduceSpec, Reduction,
-    Slot, SlotSpec, UpdateSpec,
+    AverageFold, MAX_AVERAGES, ParamBuffer, PerturbSpec, Real, ReduceSpec, Reduction, Slot,
+    SlotSpec, UpdateSpec,
 };
 
 pub use crate::error::NdError;
@@ -526,9 +527,12 @@ impl<T: Real> ParamBuffer for NdGroup<T> {
             &[]
         };
         let ctx = reduce::ReduceCtx {
-            w: &self.weights,
-            g: &self.grads,
-            stash,
+            src: reduce::Arrays {
+                w: &self.weights,
+                g: &self.grads,
+                stash,
+                offsets: &self.offsets,
+            },
             offsets: &self.offsets,
             len: self.offsets.last().copied().unwrap_or(0),
             spec: *spec,
@@ -541,38 +545,25 @@ impl<T: Real> ParamBuffer for NdGroup<T> {
     }
 
     fn perturb(&mut self, spec: &PerturbSpec) -> Result<(), NdError> {
-        let need = if spec.stash {
-            mask(&[BACKUP, STASH])
-        } else {
-            mask(&[BACKUP])
-        };
         let spec = *spec;
-        self.each(need, move |span| passes::perturb(&spec, span))
+        self.each(passes::perturb_needs(&spec), move |span| {
+            passes::perturb(&spec, span)
+        })
     }
 
     fn restore(&mut self) -> Result<(), NdError> {
-        self.each(mask(&[BACKUP]), passes::restore)
+        self.each(passes::restore_needs(), passes::restore)
     }
 
     fn update(&mut self, spec: &UpdateSpec) -> Result<(), NdError> {
-        let mut need = [false; NSLOTS];
-        need[BACKUP] = spec.restore;
-        need[STASH] = matches!(spec.grad, GradMix::Mix { .. }) || spec.post.is_some();
-        for k in 0..spec.base.state_slots().min(3) {
-            need[STATE0 + k] = true;
-        }
-        for (k, w) in spec.average.weights.iter().enumerate() {
-            need[AVG0 + k] = w.is_some();
-        }
         let k = passes::UpdateScalars::new(spec);
-        self.each(need, move |span| passes::update(&k, span))
+        self.each(passes::update_needs(spec), move |span| {
+            passes::update(&k, span)
+        })
     }
 
     fn fold_averages(&mut self, fold: &AverageFold) -> Result<(), NdError> {
-        let mut need = [false; NSLOTS];
-        for (k, w) in fold.weights.iter().enumerate() {
-            need[AVG0 + k] = w.is_some();
-        }
+        let need = passes::fold_needs(fold);
         if !need.contains(&true) {
             return Ok(());
         }

@@ -12,7 +12,7 @@ use sam_core::backend::{
     UpdateSpec, Weighting,
 };
 
-use crate::span::{AVG0, BACKUP, STASH, STATE0, Span};
+use crate::span::{AVG0, BACKUP, NSLOTS, STASH, STATE0, Span};
 
 /// Elements per chunk when averages are folded in the same pass (the chunk's new weights are
 /// still in L1 when they are folded).
@@ -22,6 +22,55 @@ const FOLD_CHUNK: usize = 512;
 #[inline(always)]
 fn take<'a, T>(s: &mut Option<&'a mut [T]>) -> &'a mut [T] {
     s.take().unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The slot roles each pass reads or writes.
+
+/// A role mask with the given roles set.
+fn mask(roles: &[usize]) -> [bool; NSLOTS] {
+    let mut m = [false; NSLOTS];
+    for &r in roles {
+        m[r] = true;
+    }
+    m
+}
+
+/// The roles the perturb pass uses.
+pub(crate) fn perturb_needs(spec: &PerturbSpec) -> [bool; NSLOTS] {
+    if spec.stash {
+        mask(&[BACKUP, STASH])
+    } else {
+        mask(&[BACKUP])
+    }
+}
+
+/// The roles the restore pass uses.
+pub(crate) fn restore_needs() -> [bool; NSLOTS] {
+    mask(&[BACKUP])
+}
+
+/// The roles the update pass uses.
+pub(crate) fn update_needs(spec: &UpdateSpec) -> [bool; NSLOTS] {
+    let mut need = [false; NSLOTS];
+    need[BACKUP] = spec.restore;
+    need[STASH] = matches!(spec.grad, GradMix::Mix { .. }) || spec.post.is_some();
+    for k in 0..spec.base.state_slots().min(3) {
+        need[STATE0 + k] = true;
+    }
+    for (k, w) in spec.average.weights.iter().enumerate() {
+        need[AVG0 + k] = w.is_some();
+    }
+    need
+}
+
+/// The roles a fold of the averages uses.
+pub(crate) fn fold_needs(fold: &AverageFold) -> [bool; NSLOTS] {
+    let mut need = [false; NSLOTS];
+    for (k, w) in fold.weights.iter().enumerate() {
+        need[AVG0 + k] = w.is_some();
+    }
+    need
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,15 +10,66 @@ use ndarray::ArrayD;
 use sam_core::backend::kernel::{self, BLOCK, BlockReducer, LANES};
 use sam_core::backend::{Real, ReduceSpec, Reduction, Weighting};
 
-/// What a block needs to read.
-pub(crate) struct ReduceCtx<'a, T> {
-    /// Parameter arrays (standard layout, checked by the caller).
+/// Where a block reads tensor `t`'s elements `lo..hi` from (an empty slice for an operand that
+/// is absent or not in standard layout: checked by the caller).
+pub(crate) trait Source<T>: Sync {
+    /// Weights.
+    fn w(&self, t: usize, lo: usize, hi: usize) -> &[T];
+    /// Gradient.
+    fn g(&self, t: usize, lo: usize, hi: usize) -> &[T];
+    /// Stash (empty when the spec does not read it).
+    fn stash(&self, t: usize, lo: usize, hi: usize) -> &[T];
+}
+
+/// An `NdGroup`'s arrays and its group-wide stash slot.
+pub(crate) struct Arrays<'a, T> {
+    /// Parameter arrays.
     pub w: &'a [ArrayD<T>],
     /// Gradient arrays.
     pub g: &'a [ArrayD<T>],
     /// The stash slot over the whole group (empty when the spec does not read it).
     pub stash: &'a [T],
     /// Tensor offsets (`w.len() + 1` values).
+    pub offsets: &'a [usize],
+}
+
+impl<T: Real> Source<T> for Arrays<'_, T> {
+    fn w(&self, t: usize, lo: usize, hi: usize) -> &[T] {
+        part(self.w.get(t), lo, hi)
+    }
+    fn g(&self, t: usize, lo: usize, hi: usize) -> &[T] {
+        part(self.g.get(t), lo, hi)
+    }
+    fn stash(&self, t: usize, lo: usize, hi: usize) -> &[T] {
+        let o = self.offsets.get(t).copied().unwrap_or(0);
+        self.stash.get(o + lo..o + hi).unwrap_or(&[])
+    }
+}
+
+/// One slice per tensor for each operand (`stash` empty when not read).
+pub(crate) struct Slices<'a, T> {
+    pub w: &'a [&'a [T]],
+    pub g: &'a [&'a [T]],
+    pub stash: &'a [&'a [T]],
+}
+
+impl<T: Real> Source<T> for Slices<'_, T> {
+    fn w(&self, t: usize, lo: usize, hi: usize) -> &[T] {
+        self.w.get(t).and_then(|s| s.get(lo..hi)).unwrap_or(&[])
+    }
+    fn g(&self, t: usize, lo: usize, hi: usize) -> &[T] {
+        self.g.get(t).and_then(|s| s.get(lo..hi)).unwrap_or(&[])
+    }
+    fn stash(&self, t: usize, lo: usize, hi: usize) -> &[T] {
+        self.stash.get(t).and_then(|s| s.get(lo..hi)).unwrap_or(&[])
+    }
+}
+
+/// What a block needs to read.
+pub(crate) struct ReduceCtx<'a, S> {
+    /// The operands.
+    pub src: S,
+    /// Tensor offsets (one more than tensors).
     pub offsets: &'a [usize],
     /// Elements in the group.
     pub len: usize,
@@ -27,11 +78,11 @@ pub(crate) struct ReduceCtx<'a, T> {
 }
 
 /// A block function specialised for one combination of a spec's discriminants.
-pub(crate) type BlockFn<T> = fn(&ReduceCtx<'_, T>, usize) -> Reduction;
+pub(crate) type BlockFn<S> = fn(&ReduceCtx<'_, S>, usize) -> Reduction;
 
 /// The whole reduction: the canonical pairwise tree over the blocks.
-pub(crate) fn run<T: Real>(ctx: &ReduceCtx<'_, T>, _min_blocks: usize) -> Reduction {
-    let f = select::<T>(&ctx.spec);
+pub(crate) fn run<T: Real, S: Source<T>>(ctx: &ReduceCtx<'_, S>, _min_blocks: usize) -> Reduction {
+    let f = select::<T, S>(&ctx.spec);
     let n = kernel::block_count(ctx.len);
     #[cfg(feature = "rayon")]
     {
@@ -64,42 +115,50 @@ where
 }
 
 /// Picks the block function for a spec's discriminants.
-fn select<T: Real>(spec: &ReduceSpec) -> BlockFn<T> {
+fn select<T: Real, S: Source<T>>(spec: &ReduceSpec) -> BlockFn<S> {
     match spec.perturb {
-        None => select_gsd::<T, 0>(spec),
-        Some(Weighting::Plain) => select_gsd::<T, 1>(spec),
-        Some(Weighting::Adaptive { .. }) => select_gsd::<T, 2>(spec),
+        None => select_gsd::<T, S, 0>(spec),
+        Some(Weighting::Plain) => select_gsd::<T, S, 1>(spec),
+        Some(Weighting::Adaptive { .. }) => select_gsd::<T, S, 2>(spec),
     }
 }
 
-fn select_gsd<T: Real, const P: u8>(spec: &ReduceSpec) -> BlockFn<T> {
+fn select_gsd<T: Real, S: Source<T>, const P: u8>(spec: &ReduceSpec) -> BlockFn<S> {
     // Unit scales (every first try) as constants: the compiler drops the multiplications by
     // 1 (exact: `x · 1 = x`).
     let unit = spec.scale_perturb == 1.0 && spec.scale_grad == 1.0 && spec.scale_stash == 1.0;
     match (spec.grad, spec.stash, spec.dot, unit) {
-        (false, false, false, false) => block::<T, P, false, false, false, false>,
-        (false, false, true, false) => block::<T, P, false, false, true, false>,
-        (false, true, false, false) => block::<T, P, false, true, false, false>,
-        (false, true, true, false) => block::<T, P, false, true, true, false>,
-        (true, false, false, false) => block::<T, P, true, false, false, false>,
-        (true, false, true, false) => block::<T, P, true, false, true, false>,
-        (true, true, false, false) => block::<T, P, true, true, false, false>,
-        (true, true, true, false) => block::<T, P, true, true, true, false>,
-        (false, false, false, true) => block::<T, P, false, false, false, true>,
-        (false, false, true, true) => block::<T, P, false, false, true, true>,
-        (false, true, false, true) => block::<T, P, false, true, false, true>,
-        (false, true, true, true) => block::<T, P, false, true, true, true>,
-        (true, false, false, true) => block::<T, P, true, false, false, true>,
-        (true, false, true, true) => block::<T, P, true, false, true, true>,
-        (true, true, false, true) => block::<T, P, true, true, false, true>,
-        (true, true, true, true) => block::<T, P, true, true, true, true>,
+        (false, false, false, false) => block::<T, S, P, false, false, false, false>,
+        (false, false, true, false) => block::<T, S, P, false, false, true, false>,
+        (false, true, false, false) => block::<T, S, P, false, true, false, false>,
+        (false, true, true, false) => block::<T, S, P, false, true, true, false>,
+        (true, false, false, false) => block::<T, S, P, true, false, false, false>,
+        (true, false, true, false) => block::<T, S, P, true, false, true, false>,
+        (true, true, false, false) => block::<T, S, P, true, true, false, false>,
+        (true, true, true, false) => block::<T, S, P, true, true, true, false>,
+        (false, false, false, true) => block::<T, S, P, false, false, false, true>,
+        (false, false, true, true) => block::<T, S, P, false, false, true, true>,
+        (false, true, false, true) => block::<T, S, P, false, true, false, true>,
+        (false, true, true, true) => block::<T, S, P, false, true, true, true>,
+        (true, false, false, true) => block::<T, S, P, true, false, false, true>,
+        (true, false, true, true) => block::<T, S, P, true, false, true, true>,
+        (true, true, false, true) => block::<T, S, P, true, true, false, true>,
+        (true, true, true, true) => block::<T, S, P, true, true, true, true>,
     }
 }
 
 /// Block `b`. The spec is rebuilt with constant discriminants (and the original scalars), so
 /// the inlined `BlockReducer::push` has no per-element branches on it.
-fn block<T: Real, const P: u8, const G: bool, const S: bool, const D: bool, const U: bool>(
-    ctx: &ReduceCtx<'_, T>,
+fn block<
+    T: Real,
+    Src: Source<T>,
+    const P: u8,
+    const G: bool,
+    const S: bool,
+    const D: bool,
+    const U: bool,
+>(
+    ctx: &ReduceCtx<'_, Src>,
     b: usize,
 ) -> Reduction {
     let eta = match ctx.spec.perturb {
@@ -133,10 +192,10 @@ fn block<T: Real, const P: u8, const G: bool, const S: bool, const D: bool, cons
         let seg_end = o1.min(end);
         if seg_end > i {
             let (lo, hi) = (i - o0, seg_end - o0);
-            let g = part(&ctx.g[t], lo, hi);
-            let w = if P == 2 { part(&ctx.w[t], lo, hi) } else { &[] };
+            let g = ctx.src.g(t, lo, hi);
+            let w = if P == 2 { ctx.src.w(t, lo, hi) } else { &[] };
             let s = if S || D {
-                ctx.stash.get(i..seg_end).unwrap_or(&[])
+                ctx.src.stash(t, lo, hi)
             } else {
                 &[]
             };
@@ -150,8 +209,10 @@ fn block<T: Real, const P: u8, const G: bool, const S: bool, const D: bool, cons
 
 /// Elements `lo..hi` of a standard-layout array (empty if it were not: checked by the caller).
 #[inline(always)]
-fn part<T>(a: &ArrayD<T>, lo: usize, hi: usize) -> &[T] {
-    a.as_slice().and_then(|s| s.get(lo..hi)).unwrap_or(&[])
+fn part<T>(a: Option<&ArrayD<T>>, lo: usize, hi: usize) -> &[T] {
+    a.and_then(|a| a.as_slice())
+        .and_then(|s| s.get(lo..hi))
+        .unwrap_or(&[])
 }
 
 // The lane dispatch below is written for 8 lanes, and lanes are counted from the block start.
