@@ -8,10 +8,10 @@
 //! **In place.** The passes run on the `Var`s' own storage: candle's in-place custom ops
 //! (`Tensor::inplace_op1`) hand a closure the CPU storage under candle's write lock, and the
 //! gradient's storage is taken the same way inside it, so a pass reads and writes the weights
-//! and the gradient where they are, with no copy in or out. Each pass is sam-core's reference
-//! pass, run per parameter; the norm is reduced in the canonical order over the group's
-//! parameters laid end to end, so a group gives the bits of the reference backend over the
-//! same values.
+//! and the gradient where they are, with no copy in or out. Each pass is sam-ndarray's fused
+//! CPU pass ([`sam_ndarray::slices`]), run per parameter; the norm is reduced in the canonical
+//! order over the group's parameters laid end to end, so a group gives the bits of the
+//! reference backend over the same values.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor, Var};
