@@ -91,6 +91,23 @@ impl<T: Element> VarBuffer<T> {
         })
     }
 
+    /// A group of every `Var` of a `VarMap` whose name starts with `prefix` (`""` for all), in
+    /// name order (a deterministic order, hence a deterministic reduction), named as in the map.
+    pub fn from_varmap(map: &candle_nn::VarMap, prefix: &str) -> Result<Self, CandleError> {
+        let data = map
+            .data()
+            .lock()
+            .map_err(|_| CandleError::Candle("the VarMap's lock is poisoned".into()))?;
+        let mut vars: Vec<(String, Var)> = data
+            .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(name, v)| (name.clone(), v.clone()))
+            .collect();
+        drop(data);
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        Self::named(vars)
+    }
+
     /// The group's `Var`s, in order.
     pub fn vars(&self) -> impl ExactSizeIterator<Item = &Var> {
         self.params.iter().map(|p| &p.var)

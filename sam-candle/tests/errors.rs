@@ -222,3 +222,30 @@ fn a_failing_closure_aborts_the_step_with_the_weights_restored() {
     assert_eq!(vars.iter().map(values).collect::<Vec<_>>(), before);
     assert_eq!(sam.optimizer().steps(), 0);
 }
+
+#[test]
+fn a_varmap_groups_its_vars_by_prefix_in_name_order() {
+    let map = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+    let _ = candle_nn::linear(3, 2, vb.pp("head")).expect("linear");
+    let _ = candle_nn::linear(4, 3, vb.pp("body")).expect("linear");
+    let all = VarBuffer::<f32>::from_varmap(&map, "").expect("buffer");
+    let head = VarBuffer::<f32>::from_varmap(&map, "head.").expect("buffer");
+    assert_eq!(all.vars().len(), 4);
+    let dims: Vec<Vec<usize>> = head.vars().map(|v| v.dims().to_vec()).collect();
+    assert_eq!(
+        dims,
+        vec![vec![2], vec![2, 3]],
+        "head.bias, then head.weight"
+    );
+    // A dtype mismatch names the Var by its VarMap name.
+    assert_eq!(
+        VarBuffer::<f64>::from_varmap(&map, "body.").err(),
+        Some(CandleError::DType {
+            param: "body.bias".into(),
+            role: Role::Weight,
+            expected: DType::F64,
+            found: DType::F32
+        })
+    );
+}
