@@ -166,3 +166,49 @@ pub fn reduce<T: Real>(
     let min_blocks = 1;
     Ok(reduce::run(&ctx, min_blocks))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sam_core::backend::Weighting;
+
+    #[test]
+    fn refusals_write_nothing() {
+        let spec = PerturbSpec {
+            stash: true,
+            weighting: Weighting::Plain,
+            scale: 1.0,
+            coeff: 0.1,
+        };
+        let backup_only = SlotSpec {
+            backup: true,
+            ..SlotSpec::default()
+        };
+        let (mut w, mut g, mut slots) = ([1.0_f64, 2.0], [0.5, -0.5], [0.0; 2]);
+        let t = TensorMut {
+            w: &mut w,
+            g: &mut g,
+            slots: &mut slots,
+        };
+        // The spec stashes, the layout has no stash.
+        assert_eq!(
+            perturb(&spec, &backup_only, t),
+            Err(NdError::MissingSlot(Slot::Stash))
+        );
+        let mut short = [0.0; 1];
+        let t = TensorMut {
+            w: &mut w,
+            g: &mut g[..1],
+            slots: &mut short,
+        };
+        assert!(matches!(
+            perturb(&spec, &backup_only, t),
+            Err(NdError::ShapeMismatch { .. })
+        ));
+        assert_eq!((w, slots), ([1.0, 2.0], [0.0; 2]));
+        assert!(matches!(
+            reduce(&[&w[..]], &[&g[..1]], &[], &ReduceSpec::FINITE_ONLY),
+            Err(NdError::ShapeMismatch { tensor: 0, .. })
+        ));
+    }
+}
