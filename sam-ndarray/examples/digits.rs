@@ -33,6 +33,8 @@ mod plot;
 mod report;
 #[path = "digits/rng.rs"]
 mod rng;
+#[path = "digits/stats.rs"]
+mod stats;
 #[path = "digits/train.rs"]
 mod train;
 
@@ -273,7 +275,7 @@ fn run(cfg: &Config) -> Result<(), Box<dyn std::error::Error>> {
                 "{eval_name} acc {:.2}%  lambda_max {:.2}  {:.2} ms/epoch",
                 100.0 * final_eval.accuracy(),
                 sharp.lambda_max,
-                1e3 * train::median(&out.epoch_seconds)
+                1e3 * stats::median(&out.epoch_seconds)
             );
             pb.finish_with_message(msg.clone());
             if log_lines {

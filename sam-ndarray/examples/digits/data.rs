@@ -49,11 +49,17 @@ impl Dataset {
     }
 }
 
-/// The bundled data file, located from the crate's manifest directory at compile time.
+/// The bundled data file, located from the crate's manifest directory at compile time. This
+/// module is shared with sam-candle's `digits_cnn` example, which finds the file in its sibling
+/// crate `sam-ndarray`.
 pub fn bundled_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("data")
-        .join("digits.csv.gz")
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let crate_dir = if env!("CARGO_PKG_NAME") == "sam-ndarray" {
+        manifest.to_path_buf()
+    } else {
+        manifest.join("..").join("sam-ndarray")
+    };
+    crate_dir.join("data").join("digits.csv.gz")
 }
 
 /// The bundled UCI digits (checked against [`DIGITS_SHA256`]).

@@ -10,7 +10,8 @@ use crate::args::Config;
 use crate::data::Dataset;
 use crate::mlp::{Eval, Mlp};
 use crate::plot::{self, COLORS, Curve};
-use crate::train::{Kind, RunOutput, median};
+use crate::stats::{mean, median, std};
+use crate::train::{Kind, RunOutput};
 
 /// One finished run.
 pub struct Run {
@@ -34,23 +35,6 @@ pub struct Study<'a> {
     pub flipped: usize,
     pub runs: Vec<Run>,
     pub alphas: Vec<f64>,
-}
-
-fn mean(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v.iter().sum::<f64>() / v.len() as f64
-    }
-}
-
-/// Sample standard deviation (0 for one value).
-fn std(v: &[f64]) -> f64 {
-    if v.len() < 2 {
-        return 0.0;
-    }
-    let m = mean(v);
-    (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
 }
 
 /// Three significant digits, scientific below 1e-3.

@@ -116,21 +116,6 @@ impl RunOutput {
     }
 }
 
-/// The median (robust to other processes stealing the CPU for a while); NaN if empty.
-pub fn median(v: &[f64]) -> f64 {
-    let mut v: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        0.5 * (v[m - 1] + v[m])
-    }
-}
-
 /// What a run produced.
 #[derive(Debug, Clone)]
 pub struct RunOutput {

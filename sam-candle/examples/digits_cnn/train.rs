@@ -1,0 +1,361 @@
+//! Training the CNN with one optimizer of sam-core through `SamCandle`.
+
+use std::error::Error;
+use std::time::Instant;
+
+use indicatif::ProgressBar;
+use sam_candle::{SamCandle, VarBuffer};
+use sam_core::{
+    BaseOptimizer, BaseRule, Group, Gsam, GsamConfig, Optimizer, Perturbation, Proportional,
+    RhoSchedule, Sam, SamConfig, Schedule, ScheduleConfig, ScheduleShape, SgdConfig, StepStatus,
+    Timeline, Wasam, Wsam, WsamConfig,
+};
+
+use crate::model::{Cnn, Split};
+use crate::rng::Rng;
+
+pub type BoxErr = Box<dyn Error>;
+
+/// The optimizers compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Sgd,
+    Sam,
+    Asam,
+    Gsam,
+    Wsam,
+    Wasam,
+}
+
+impl Kind {
+    /// All of them, in table order.
+    pub const ALL: [Kind; 6] = [
+        Kind::Sgd,
+        Kind::Sam,
+        Kind::Asam,
+        Kind::Gsam,
+        Kind::Wsam,
+        Kind::Wasam,
+    ];
+
+    /// Lower-case name (command line, JSON).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Sgd => "sgd",
+            Kind::Sam => "sam",
+            Kind::Asam => "asam",
+            Kind::Gsam => "gsam",
+            Kind::Wsam => "wsam",
+            Kind::Wasam => "wasam",
+        }
+    }
+
+    /// Display name (table, plots).
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Sgd => "SGD",
+            Kind::Sam => "SAM",
+            Kind::Asam => "ASAM",
+            Kind::Gsam => "GSAM",
+            Kind::Wsam => "WSAM",
+            Kind::Wasam => "WASAM",
+        }
+    }
+
+    /// From a command-line name.
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(s))
+    }
+}
+
+/// Training hyperparameters.
+#[derive(Debug, Clone, Copy)]
+pub struct Hyper {
+    pub epochs: usize,
+    pub batch: usize,
+    /// Peak lr of SGD with momentum, cosine-decayed to 0 over the run.
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// ρ of SAM, WSAM, WASAM and GSAM's ρ_max.
+    pub rho: f64,
+    pub asam_rho: f64,
+    pub asam_eta: f64,
+    /// GSAM's ρ when the lr reaches 0.
+    pub gsam_rho_min: f64,
+    pub gsam_alpha: f64,
+    pub wsam_gamma: f64,
+    /// WASAM averages the weights from this fraction of the steps on.
+    pub swa_start: f64,
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct RunOutput {
+    /// Test accuracy (in [0, 1]) after each epoch (WASAM: of the average once it exists).
+    pub test_acc: Vec<f64>,
+    /// Full pass over the training split at the final weights (WASAM: the average).
+    pub final_train_loss: f64,
+    /// Wall time of every step (forward and backward passes included, no evaluation).
+    pub step_seconds: Vec<f64>,
+    /// Steps the optimizer skipped (non-finite gradient).
+    pub skipped: u64,
+}
+
+/// Where an optimizer is evaluated: the live weights, or WASAM's average.
+pub trait EvalWeights: Optimizer + Sized {
+    fn at_eval_weights<R>(
+        sam: &mut SamCandle<Self>,
+        f: impl FnOnce() -> Result<R, BoxErr>,
+    ) -> Result<R, BoxErr> {
+        let _ = sam;
+        f()
+    }
+}
+
+impl EvalWeights for BaseOptimizer {}
+impl EvalWeights for Sam {}
+impl EvalWeights for Gsam {}
+impl EvalWeights for Wsam {}
+
+impl EvalWeights for Wasam {
+    fn at_eval_weights<R>(
+        sam: &mut SamCandle<Self>,
+        f: impl FnOnce() -> Result<R, BoxErr>,
+    ) -> Result<R, BoxErr> {
+        let (opt, groups) = sam.parts_mut();
+        if opt.counts().first().copied().unwrap_or(0) == 0 {
+            return f();
+        }
+        let swapped = opt.swap(groups, 0)?;
+        let out = f();
+        swapped.swap_back()?;
+        out
+    }
+}
+
+/// Steps in a run.
+pub fn total_steps(h: &Hyper, n: usize) -> u64 {
+    let per_epoch = n.div_ceil(h.batch.clamp(1, n.max(1)));
+    (per_epoch * h.epochs).max(1) as u64
+}
+
+/// Trains a fresh network on `train` with optimizer `kind`; `seed` fixes the initialisation
+/// and the mini-batch order, the same for every optimizer (runs of one seed are paired).
+pub fn train(
+    kind: Kind,
+    h: &Hyper,
+    classes: usize,
+    train: &Split,
+    test: &Split,
+    seed: u64,
+    pb: &ProgressBar,
+) -> Result<RunOutput, BoxErr> {
+    let total = total_steps(h, train.len);
+    let lr_schedule = Schedule::new(ScheduleConfig {
+        shape: ScheduleShape::Cosine,
+        t_max: total,
+        max_value: h.lr,
+        min_value: 0.0,
+        init_value: h.lr,
+        warmup_steps: 0,
+        clamp: true,
+    })?;
+    let run = Run {
+        h,
+        classes,
+        train,
+        test,
+        seed,
+        pb,
+        lr_schedule,
+    };
+    let sam = |rho| SamConfig::from(Perturbation::sam(rho));
+    match kind {
+        Kind::Sgd => run.fit(BaseOptimizer::new()),
+        Kind::Sam => run.fit(Sam::new(sam(h.rho))?),
+        Kind::Asam => run.fit(Sam::new(Perturbation::asam(h.asam_rho, h.asam_eta).into())?),
+        Kind::Gsam => {
+            let rho = RhoSchedule::Proportional(Proportional {
+                max_lr: h.lr,
+                min_lr: 0.0,
+                max_value: h.rho,
+                min_value: h.gsam_rho_min,
+            });
+            run.fit(Gsam::new(GsamConfig {
+                alpha: h.gsam_alpha,
+                lr_schedule: Some(lr_schedule),
+                timeline: Timeline::Synced,
+                ..GsamConfig::new(rho)
+            })?)
+        }
+        Kind::Wsam => run.fit(Wsam::new(WsamConfig {
+            perturbation: Perturbation::sam(h.rho),
+            gamma: h.wsam_gamma,
+            ..Default::default()
+        })?),
+        Kind::Wasam => {
+            let start = ((total as f64) * h.swa_start).floor() as u64;
+            run.fit(Wasam::new(sam(h.rho), &[start.min(total - 1)])?)
+        }
+    }
+}
+
+struct Run<'a> {
+    h: &'a Hyper,
+    classes: usize,
+    train: &'a Split,
+    test: &'a Split,
+    seed: u64,
+    pb: &'a ProgressBar,
+    lr_schedule: Schedule,
+}
+
+impl Run<'_> {
+    /// The training loop, the same for every optimizer of the family.
+    fn fit<O: EvalWeights>(&self, opt: O) -> Result<RunOutput, BoxErr> {
+        let (h, train) = (self.h, self.train);
+        let model = Cnn::new(self.classes, &mut Rng::new("init", self.seed))?;
+        let mut order_rng = Rng::new("batches", self.seed);
+        let base = BaseRule::sgd(SgdConfig {
+            lr: h.lr,
+            momentum: h.momentum,
+            weight_decay: h.weight_decay,
+            ..Default::default()
+        })?;
+        let groups = vec![Group::new(VarBuffer::<f32>::new(model.params())?, base)];
+        let mut sam = SamCandle::new(opt, groups);
+        if sam.optimizer().lr_schedule().is_none() {
+            sam.optimizer_mut()
+                .set_lr_schedule(Some(self.lr_schedule))?;
+        }
+
+        let n = train.len;
+        let batch = h.batch.clamp(1, n.max(1));
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        let mut test_acc = Vec::with_capacity(h.epochs);
+        let mut step_seconds = Vec::new();
+        let mut skipped = 0;
+        for _ in 0..h.epochs {
+            order_rng.shuffle(&mut order);
+            for idx in order.chunks(batch) {
+                let (xb, yb) = train.batch(idx)?;
+                let start = Instant::now();
+                let report = sam.step(|| model.loss(&xb, &yb))?;
+                step_seconds.push(start.elapsed().as_secs_f64());
+                if report.status != StepStatus::Applied {
+                    skipped += 1;
+                }
+            }
+            let (acc, _) = O::at_eval_weights(&mut sam, || Ok(model.evaluate(self.test)?))?;
+            test_acc.push(acc);
+            self.pb.set_message(format!("test acc {:.2}%", 100.0 * acc));
+            self.pb.inc(1);
+        }
+        let (_, final_train_loss) = O::at_eval_weights(&mut sam, || Ok(model.evaluate(train)?))?;
+        Ok(RunOutput {
+            test_acc,
+            final_train_loss,
+            step_seconds,
+            skipped,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data;
+
+    /// A fixed synthetic split: two classes told apart by which half of the image is lit.
+    fn toy(n: usize) -> Split {
+        let mut rng = Rng::new("toy", 0);
+        let mut x = Vec::with_capacity(n * 64);
+        let mut y = Vec::with_capacity(n);
+        for i in 0..n {
+            let c = i % 2;
+            for p in 0..64 {
+                let lit = (p % 8 < 4) == (c == 0);
+                x.push(if lit { 0.8 } else { 0.1 } + 0.1 * rng.uniform());
+            }
+            y.push(c);
+        }
+        let d = data::Dataset {
+            x: ndarray::Array2::from_shape_vec((n, 64), x).expect("64 columns"),
+            y,
+            classes: 2,
+            source: "toy".into(),
+            known_range: None,
+        };
+        Split::new(&d).expect("split")
+    }
+
+    fn hyper(epochs: usize) -> Hyper {
+        Hyper {
+            epochs,
+            batch: 16,
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            rho: 0.05,
+            asam_rho: 0.5,
+            asam_eta: 0.01,
+            gsam_rho_min: 0.02,
+            gsam_alpha: 0.4,
+            wsam_gamma: 0.9,
+            swa_start: 0.5,
+        }
+    }
+
+    #[test]
+    fn every_optimizer_lowers_the_loss_and_learns_a_toy_task() {
+        let s = toy(64);
+        let untrained = Cnn::new(2, &mut Rng::new("init", 0))
+            .and_then(|m| m.evaluate(&s))
+            .expect("evaluate");
+        for kind in Kind::ALL {
+            let out = train(kind, &hyper(8), 2, &s, &s, 0, &ProgressBar::hidden()).expect("train");
+            assert_eq!(out.test_acc.len(), 8);
+            assert_eq!(out.step_seconds.len(), 8 * 4);
+            assert_eq!(out.skipped, 0);
+            assert!(
+                out.final_train_loss < 0.5 * untrained.1,
+                "{kind:?}: loss {} -> {}",
+                untrained.1,
+                out.final_train_loss
+            );
+            assert!(
+                out.test_acc.last().copied().unwrap_or(0.0) > 0.9,
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_seed_gives_the_same_run() {
+        let s = toy(32);
+        let run =
+            || train(Kind::Sam, &hyper(2), 2, &s, &s, 3, &ProgressBar::hidden()).expect("train");
+        let (a, b) = (run(), run());
+        assert_eq!(a.test_acc, b.test_acc);
+        assert_eq!(a.final_train_loss.to_bits(), b.final_train_loss.to_bits());
+    }
+
+    #[test]
+    fn the_network_has_the_documented_shape() {
+        let m = Cnn::new(10, &mut Rng::new("init", 0)).expect("model");
+        // conv1 8·9 + 8, conv2 16·8·9 + 16, fc 64·10 + 10.
+        assert_eq!(m.num_params(), 80 + 1168 + 650);
+        let x = Tensor::zeros(
+            (3, 1, 8, 8),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .expect("x");
+        assert_eq!(m.forward(&x).expect("forward").dims(), &[3, 10]);
+    }
+
+    use candle_core::Tensor;
+}
