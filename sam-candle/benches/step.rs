@@ -166,7 +166,9 @@ fn bench(c: &mut Criterion) {
     println!(
         "\n==== sam-candle: one optimizer step on ResNet-18's {n} f32 elements (62 Vars) ===="
     );
-    println!("median of {samples} steps each, one thread, same run:");
+    println!(
+        "median of {samples} steps each, same run; SamCandle's passes on one thread, candle's steps as candle runs them:"
+    );
     println!(
         "  sam_sgd_momentum (SamCandle<Sam>, SGD m=0.9): {:8.3} ms",
         ms(t_sam)
