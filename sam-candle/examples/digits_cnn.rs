@@ -31,6 +31,8 @@ mod args;
 mod data;
 #[path = "digits_cnn/model.rs"]
 mod model;
+#[path = "../../sam-ndarray/examples/digits/optimizers.rs"]
+mod optimizers;
 #[allow(dead_code)]
 #[path = "../../sam-ndarray/examples/digits/plot.rs"]
 mod plot;

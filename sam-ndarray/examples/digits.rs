@@ -27,6 +27,8 @@ mod args;
 mod data;
 #[path = "digits/mlp.rs"]
 mod mlp;
+#[path = "digits/optimizers.rs"]
+mod optimizers;
 #[path = "digits/plot.rs"]
 mod plot;
 #[path = "digits/report.rs"]

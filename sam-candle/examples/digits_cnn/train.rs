@@ -6,90 +6,17 @@ use std::time::Instant;
 use indicatif::ProgressBar;
 use sam_candle::{SamCandle, VarBuffer};
 use sam_core::{
-    BaseOptimizer, BaseRule, Group, Gsam, GsamConfig, Optimizer, Perturbation, Proportional,
-    RhoSchedule, Sam, SamConfig, Schedule, ScheduleConfig, ScheduleShape, SgdConfig, StepStatus,
-    Timeline, Wasam, Wsam, WsamConfig,
+    BaseOptimizer, BaseRule, Group, Gsam, Optimizer, Sam, Schedule, SgdConfig, StepStatus, Wasam,
+    Wsam,
 };
 
 use crate::model::{Cnn, Split};
+use crate::optimizers::{self, Built};
 use crate::rng::Rng;
 
 pub type BoxErr = Box<dyn Error>;
 
-/// The optimizers compared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Sgd,
-    Sam,
-    Asam,
-    Gsam,
-    Wsam,
-    Wasam,
-}
-
-impl Kind {
-    /// All of them, in table order.
-    pub const ALL: [Kind; 6] = [
-        Kind::Sgd,
-        Kind::Sam,
-        Kind::Asam,
-        Kind::Gsam,
-        Kind::Wsam,
-        Kind::Wasam,
-    ];
-
-    /// Lower-case name (command line, JSON).
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Sgd => "sgd",
-            Kind::Sam => "sam",
-            Kind::Asam => "asam",
-            Kind::Gsam => "gsam",
-            Kind::Wsam => "wsam",
-            Kind::Wasam => "wasam",
-        }
-    }
-
-    /// Display name (table, plots).
-    pub fn label(self) -> &'static str {
-        match self {
-            Kind::Sgd => "SGD",
-            Kind::Sam => "SAM",
-            Kind::Asam => "ASAM",
-            Kind::Gsam => "GSAM",
-            Kind::Wsam => "WSAM",
-            Kind::Wasam => "WASAM",
-        }
-    }
-
-    /// From a command-line name.
-    pub fn parse(s: &str) -> Option<Kind> {
-        Kind::ALL
-            .into_iter()
-            .find(|k| k.name().eq_ignore_ascii_case(s))
-    }
-}
-
-/// Training hyperparameters.
-#[derive(Debug, Clone, Copy)]
-pub struct Hyper {
-    pub epochs: usize,
-    pub batch: usize,
-    /// Peak lr of SGD with momentum, cosine-decayed to 0 over the run.
-    pub lr: f64,
-    pub momentum: f64,
-    pub weight_decay: f64,
-    /// ρ of SAM, WSAM, WASAM and GSAM's ρ_max.
-    pub rho: f64,
-    pub asam_rho: f64,
-    pub asam_eta: f64,
-    /// GSAM's ρ when the lr reaches 0.
-    pub gsam_rho_min: f64,
-    pub gsam_alpha: f64,
-    pub wsam_gamma: f64,
-    /// WASAM averages the weights from this fraction of the steps on.
-    pub swa_start: f64,
-}
+pub use crate::optimizers::{Hyper, Kind};
 
 /// What a run produced.
 #[derive(Debug, Clone)]
@@ -136,12 +63,6 @@ impl EvalWeights for Wasam {
     }
 }
 
-/// Steps in a run.
-pub fn total_steps(h: &Hyper, n: usize) -> u64 {
-    let per_epoch = n.div_ceil(h.batch.clamp(1, n.max(1)));
-    (per_epoch * h.epochs).max(1) as u64
-}
-
 /// Trains a fresh network on `train` with optimizer `kind`; `seed` fixes the initialisation
 /// and the mini-batch order, the same for every optimizer (runs of one seed are paired).
 pub fn train(
@@ -153,16 +74,7 @@ pub fn train(
     seed: u64,
     pb: &ProgressBar,
 ) -> Result<RunOutput, BoxErr> {
-    let total = total_steps(h, train.len);
-    let lr_schedule = Schedule::new(ScheduleConfig {
-        shape: ScheduleShape::Cosine,
-        t_max: total,
-        max_value: h.lr,
-        min_value: 0.0,
-        init_value: h.lr,
-        warmup_steps: 0,
-        clamp: true,
-    })?;
+    let total = optimizers::total_steps(h, train.len);
     let run = Run {
         h,
         classes,
@@ -170,36 +82,14 @@ pub fn train(
         test,
         seed,
         pb,
-        lr_schedule,
+        lr_schedule: optimizers::lr_schedule(h, total)?,
     };
-    let sam = |rho| SamConfig::from(Perturbation::sam(rho));
-    match kind {
-        Kind::Sgd => run.fit(BaseOptimizer::new()),
-        Kind::Sam => run.fit(Sam::new(sam(h.rho))?),
-        Kind::Asam => run.fit(Sam::new(Perturbation::asam(h.asam_rho, h.asam_eta).into())?),
-        Kind::Gsam => {
-            let rho = RhoSchedule::Proportional(Proportional {
-                max_lr: h.lr,
-                min_lr: 0.0,
-                max_value: h.rho,
-                min_value: h.gsam_rho_min,
-            });
-            run.fit(Gsam::new(GsamConfig {
-                alpha: h.gsam_alpha,
-                lr_schedule: Some(lr_schedule),
-                timeline: Timeline::Synced,
-                ..GsamConfig::new(rho)
-            })?)
-        }
-        Kind::Wsam => run.fit(Wsam::new(WsamConfig {
-            perturbation: Perturbation::sam(h.rho),
-            gamma: h.wsam_gamma,
-            ..Default::default()
-        })?),
-        Kind::Wasam => {
-            let start = ((total as f64) * h.swa_start).floor() as u64;
-            run.fit(Wasam::new(sam(h.rho), &[start.min(total - 1)])?)
-        }
+    match optimizers::build(kind, h, total)? {
+        Built::Base(o) => run.fit(o),
+        Built::Sam(o) => run.fit(o),
+        Built::Gsam(o) => run.fit(o),
+        Built::Wsam(o) => run.fit(o),
+        Built::Wasam(o) => run.fit(o),
     }
 }
 

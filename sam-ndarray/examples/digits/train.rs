@@ -5,99 +5,15 @@ use std::time::Instant;
 
 use indicatif::ProgressBar;
 use ndarray::{Axis, s};
-use sam_core::{
-    BaseOptimizer, BaseRule, Group, Gsam, GsamConfig, Optimizer, Perturbation, Proportional,
-    RhoSchedule, Sam, SamConfig, Schedule, ScheduleConfig, ScheduleShape, SgdConfig, StepStatus,
-    Timeline, Wasam, Wsam, WsamConfig,
-};
+use sam_core::{BaseRule, Group, Optimizer, Schedule, SgdConfig, StepStatus, Wasam};
 use sam_ndarray::NdGroup;
 
 use crate::data::Dataset;
 use crate::mlp::{Eval, Mlp, flatten};
+use crate::optimizers::{self, Built};
 use crate::rng::Rng;
 
-/// The optimizers compared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Sgd,
-    Sam,
-    Asam,
-    Gsam,
-    Wsam,
-    Wasam,
-}
-
-impl Kind {
-    /// All of them, in table order.
-    pub const ALL: [Kind; 6] = [
-        Kind::Sgd,
-        Kind::Sam,
-        Kind::Asam,
-        Kind::Gsam,
-        Kind::Wsam,
-        Kind::Wasam,
-    ];
-
-    /// Lower-case name (command line, JSON).
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Sgd => "sgd",
-            Kind::Sam => "sam",
-            Kind::Asam => "asam",
-            Kind::Gsam => "gsam",
-            Kind::Wsam => "wsam",
-            Kind::Wasam => "wasam",
-        }
-    }
-
-    /// Display name (table, plots).
-    pub fn label(self) -> &'static str {
-        match self {
-            Kind::Sgd => "SGD",
-            Kind::Sam => "SAM",
-            Kind::Asam => "ASAM",
-            Kind::Gsam => "GSAM",
-            Kind::Wsam => "WSAM",
-            Kind::Wasam => "WASAM",
-        }
-    }
-
-    /// From a command-line name.
-    pub fn parse(s: &str) -> Option<Kind> {
-        Kind::ALL
-            .into_iter()
-            .find(|k| k.name().eq_ignore_ascii_case(s))
-    }
-}
-
-/// Training hyperparameters (shared by every optimizer unless named after one).
-#[derive(Debug, Clone, Copy)]
-pub struct Hyper {
-    /// Epochs.
-    pub epochs: usize,
-    /// Mini-batch size.
-    pub batch: usize,
-    /// Peak learning rate (cosine decay to 0 over the run).
-    pub lr: f64,
-    /// SGD momentum.
-    pub momentum: f64,
-    /// L2 weight decay.
-    pub weight_decay: f64,
-    /// ρ of SAM, WSAM, WASAM and GSAM's ρ_max.
-    pub rho: f64,
-    /// ρ of ASAM.
-    pub asam_rho: f64,
-    /// η of ASAM.
-    pub asam_eta: f64,
-    /// GSAM's ρ at lr = 0 (ρ follows the lr from `rho` down to this).
-    pub gsam_rho_min: f64,
-    /// GSAM's α.
-    pub gsam_alpha: f64,
-    /// WSAM's γ.
-    pub wsam_gamma: f64,
-    /// WASAM starts averaging after this fraction of the steps.
-    pub swa_start: f64,
-}
+pub use crate::optimizers::{Hyper, Kind};
 
 /// One epoch's numbers.
 #[derive(Debug, Clone, Copy)]
@@ -173,42 +89,12 @@ pub fn train(
     pb: &ProgressBar,
 ) -> Result<RunOutput, BoxErr> {
     let run = Run::new(h, mlp, train, eval, seed, pb)?;
-    let sam = |rho| SamConfig::from(Perturbation::sam(rho));
-    match kind {
-        Kind::Sgd => run.fit(&mut BaseOptimizer::new(), evaluate_live),
-        Kind::Sam => run.fit(&mut Sam::new(sam(h.rho))?, evaluate_live),
-        Kind::Asam => run.fit(
-            &mut Sam::new(Perturbation::asam(h.asam_rho, h.asam_eta).into())?,
-            evaluate_live,
-        ),
-        Kind::Gsam => {
-            let rho = RhoSchedule::Proportional(Proportional {
-                max_lr: h.lr,
-                min_lr: 0.0,
-                max_value: h.rho,
-                min_value: h.gsam_rho_min,
-            });
-            let cfg = GsamConfig {
-                alpha: h.gsam_alpha,
-                lr_schedule: Some(run.lr_schedule),
-                timeline: Timeline::Synced,
-                ..GsamConfig::new(rho)
-            };
-            run.fit(&mut Gsam::new(cfg)?, evaluate_live)
-        }
-        Kind::Wsam => {
-            let cfg = WsamConfig {
-                perturbation: Perturbation::sam(h.rho),
-                gamma: h.wsam_gamma,
-                ..Default::default()
-            };
-            run.fit(&mut Wsam::new(cfg)?, evaluate_live)
-        }
-        Kind::Wasam => {
-            let start = ((run.total as f64) * h.swa_start).floor() as u64;
-            let mut w = Wasam::new(sam(h.rho), &[start.min(run.total - 1)])?;
-            run.fit(&mut w, evaluate_average)
-        }
+    match optimizers::build(kind, h, run.total)? {
+        Built::Base(mut o) => run.fit(&mut o, evaluate_live),
+        Built::Sam(mut o) => run.fit(&mut o, evaluate_live),
+        Built::Gsam(mut o) => run.fit(&mut o, evaluate_live),
+        Built::Wsam(mut o) => run.fit(&mut o, evaluate_live),
+        Built::Wasam(mut o) => run.fit(&mut o, evaluate_average),
     }
 }
 
@@ -245,17 +131,8 @@ impl<'a> Run<'a> {
         seed: u64,
         pb: &'a ProgressBar,
     ) -> Result<Self, BoxErr> {
-        let per_epoch = train.len().div_ceil(h.batch.clamp(1, train.len()));
-        let total = (per_epoch * h.epochs).max(1) as u64;
-        let lr_schedule = Schedule::new(ScheduleConfig {
-            shape: ScheduleShape::Cosine,
-            t_max: total,
-            max_value: h.lr,
-            min_value: 0.0,
-            init_value: h.lr,
-            warmup_steps: 0,
-            clamp: true,
-        })?;
+        let total = optimizers::total_steps(h, train.len());
+        let lr_schedule = optimizers::lr_schedule(h, total)?;
         Ok(Run {
             h,
             mlp,
