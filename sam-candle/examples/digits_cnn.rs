@@ -24,6 +24,8 @@
 
 #[path = "digits_cnn/args.rs"]
 mod args;
+#[path = "../../sam-ndarray/examples/digits/cli.rs"]
+mod cli;
 // Shared with the ndarray demo; this example uses the bundled loader, the splits and the
 // scaling, not the CSV loader of `--data` nor the landscape plot.
 #[allow(dead_code)]

@@ -23,6 +23,8 @@
 mod analysis;
 #[path = "digits/args.rs"]
 mod args;
+#[path = "digits/cli.rs"]
+mod cli;
 #[path = "digits/data.rs"]
 mod data;
 #[path = "digits/mlp.rs"]

@@ -3,6 +3,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+use crate::cli;
 use crate::train::{Hyper, Kind};
 
 /// Everything a run needs, with defaults resolved.
@@ -65,30 +66,6 @@ OPTIONS:
 EXIT STATUS: 0 on success, 1 when the run fails, 2 for a bad command line.
 ";
 
-fn float(flag: &str, v: &str, lo: f64, hi: f64, hi_open: bool) -> Result<f64, String> {
-    let x: f64 = v
-        .parse()
-        .map_err(|_| format!("{flag}: cannot parse {v:?} as a number"))?;
-    let ok = x.is_finite() && x >= lo && if hi_open { x < hi } else { x <= hi };
-    if !ok {
-        let close = if hi_open { ")" } else { "]" };
-        return Err(format!(
-            "{flag}: {v} is out of range: expected a number in [{lo}, {hi}{close}"
-        ));
-    }
-    Ok(x)
-}
-
-fn count(flag: &str, v: &str, lo: usize, hi: usize) -> Result<usize, String> {
-    let x: usize = v
-        .parse()
-        .map_err(|_| format!("{flag}: expected a whole number, found {v:?}"))?;
-    if x < lo || x > hi {
-        return Err(format!("{flag}: {x} is out of range: expected {lo}..={hi}"));
-    }
-    Ok(x)
-}
-
 /// The options that take a value.
 const VALUE_FLAGS: &[&str] = &[
     "--label-noise",
@@ -132,37 +109,14 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
     let mut args = args.into_iter();
     let (mut seeds, mut epochs) = (None, None);
     let mut c = defaults();
-    while let Some(raw) = args.next() {
-        let Some(arg) = raw.to_str() else {
-            return Err(format!("unexpected argument {raw:?} (not valid UTF-8)"));
-        };
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(OsString::from(v))),
-            _ => (arg.to_string(), None),
-        };
-        let takes_value = match flag.as_str() {
-            "-h" | "--help" | "--quick" | "--quiet" => false,
-            f if VALUE_FLAGS.contains(&f) => true,
-            other if other.starts_with('-') => return Err(format!("unknown option {other}")),
-            other => {
-                return Err(format!(
-                    "unexpected argument {other:?} (options start with --)"
-                ));
-            }
-        };
-        let value_os = match (takes_value, inline) {
-            (true, Some(v)) => Some(v),
-            (true, None) => Some(args.next().ok_or_else(|| format!("{flag} needs a value"))?),
-            (false, Some(_)) => return Err(format!("{flag} takes no value")),
-            (false, None) => None,
-        };
-        let value = || -> Result<String, String> {
-            value_os
-                .clone()
-                .ok_or_else(|| format!("{flag} needs a value"))?
-                .into_string()
-                .map_err(|v| format!("{flag}: {v:?} is not valid UTF-8"))
-        };
+    while let Some(arg) = cli::next_arg(
+        &mut args,
+        &["-h", "--help", "--quick", "--quiet"],
+        VALUE_FLAGS,
+    ) {
+        let arg = arg?;
+        let (flag, value_os) = (arg.flag.clone(), arg.value_os.clone());
+        let value = || arg.value();
         match flag.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
             "--quick" => c.quick = true,
@@ -174,31 +128,13 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
                 }
                 c.out = dir;
             }
-            "--label-noise" => c.label_noise = float(&flag, &value()?, 0.0, 1.0, true)?,
-            "--optimizers" => {
-                let mut list = Vec::new();
-                for name in value()?.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                    let k = Kind::parse(name).ok_or_else(|| {
-                        format!(
-                            "--optimizers: unknown optimizer {name:?} \
-                             (expected sgd, sam, asam, gsam, wsam, wasam)"
-                        )
-                    })?;
-                    if !list.contains(&k) {
-                        list.push(k);
-                    }
-                }
-                if list.is_empty() {
-                    return Err("--optimizers: the list is empty".into());
-                }
-                list.sort_by_key(|k| Kind::ALL.iter().position(|a| a == k));
-                c.optimizers = list;
-            }
-            "--seeds" => seeds = Some(count(&flag, &value()?, 1, 1000)?),
-            "--epochs" => epochs = Some(count(&flag, &value()?, 1, 100_000)?),
-            "--batch-size" => c.hyper.batch = count(&flag, &value()?, 1, 1 << 20)?,
-            "--lr" => c.hyper.lr = float(&flag, &value()?, 0.0, 100.0, false)?,
-            "--rho" => c.hyper.rho = float(&flag, &value()?, 0.0, 100.0, false)?,
+            "--label-noise" => c.label_noise = cli::float(&flag, &value()?, 0.0, 1.0, true)?,
+            "--optimizers" => c.optimizers = cli::optimizers(&flag, &value()?)?,
+            "--seeds" => seeds = Some(cli::count(&flag, &value()?, 1, 1000)?),
+            "--epochs" => epochs = Some(cli::count(&flag, &value()?, 1, 100_000)?),
+            "--batch-size" => c.hyper.batch = cli::count(&flag, &value()?, 1, 1 << 20)?,
+            "--lr" => c.hyper.lr = cli::float(&flag, &value()?, 0.0, 100.0, false)?,
+            "--rho" => c.hyper.rho = cli::float(&flag, &value()?, 0.0, 100.0, false)?,
             other => return Err(format!("unknown option {other}")),
         }
     }

@@ -3,6 +3,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+use crate::cli;
 use crate::mlp::Activation;
 use crate::train::{Hyper, Kind};
 
@@ -123,38 +124,6 @@ EXIT STATUS: 0 on success, 1 when the run fails (unreadable or malformed data, t
 diverges, output that cannot be written), 2 for a bad command line.
 ";
 
-fn num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
-    v.parse::<T>()
-        .map_err(|_| format!("{flag}: cannot parse {v:?} as a number"))
-}
-
-fn float(flag: &str, v: &str, lo: f64, hi: f64, hi_open: bool) -> Result<f64, String> {
-    let x: f64 = num(flag, v)?;
-    let ok = x.is_finite() && x >= lo && if hi_open { x < hi } else { x <= hi };
-    if !ok {
-        let close = if hi_open { ")" } else { "]" };
-        let hi = if hi == f64::MAX {
-            "inf".to_string()
-        } else {
-            hi.to_string()
-        };
-        return Err(format!(
-            "{flag}: {v} is out of range: expected a number in [{lo}, {hi}{close}"
-        ));
-    }
-    Ok(x)
-}
-
-fn count(flag: &str, v: &str, lo: usize, hi: usize) -> Result<usize, String> {
-    let x: usize = v
-        .parse()
-        .map_err(|_| format!("{flag}: expected a whole number, found {v:?}"))?;
-    if x < lo || x > hi {
-        return Err(format!("{flag}: {x} is out of range: expected {lo}..={hi}"));
-    }
-    Ok(x)
-}
-
 /// The options that take a value.
 const VALUE_FLAGS: &[&str] = &[
     "--data",
@@ -219,42 +188,21 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         landscape_points: 41,
         sharpness_rho: 0.05,
     };
-    while let Some(raw) = args.next() {
-        let Some(arg) = raw.to_str() else {
-            return Err(format!("unexpected argument {raw:?} (not valid UTF-8)"));
-        };
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(OsString::from(v))),
-            _ => (arg.to_string(), None),
-        };
-        let takes_value = match flag.as_str() {
-            "-h" | "--help" | "--quick" | "--quiet" | "--validate" | "--skip-header" => false,
-            f if VALUE_FLAGS.contains(&f) => true,
-            other if other.starts_with('-') => return Err(format!("unknown option {other}")),
-            other => {
-                return Err(format!(
-                    "unexpected argument {other:?} (options start with --)"
-                ));
-            }
-        };
-        let value_os = if takes_value {
-            Some(
-                inline
-                    .or_else(|| args.next())
-                    .ok_or_else(|| format!("{flag} needs a value"))?,
-            )
-        } else if inline.is_some() {
-            return Err(format!("{flag} takes no value"));
-        } else {
-            None
-        };
-        let value = || -> Result<String, String> {
-            let v = value_os
-                .clone()
-                .ok_or_else(|| format!("{flag} needs a value"))?;
-            v.into_string()
-                .map_err(|v| format!("{flag}: {v:?} is not valid UTF-8"))
-        };
+    while let Some(arg) = cli::next_arg(
+        &mut args,
+        &[
+            "-h",
+            "--help",
+            "--quick",
+            "--quiet",
+            "--validate",
+            "--skip-header",
+        ],
+        VALUE_FLAGS,
+    ) {
+        let arg = arg?;
+        let (flag, value_os) = (arg.flag.clone(), arg.value_os.clone());
+        let value = || arg.value();
         match flag.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
             "--quick" => quick = true,
@@ -263,9 +211,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             "--skip-header" => c.skip_header = true,
             "--data" => c.data = value_os.clone().map(PathBuf::from),
             "--out" => c.out = value_os.clone().map(PathBuf::from).unwrap_or(c.out),
-            "--test-fraction" => c.test_fraction = float(&flag, &value()?, 0.05, 0.9, false)?,
-            "--label-noise" => c.label_noise = float(&flag, &value()?, 0.0, 1.0, true)?,
-            "--hidden" => c.hidden = count(&flag, &value()?, 1, 4096)?,
+            "--test-fraction" => c.test_fraction = cli::float(&flag, &value()?, 0.05, 0.9, false)?,
+            "--label-noise" => c.label_noise = cli::float(&flag, &value()?, 0.0, 1.0, true)?,
+            "--hidden" => c.hidden = cli::count(&flag, &value()?, 1, 4096)?,
             "--activation" => {
                 c.activation = match value()?.to_ascii_lowercase().as_str() {
                     "relu" => Activation::Relu,
@@ -277,36 +225,25 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
                     }
                 }
             }
-            "--optimizers" => {
-                let mut list = Vec::new();
-                for name in value()?.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                    let k = Kind::parse(name).ok_or_else(|| {
-                        format!("--optimizers: unknown optimizer {name:?} (expected sgd, sam, asam, gsam, wsam, wasam)")
-                    })?;
-                    if !list.contains(&k) {
-                        list.push(k);
-                    }
-                }
-                if list.is_empty() {
-                    return Err("--optimizers: the list is empty".into());
-                }
-                list.sort_by_key(|k| Kind::ALL.iter().position(|a| a == k));
-                c.optimizers = list;
+            "--optimizers" => c.optimizers = cli::optimizers(&flag, &value()?)?,
+            "--seeds" => seeds = Some(cli::count(&flag, &value()?, 1, 1000)?),
+            "--epochs" => epochs = Some(cli::count(&flag, &value()?, 1, 100_000)?),
+            "--batch-size" => c.hyper.batch = cli::count(&flag, &value()?, 1, 1 << 20)?,
+            "--lr" => c.hyper.lr = cli::float(&flag, &value()?, 0.0, 100.0, false)?,
+            "--momentum" => c.hyper.momentum = cli::float(&flag, &value()?, 0.0, 1.0, true)?,
+            "--weight-decay" => {
+                c.hyper.weight_decay = cli::float(&flag, &value()?, 0.0, INF, false)?
             }
-            "--seeds" => seeds = Some(count(&flag, &value()?, 1, 1000)?),
-            "--epochs" => epochs = Some(count(&flag, &value()?, 1, 100_000)?),
-            "--batch-size" => c.hyper.batch = count(&flag, &value()?, 1, 1 << 20)?,
-            "--lr" => c.hyper.lr = float(&flag, &value()?, 0.0, 100.0, false)?,
-            "--momentum" => c.hyper.momentum = float(&flag, &value()?, 0.0, 1.0, true)?,
-            "--weight-decay" => c.hyper.weight_decay = float(&flag, &value()?, 0.0, INF, false)?,
-            "--rho" => c.hyper.rho = float(&flag, &value()?, 0.0, INF, false)?,
-            "--asam-rho" => c.hyper.asam_rho = float(&flag, &value()?, 0.0, INF, false)?,
-            "--asam-eta" => c.hyper.asam_eta = float(&flag, &value()?, 0.0, INF, false)?,
-            "--gsam-rho-min" => c.hyper.gsam_rho_min = float(&flag, &value()?, 0.0, INF, false)?,
-            "--gsam-alpha" => c.hyper.gsam_alpha = float(&flag, &value()?, 0.0, INF, false)?,
-            "--wsam-gamma" => c.hyper.wsam_gamma = float(&flag, &value()?, 0.0, 1.0, true)?,
-            "--swa-start" => c.hyper.swa_start = float(&flag, &value()?, 0.0, 1.0, true)?,
-            "--subset" => subset = Some(count(&flag, &value()?, 20, usize::MAX)?),
+            "--rho" => c.hyper.rho = cli::float(&flag, &value()?, 0.0, INF, false)?,
+            "--asam-rho" => c.hyper.asam_rho = cli::float(&flag, &value()?, 0.0, INF, false)?,
+            "--asam-eta" => c.hyper.asam_eta = cli::float(&flag, &value()?, 0.0, INF, false)?,
+            "--gsam-rho-min" => {
+                c.hyper.gsam_rho_min = cli::float(&flag, &value()?, 0.0, INF, false)?
+            }
+            "--gsam-alpha" => c.hyper.gsam_alpha = cli::float(&flag, &value()?, 0.0, INF, false)?,
+            "--wsam-gamma" => c.hyper.wsam_gamma = cli::float(&flag, &value()?, 0.0, 1.0, true)?,
+            "--swa-start" => c.hyper.swa_start = cli::float(&flag, &value()?, 0.0, 1.0, true)?,
+            "--subset" => subset = Some(cli::count(&flag, &value()?, 20, usize::MAX)?),
             other => return Err(format!("unknown option {other}")),
         }
     }
