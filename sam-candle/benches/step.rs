@@ -25,35 +25,15 @@ use criterion::Criterion;
 use sam_candle::{SamCandle, VarBuffer};
 use sam_core::{BaseRule, Group, Sam, SamConfig, SgdConfig};
 
+use crate::shapes::resnet18;
+
+#[path = "../../sam-ndarray/benches/common/shapes.rs"]
+mod shapes;
+
 /// Model bytes per element of a SAM step with SGD momentum.
 const MODEL_BYTES: f64 = 40.0;
 /// Bytes per element of the triad.
 const TRIAD_BYTES: f64 = 12.0;
-
-/// The parameter tensors of ResNet-18 (ImageNet head): 62 tensors, 11 689 512 elements.
-fn resnet18() -> Vec<Vec<usize>> {
-    let mut t = Vec::new();
-    let mut conv = |shape: Vec<usize>| {
-        let c = shape[0];
-        t.push(shape);
-        t.push(vec![c]);
-        t.push(vec![c]);
-    };
-    conv(vec![64, 3, 7, 7]);
-    for _ in 0..4 {
-        conv(vec![64, 64, 3, 3]);
-    }
-    for c in [128, 256, 512] {
-        conv(vec![c, c / 2, 3, 3]);
-        for _ in 0..3 {
-            conv(vec![c, c, 3, 3]);
-        }
-        conv(vec![c, c / 2, 1, 1]);
-    }
-    t.push(vec![1000, 512]);
-    t.push(vec![1000]);
-    t
-}
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
     let mut x = seed | 1;

@@ -27,6 +27,11 @@ use sam_core::backend::{
 use sam_core::{BaseRule, Group, Sam, SamConfig, SgdConfig};
 use sam_ndarray::NdGroup;
 
+use crate::shapes::resnet18;
+
+#[path = "common/shapes.rs"]
+mod shapes;
+
 /// Model bytes per element of a SAM step with SGD momentum (docs/design.md §10).
 const MODEL_BYTES: f64 = 40.0;
 /// Bytes actually moved, with the finiteness check of the second gradient.
@@ -35,32 +40,6 @@ const ACTUAL_BYTES: f64 = 44.0;
 const TRIAD_BYTES: f64 = 12.0;
 /// Samples criterion takes per case (the summary uses their median).
 const SAMPLES: usize = 10;
-
-/// The parameter tensors of ResNet-18 (ImageNet head): 20 convolutions, a batch-norm weight
-/// and bias per convolution, and the classifier: 62 tensors, 11 689 512 elements.
-fn resnet18() -> Vec<Vec<usize>> {
-    let mut t = Vec::new();
-    let mut conv = |shape: Vec<usize>| {
-        let c = shape[0];
-        t.push(shape);
-        t.push(vec![c]);
-        t.push(vec![c]);
-    };
-    conv(vec![64, 3, 7, 7]);
-    for _ in 0..4 {
-        conv(vec![64, 64, 3, 3]);
-    }
-    for c in [128, 256, 512] {
-        conv(vec![c, c / 2, 3, 3]);
-        for _ in 0..3 {
-            conv(vec![c, c, 3, 3]);
-        }
-        conv(vec![c, c / 2, 1, 1]);
-    }
-    t.push(vec![1000, 512]);
-    t.push(vec![1000]);
-    t
-}
 
 /// A group of these shapes with deterministic weights and gradients, slots prepared.
 fn group(shapes: &[Vec<usize>]) -> NdGroup<f32> {
