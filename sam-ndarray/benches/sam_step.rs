@@ -28,9 +28,12 @@ use sam_core::{BaseRule, Group, Sam, SamConfig, SgdConfig};
 use sam_ndarray::NdGroup;
 
 use crate::shapes::resnet18;
+use crate::stream::stream_len;
 
 #[path = "common/shapes.rs"]
 mod shapes;
+#[path = "common/stream.rs"]
+mod stream;
 
 /// Model bytes per element of a SAM step with SGD momentum (docs/design.md §10).
 const MODEL_BYTES: f64 = 40.0;
@@ -128,28 +131,6 @@ fn measure(c: &mut Criterion, name: &str, mut routine: impl FnMut()) -> f64 {
     last.get(last.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// Size of the last-level cache in bytes (from sysfs; 32 MiB if unknown).
-fn llc_bytes() -> usize {
-    (0..8)
-        .rev()
-        .find_map(|i| {
-            let s = std::fs::read_to_string(format!(
-                "/sys/devices/system/cpu/cpu0/cache/index{i}/size"
-            ))
-            .ok()?;
-            let s = s.trim();
-            let (num, mul) = match s.strip_suffix('K') {
-                Some(n) => (n, 1024),
-                None => match s.strip_suffix('M') {
-                    Some(n) => (n, 1024 * 1024),
-                    None => (s, 1),
-                },
-            };
-            num.parse::<usize>().ok().map(|n| n * mul)
-        })
-        .unwrap_or(32 << 20)
-}
-
 fn triad(a: &mut [f32], b: &[f32], c: &[f32], s: f32) {
     #[cfg(feature = "rayon")]
     {
@@ -189,7 +170,7 @@ fn bench(c: &mut Criterion) {
     };
     // STREAM triad, each array at least 4x the last-level cache; measured before and after the
     // cases (the summary uses the mean, so slow drift of the machine's load cancels).
-    let n = (4 * llc_bytes() / 4).max(1 << 24);
+    let n = stream_len();
     let t_triad_before = triad_run(c, mode, n, "before");
 
     let resnet = resnet18();
