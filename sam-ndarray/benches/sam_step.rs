@@ -26,6 +26,7 @@ use sam_core::backend::{
 };
 use sam_core::{BaseRule, Group, Sam, SamConfig, SgdConfig};
 use sam_ndarray::NdGroup;
+use sam_ndarray::isa::{self, Isa};
 
 use crate::shapes::resnet18;
 use crate::stream::stream_len;
@@ -216,7 +217,7 @@ fn bench(c: &mut Criterion) {
 
     // Per-pass breakdown at 1e7 elements (best of 15, timed with Instant outside criterion).
     let mut g = group(&[vec![10_000_000]]);
-    let breakdown_line = breakdown(&mut g, triad_bw);
+    let breakdown_lines = breakdown(&mut g, triad_bw);
     drop(g);
 
     let mut lines = vec![format!(
@@ -232,7 +233,7 @@ fn bench(c: &mut Criterion) {
     for (name, len, t) in &results {
         lines.push(report(name, *len, *t, triad_bw));
     }
-    lines.push(breakdown_line);
+    lines.extend(breakdown_lines);
     lines.push(format!(
         "{:>24}: step (40 B/elem model) vs triad, back to back, median of {PAIRED_ROUNDS} rounds (robust to the machine's load changing): {}",
         "paired",
@@ -316,10 +317,11 @@ fn triad_run(c: &mut Criterion, mode: &str, n: usize, label: &str) -> f64 {
     })
 }
 
-/// Best time of each pass of [`step`] over a few repetitions, as bandwidth and against triad.
-fn breakdown(g: &mut NdGroup<f32>, triad_bw: f64) -> String {
+/// Best time of each pass of [`step`] over a few repetitions, as bandwidth and against triad,
+/// with the finiteness check at every instruction-set level this CPU supports (the level in use
+/// for the step is the highest).
+fn breakdown(g: &mut NdGroup<f32>, triad_bw: f64) -> Vec<String> {
     let n = g.len() as f64;
-    let mut best = [f64::INFINITY; 4];
     let plain = ReduceSpec {
         perturb: Some(Weighting::Plain),
         ..ReduceSpec::FINITE_ONLY
@@ -337,45 +339,49 @@ fn breakdown(g: &mut NdGroup<f32>, triad_bw: f64) -> String {
         post: None,
         average: AverageFold::NONE,
     };
-    for _ in 0..15 {
-        let mut time = |k: usize, f: &mut dyn FnMut()| {
-            let t = Instant::now();
-            f();
-            best[k] = best[k].min(t.elapsed().as_secs_f64());
-        };
-        time(0, &mut || {
-            let _ = black_box(g.reduce(&plain).expect("reduce"));
-        });
-        time(1, &mut || g.perturb(&perturb).expect("perturb"));
-        time(2, &mut || {
-            let _ = black_box(g.reduce(&ReduceSpec::FINITE_ONLY).expect("check"));
-        });
-        time(3, &mut || g.update(&update).expect("update"));
+    let figure = |name: &str, bytes: f64, t: f64| {
+        let bw = bytes * n / t;
+        format!(
+            "{name}: {:.3} ms {:.1} GB/s ({:.0}%)",
+            t * 1e3,
+            bw / 1e9,
+            100.0 * bw / triad_bw
+        )
+    };
+    let mut lines = Vec::new();
+    for level in Isa::ALL.into_iter().filter(|l| l.is_supported()) {
+        isa::set_limit(Some(level));
+        let mut best = [f64::INFINITY; 4];
+        for _ in 0..15 {
+            let mut time = |k: usize, f: &mut dyn FnMut()| {
+                let t = Instant::now();
+                f();
+                best[k] = best[k].min(t.elapsed().as_secs_f64());
+            };
+            time(0, &mut || {
+                let _ = black_box(g.reduce(&plain).expect("reduce"));
+            });
+            time(1, &mut || g.perturb(&perturb).expect("perturb"));
+            time(2, &mut || {
+                let _ = black_box(g.reduce(&ReduceSpec::FINITE_ONLY).expect("check"));
+            });
+            time(3, &mut || g.update(&update).expect("update"));
+        }
+        let parts = [
+            figure("reduce (plain) 4 B", 4.0, best[0]),
+            figure("perturb 16 B", 16.0, best[1]),
+            figure("finite check 4 B", 4.0, best[2]),
+            figure("restore+SGD-momentum 20 B", 20.0, best[3]),
+        ];
+        lines.push(format!(
+            "{:>24}: best of 15 per pass at 1e7, finiteness check at level {}: {}",
+            "breakdown",
+            level.name(),
+            parts.join("; ")
+        ));
     }
-    let names = [
-        "reduce (plain) 4 B",
-        "perturb 16 B",
-        "finite check 4 B",
-        "restore+SGD-momentum 20 B",
-    ];
-    let bytes = [4.0, 16.0, 4.0, 20.0];
-    let parts: Vec<String> = (0..4)
-        .map(|k| {
-            let bw = bytes[k] * n / best[k];
-            format!(
-                "{}: {:.3} ms {:.1} GB/s ({:.0}%)",
-                names[k],
-                best[k] * 1e3,
-                bw / 1e9,
-                100.0 * bw / triad_bw
-            )
-        })
-        .collect();
-    format!(
-        "{:>24}: best of 15 per pass at 1e7: {}",
-        "breakdown",
-        parts.join("; ")
-    )
+    isa::set_limit(None);
+    lines
 }
 
 fn report(name: &str, len: usize, t: f64, triad_bw: f64) -> String {

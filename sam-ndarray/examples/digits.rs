@@ -88,14 +88,14 @@ fn prepare_data(cfg: &Config) -> Result<Splits, String> {
         None => data::load_bundled()?,
         Some(path) => data::load_file(path, cfg.skip_header)?,
     };
-    if let Some(m) = cfg.subset {
-        if m < all.len() {
-            let frac = 1.0 - m as f64 / all.len() as f64;
-            let (keep, _) =
-                data::stratified_split(&all.y, all.classes, frac, &mut Rng::new("subset", 0));
-            all = all.subset(&keep);
-            all.source = format!("{}, stratified subset of {}", all.source, all.len());
-        }
+    if let Some(m) = cfg.subset
+        && m < all.len()
+    {
+        let frac = 1.0 - m as f64 / all.len() as f64;
+        let (keep, _) =
+            data::stratified_split(&all.y, all.classes, frac, &mut Rng::new("subset", 0));
+        all = all.subset(&keep);
+        all.source = format!("{}, stratified subset of {}", all.source, all.len());
     }
     let (pool, test) = data::stratified_split(
         &all.y,

@@ -89,10 +89,12 @@
 //! function with no branch left on the spec. A group of many small tensors costs one loop
 //! each, never a thread spawn each. `cargo bench -p sam-ndarray` measures a step against the
 //! machine's STREAM triad bandwidth, with a per-pass breakdown. On baseline x86-64 (SSE2) the
-//! element-wise passes run at memory speed; the reduce pass with a perturbation term is
-//! compute-bound (the canonical order accumulates 8 lanes in `f64` with a maximum and a
-//! finiteness flag per element, about 2–3 times its memory time on one core): it is the one
-//! pass that gains from `rayon` even where memory bandwidth does not grow with threads.
+//! element-wise passes run at memory speed; the finiteness check of the second gradient reads
+//! the storage type directly, compiled for the best instruction set the CPU has ([`isa`]); the
+//! reduce pass with a perturbation term is compute-bound (the canonical order accumulates 8
+//! lanes in `f64` with a maximum and a finiteness flag per element, about 2–3 times its memory
+//! time on one core): it is the one pass that gains from `rayon` even where memory bandwidth
+//! does not grow with threads.
 //!
 //! # References
 //!
@@ -101,10 +103,11 @@
 //! - Kwon et al., *ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of
 //!   Deep Neural Networks*, ICML 2021, <https://arxiv.org/abs/2102.11600>.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![deny(missing_docs)]
 
 mod error;
+pub mod isa;
 mod passes;
 mod reduce;
 pub mod slices;

@@ -10,6 +10,8 @@ use ndarray::ArrayD;
 use sam_core::backend::kernel::{self, BLOCK, BlockReducer, LANES};
 use sam_core::backend::{Real, ReduceSpec, Reduction, Weighting};
 
+use crate::isa::{self, Isa};
+
 /// Where a block reads tensor `t`'s elements `lo..hi` from (an empty slice for an operand that
 /// is absent or not in standard layout: checked by the caller).
 pub(crate) trait Source<T>: Sync {
@@ -82,7 +84,7 @@ pub(crate) type BlockFn<S> = fn(&ReduceCtx<'_, S>, usize) -> Reduction;
 
 /// The whole reduction: the canonical pairwise tree over the blocks.
 pub(crate) fn run<T: Real, S: Source<T>>(ctx: &ReduceCtx<'_, S>, _min_blocks: usize) -> Reduction {
-    let f = select::<T, S>(&ctx.spec);
+    let f = select::<T, S>(&ctx.spec, isa::active());
     let n = kernel::block_count(ctx.len);
     #[cfg(feature = "rayon")]
     {
@@ -114,8 +116,17 @@ where
     left.combine(right)
 }
 
-/// Picks the block function for a spec's discriminants.
-fn select<T: Real, S: Source<T>>(spec: &ReduceSpec) -> BlockFn<S> {
+/// Picks the block function for a spec's discriminants (and, for the finiteness check, the
+/// instruction-set level).
+fn select<T: Real, S: Source<T>>(spec: &ReduceSpec, level: Isa) -> BlockFn<S> {
+    let computes = spec.perturb.is_some() || spec.grad || spec.stash || spec.dot;
+    if !computes {
+        return match level {
+            Isa::Baseline => finite_block::<T, S, { isa::BASELINE }>,
+            Isa::Avx2 => finite_block::<T, S, { isa::AVX2 }>,
+            Isa::Avx512 => finite_block::<T, S, { isa::AVX512 }>,
+        };
+    }
     match spec.perturb {
         None => select_gsd::<T, S, 0>(spec),
         Some(Weighting::Plain) => select_gsd::<T, S, 1>(spec),
@@ -178,9 +189,75 @@ fn block<
         scale_grad: if U { 1.0 } else { ctx.spec.scale_grad },
         scale_stash: if U { 1.0 } else { ctx.spec.scale_stash },
     };
+    let mut r = BlockReducer::new(&spec);
+    segments(ctx, b, |t, lo, hi, lane0| {
+        let g = ctx.src.g(t, lo, hi);
+        let w = if P == 2 { ctx.src.w(t, lo, hi) } else { &[] };
+        let s = if S || D {
+            ctx.src.stash(t, lo, hi)
+        } else {
+            &[]
+        };
+        segment::<T, P, S, D>(&mut r, lane0, w, g, s);
+    });
+    r.finish()
+}
+
+/// Block `b` of a spec that computes no quantity (the finiteness check of a second gradient),
+/// compiled for instruction-set level `I`: whether every gradient value is finite, read in the
+/// storage type with no widening. The sums and maxima are the zeros a [`BlockReducer`] with
+/// nothing to accumulate returns, so the result is bit-identical to it.
+fn finite_block<T: Real, Src: Source<T>, const I: u8>(
+    ctx: &ReduceCtx<'_, Src>,
+    b: usize,
+) -> Reduction {
+    isa::run::<I, _, _>(
+        #[inline(always)]
+        || {
+            let mut finite = true;
+            segments(
+                ctx,
+                b,
+                #[inline(always)]
+                |t, lo, hi, _| finite &= all_finite(ctx.src.g(t, lo, hi)),
+            );
+            Reduction {
+                finite,
+                ..Reduction::ZERO
+            }
+        },
+    )
+}
+
+/// Whether every value is finite, with no branch inside a chunk (so the loop vectorises).
+#[inline(always)]
+fn all_finite<T: Real>(x: &[T]) -> bool {
+    const CHUNK: usize = 64;
+    let mut chunks = x.chunks_exact(CHUNK);
+    let mut finite = true;
+    for c in chunks.by_ref() {
+        let mut f = true;
+        for v in c {
+            f &= v.to_f64().is_finite();
+        }
+        finite &= f;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .fold(finite, |f, v| f & v.to_f64().is_finite())
+}
+
+/// Calls `f(t, lo, hi, lane)` for each run of block `b`'s elements that lies in one tensor, in
+/// order: tensor `t`'s elements `lo..hi`, the first of which is in lane `lane`.
+#[inline(always)]
+fn segments<Src>(
+    ctx: &ReduceCtx<'_, Src>,
+    b: usize,
+    mut f: impl FnMut(usize, usize, usize, usize),
+) {
     let start = b * BLOCK;
     let end = (start + BLOCK).min(ctx.len);
-    let mut r = BlockReducer::new(&spec);
     // The tensor holding `start` (the last of any empty tensors sharing its offset).
     let mut t = ctx
         .offsets
@@ -191,20 +268,11 @@ fn block<
         let (o0, o1) = (ctx.offsets[t], ctx.offsets[t + 1]);
         let seg_end = o1.min(end);
         if seg_end > i {
-            let (lo, hi) = (i - o0, seg_end - o0);
-            let g = ctx.src.g(t, lo, hi);
-            let w = if P == 2 { ctx.src.w(t, lo, hi) } else { &[] };
-            let s = if S || D {
-                ctx.src.stash(t, lo, hi)
-            } else {
-                &[]
-            };
-            segment::<T, P, S, D>(&mut r, i % LANES, w, g, s);
+            f(t, i - o0, seg_end - o0, i % LANES);
             i = seg_end;
         }
         t += 1;
     }
-    r.finish()
 }
 
 /// Elements `lo..hi` of a standard-layout array (empty if it were not: checked by the caller).
@@ -216,7 +284,7 @@ fn part<T>(a: Option<&ArrayD<T>>, lo: usize, hi: usize) -> &[T] {
 }
 
 // The lane dispatch below is written for 8 lanes, and lanes are counted from the block start.
-const _: () = assert!(LANES == 8 && BLOCK % LANES == 0);
+const _: () = assert!(LANES == 8 && BLOCK.is_multiple_of(LANES));
 
 /// Pushes into a lane given at run time, through constant lane indices (so the reducer's lanes
 /// can live in registers).
@@ -245,15 +313,6 @@ fn load<T: Real>(w: &[T], g: &[T], s: &[T]) -> ([f64; LANES], [f64; LANES], [f64
         sv[l] = s[l].to_f64();
     }
     (wv, gv, sv)
-}
-
-/// Pushes one chunk of `LANES` elements, element `l` into lane `l`.
-#[inline(always)]
-fn push_lanes(r: &mut BlockReducer, w: &[f64; LANES], g: &[f64; LANES], s: &[f64; LANES]) {
-    macro_rules! lanes {
-        ($($l:literal)*) => { $( r.push($l, w[$l], g[$l], s[$l]); )* };
-    }
-    lanes!(0 1 2 3 4 5 6 7);
 }
 
 /// Accumulates consecutive elements whose first one is in lane `lane0`. Operands the spec does
@@ -297,16 +356,16 @@ fn segment<T: Real, const P: u8, const S: bool, const D: bool>(
                 pending = Some((wv, gv, sv));
                 break;
             }
-            push_lanes(r, &wv, &gv, &sv);
+            r.push_lanes(&wv, &gv, &sv);
         }
         match pending {
-            Some((wv, gv, sv)) => push_lanes(r, &wv, &gv, &sv),
+            Some((wv, gv, sv)) => r.push_lanes(&wv, &gv, &sv),
             None => return tail(r, lane0, full, w, g, s),
         }
     }
     for ((wc, gc), sc) in chunks {
         let (wv, gv, sv) = load(wc, gc, sc);
-        push_lanes(r, &wv, &gv, &sv);
+        r.push_lanes(&wv, &gv, &sv);
     }
     tail(r, lane0, full, w, g, s);
 }

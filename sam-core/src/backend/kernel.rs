@@ -84,36 +84,78 @@ impl BlockReducer {
         let l = lane % LANES;
         let mut probe = g * 0.0;
         if let Some(weighting) = spec.perturb {
-            let x = match weighting {
-                Weighting::Plain => g,
-                Weighting::Adaptive { eta } => {
-                    // Finiteness is a property of the operands: a product that overflows for
-                    // finite w and g is an overflow of the norm, reported as such by the core.
-                    probe += w * 0.0;
-                    (libm::fabs(w) + eta) * g
-                }
-            };
-            let xs = x * spec.scale_perturb;
-            self.perturb_sq[l] += xs * xs;
-            self.perturb_max[l] = max(self.perturb_max[l], libm::fabs(x));
+            let x = perturb_term(weighting, &mut probe, w, g);
+            add_square(&mut self.perturb_sq[l], x, spec.scale_perturb);
+            add_max(&mut self.perturb_max[l], x);
         }
-        let gs = g * spec.scale_grad;
         if spec.grad {
-            self.grad_sq[l] += gs * gs;
-            self.grad_max[l] = max(self.grad_max[l], libm::fabs(g));
+            add_square(&mut self.grad_sq[l], g, spec.scale_grad);
+            add_max(&mut self.grad_max[l], g);
         }
         if spec.reads_stash() {
             probe += s * 0.0;
-            let ss = s * spec.scale_stash;
             if spec.stash {
-                self.stash_sq[l] += ss * ss;
-                self.stash_max[l] = max(self.stash_max[l], libm::fabs(s));
+                add_square(&mut self.stash_sq[l], s, spec.scale_stash);
+                add_max(&mut self.stash_max[l], s);
             }
             if spec.dot {
-                self.dot[l] += gs * ss;
+                add_product(&mut self.dot[l], g, spec.scale_grad, s, spec.scale_stash);
             }
         }
         self.probe[l] += probe;
+    }
+
+    /// Accumulates [`LANES`] consecutive elements, element `l` into lane `l`: exactly
+    /// `push(l, w[l], g[l], s[l])` for every `l` (each lane's accumulators see the same
+    /// operations in the same order), written quantity by quantity so that a backend's
+    /// compiler turns each quantity's lanes into vector operations.
+    // Index loops over the lanes: every array is indexed by the same lane.
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    pub fn push_lanes(&mut self, w: &[f64; LANES], g: &[f64; LANES], s: &[f64; LANES]) {
+        let spec = self.spec;
+        let mut probe = [0.0; LANES];
+        for l in 0..LANES {
+            probe[l] = g[l] * 0.0;
+        }
+        if let Some(weighting) = spec.perturb {
+            for l in 0..LANES {
+                let x = perturb_term(weighting, &mut probe[l], w[l], g[l]);
+                add_square(&mut self.perturb_sq[l], x, spec.scale_perturb);
+                add_max(&mut self.perturb_max[l], x);
+            }
+        }
+        if spec.grad {
+            for l in 0..LANES {
+                add_square(&mut self.grad_sq[l], g[l], spec.scale_grad);
+                add_max(&mut self.grad_max[l], g[l]);
+            }
+        }
+        if spec.reads_stash() {
+            for l in 0..LANES {
+                probe[l] += s[l] * 0.0;
+            }
+            if spec.stash {
+                for l in 0..LANES {
+                    add_square(&mut self.stash_sq[l], s[l], spec.scale_stash);
+                    add_max(&mut self.stash_max[l], s[l]);
+                }
+            }
+            if spec.dot {
+                for l in 0..LANES {
+                    add_product(
+                        &mut self.dot[l],
+                        g[l],
+                        spec.scale_grad,
+                        s[l],
+                        spec.scale_stash,
+                    );
+                }
+            }
+        }
+        for l in 0..LANES {
+            self.probe[l] += probe[l];
+        }
     }
 
     /// The block's result: lanes combined as `((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7))`.
@@ -133,6 +175,40 @@ impl BlockReducer {
         let b = lane(4).combine(lane(5)).combine(lane(6).combine(lane(7)));
         a.combine(b)
     }
+}
+
+/// The perturbation term `T⊙g` of one element; adds the weight's finiteness probe when `T`
+/// reads it.
+#[inline(always)]
+fn perturb_term(weighting: Weighting, probe: &mut f64, w: f64, g: f64) -> f64 {
+    match weighting {
+        Weighting::Plain => g,
+        Weighting::Adaptive { eta } => {
+            // Finiteness is a property of the operands: a product that overflows for finite w
+            // and g is an overflow of the norm, reported as such by the core.
+            *probe += w * 0.0;
+            (libm::fabs(w) + eta) * g
+        }
+    }
+}
+
+/// `acc += (x·scale)²`.
+#[inline(always)]
+fn add_square(acc: &mut f64, x: f64, scale: f64) {
+    let xs = x * scale;
+    *acc += xs * xs;
+}
+
+/// `acc = max(acc, |x|)`.
+#[inline(always)]
+fn add_max(acc: &mut f64, x: f64) {
+    *acc = max(*acc, libm::fabs(x));
+}
+
+/// `acc += (a·sa)·(b·sb)`.
+#[inline(always)]
+fn add_product(acc: &mut f64, a: f64, sa: f64, b: f64, sb: f64) {
+    *acc += (a * sa) * (b * sb);
 }
 
 /// Combines the results of blocks `lo..hi` in the canonical pairwise tree. `block(i)` computes
