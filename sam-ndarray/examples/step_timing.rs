@@ -1,12 +1,22 @@
 //! Times one SAM step's optimizer work (reduce + perturb + second-gradient check +
-//! restore-and-SGD-momentum, no forward/backward) on f32 `NdGroup`s and prints one
-//! machine-readable line per case: `case <name> <elements> <ms_per_step>`.
+//! restore-and-SGD-momentum, no forward/backward) on f32 `NdGroup`s, and the machine's STREAM
+//! triad on the same threads. Prints machine-readable lines:
 //!
+//! - `triad <threads> <GB/s>`: first, the STREAM triad `a[i] = b[i] + s·c[i]` (12 B per element)
+//!   over three arrays of `stream_len()` f32 elements (at least 4× the last-level cache, see
+//!   `benches/common/stream.rs`), best of `--triad-reps` repetitions after one warm-up (STREAM's
+//!   convention); rayon chunks of 2¹⁶ elements with `--features rayon`, as in
+//!   `benches/sam_step.rs`. `--triad-reps 0` skips it.
+//! - `case <name> <elements> <ms_per_step>`: one per size, the median of `--iters` steps after a
+//!   warm-up step. Sizes are element counts (`1e7`: one flat tensor) or `resnet18` (ResNet-18's 62
+//!   parameter tensors, `benches/common/shapes.rs`). SAM rho 0.05, SGD lr 0.01, momentum 0.9; the
+//!   gradient stays in place and serves as both g₁ and g₂.
+//!
+//! `<threads>` is rayon's thread count with `--features rayon` (`RAYON_NUM_THREADS`), else 1.
 //! Used by `verification/bench/compare_torch.sh` to compare with PyTorch on the same sizes and
-//! thread count. Build with `--features rayon` for the parallel passes; the thread count is
-//! rayon's (`RAYON_NUM_THREADS`).
+//! thread counts, against the same run's triad.
 //!
-//! `cargo run --release -p sam-ndarray --example step_timing -- [--iters N] [--sizes 1e5,1e6,1e7,resnet18]`
+//! `cargo run --release -p sam-ndarray [--features rayon] --example step_timing -- [--iters N] [--sizes 1e5,1e6,1e7,resnet18] [--triad-reps N]`
 
 use std::time::Instant;
 
@@ -15,32 +25,13 @@ use sam_core::SamOptimizer as _;
 use sam_core::{BaseRule, Group, Sam, SamConfig, SgdConfig};
 use sam_ndarray::NdGroup;
 
-/// The parameter shapes of ResNet-18 (ImageNet head): 62 tensors, 11 689 512 elements.
-fn resnet18() -> Vec<Vec<usize>> {
-    let mut s = vec![vec![64, 3, 7, 7], vec![64], vec![64]];
-    let mut conv = |o: usize, i: usize, k: usize| {
-        s.push(vec![o, i, k, k]);
-        s.push(vec![o]);
-        s.push(vec![o]);
-    };
-    for (o, i, first) in [
-        (64, 64, false),
-        (128, 64, true),
-        (256, 128, true),
-        (512, 256, true),
-    ] {
-        conv(o, i, 3);
-        conv(o, o, 3);
-        if first {
-            conv(o, i, 1);
-        }
-        conv(o, o, 3);
-        conv(o, o, 3);
-    }
-    s.push(vec![1000, 512]);
-    s.push(vec![1000]);
-    s
-}
+use crate::shapes::resnet18;
+use crate::stream::stream_len;
+
+#[path = "../benches/common/shapes.rs"]
+mod shapes;
+#[path = "../benches/common/stream.rs"]
+mod stream;
 
 fn shapes(name: &str) -> Result<Vec<Vec<usize>>, String> {
     if name == "resnet18" {
@@ -53,20 +44,78 @@ fn shapes(name: &str) -> Result<Vec<Vec<usize>>, String> {
     Ok(vec![vec![n as usize]])
 }
 
+/// The STREAM triad `a[i] = b[i] + s·c[i]`, on rayon's pool in chunks of 2¹⁶ with the feature.
+fn triad(a: &mut [f32], b: &[f32], c: &[f32], s: f32) {
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 16;
+        a.par_chunks_mut(CHUNK)
+            .zip(b.par_chunks(CHUNK))
+            .zip(c.par_chunks(CHUNK))
+            .for_each(|((a, b), c)| {
+                for ((x, y), z) in a.iter_mut().zip(b).zip(c) {
+                    *x = y + s * z;
+                }
+            });
+    }
+    #[cfg(not(feature = "rayon"))]
+    for ((x, y), z) in a.iter_mut().zip(b).zip(c) {
+        *x = y + s * z;
+    }
+}
+
+fn threads() -> usize {
+    #[cfg(feature = "rayon")]
+    {
+        rayon::current_num_threads()
+    }
+    #[cfg(not(feature = "rayon"))]
+    {
+        1
+    }
+}
+
+/// Triad bandwidth in GB/s: best of `reps` timed runs after one warm-up run.
+fn triad_gbs(reps: usize) -> f64 {
+    let n = stream_len();
+    let (mut a, b, c) = (vec![0.0f32; n], vec![1.0f32; n], vec![2.0f32; n]);
+    triad(&mut a, &b, &c, 3.0); // warm-up: faults the pages in
+    let best = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            triad(&mut a, &b, &c, 3.0);
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    std::hint::black_box(&a);
+    12.0 * n as f64 / best / 1e9
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut iters = 20usize;
     let mut sizes = String::from("1e5,1e6,1e7,resnet18");
+    let mut triad_reps = 10usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--iters" => iters = args.next().ok_or("--iters needs a value")?.parse()?,
             "--sizes" => sizes = args.next().ok_or("--sizes needs a value")?,
+            "--triad-reps" => {
+                triad_reps = args.next().ok_or("--triad-reps needs a value")?.parse()?
+            }
             "-h" | "--help" => {
-                println!("step_timing [--iters N] [--sizes 1e5,1e6,1e7,resnet18]");
+                println!("step_timing [--iters N] [--sizes 1e5,1e6,1e7,resnet18] [--triad-reps N]");
                 return Ok(());
             }
             other => return Err(format!("unknown argument {other}").into()),
         }
+    }
+    if iters == 0 {
+        return Err("--iters must be at least 1".into());
+    }
+    if triad_reps > 0 {
+        println!("triad {} {:.3}", threads(), triad_gbs(triad_reps));
     }
     let base = BaseRule::sgd(SgdConfig {
         lr: 0.01,
@@ -86,6 +135,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let grads: Vec<ArrayD<f32>> = tensors.iter().map(|t| t.mapv(|x| 0.5 * x + 0.01)).collect();
         let n: usize = tensors.iter().map(|t| t.len()).sum();
         let mut groups = [Group::new(NdGroup::with_grads(tensors, grads)?, base)];
+        // SamConfig::default(): rho 0.05, with the second gradient's finiteness check.
         let mut sam = Sam::new(SamConfig::default())?;
         let mut step =
             |groups: &mut [Group<NdGroup<f32>>]| -> Result<(), Box<dyn std::error::Error>> {
