@@ -318,8 +318,8 @@ fn triad_run(c: &mut Criterion, mode: &str, n: usize, label: &str) -> f64 {
 }
 
 /// Best time of each pass of [`step`] over a few repetitions, as bandwidth and against triad,
-/// with the finiteness check at every instruction-set level this CPU supports (the level in use
-/// for the step is the highest).
+/// with the finiteness check at every instruction-set level this CPU supports (the step uses
+/// the highest one within `isa::DEFAULT_LIMIT`).
 fn breakdown(g: &mut NdGroup<f32>, triad_bw: f64) -> Vec<String> {
     let n = g.len() as f64;
     let plain = ReduceSpec {
@@ -380,7 +380,7 @@ fn breakdown(g: &mut NdGroup<f32>, triad_bw: f64) -> Vec<String> {
             parts.join("; ")
         ));
     }
-    isa::set_limit(None);
+    isa::set_limit(Some(isa::DEFAULT_LIMIT));
     lines
 }
 
