@@ -30,11 +30,14 @@ use sam_ndarray::isa::{self, Isa};
 
 use crate::shapes::resnet18;
 use crate::stream::stream_len;
+use crate::triad::{threads, triad};
 
 #[path = "common/shapes.rs"]
 mod shapes;
 #[path = "common/stream.rs"]
 mod stream;
+#[path = "common/triad.rs"]
+mod triad;
 
 /// Model bytes per element of a SAM step with SGD momentum (docs/design.md §10).
 const MODEL_BYTES: f64 = 40.0;
@@ -130,37 +133,6 @@ fn measure(c: &mut Criterion, name: &str, mut routine: impl FnMut()) -> f64 {
     let mut last: Vec<f64> = t.split_off(t.len().saturating_sub(SAMPLES));
     last.sort_by(f64::total_cmp);
     last.get(last.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn triad(a: &mut [f32], b: &[f32], c: &[f32], s: f32) {
-    #[cfg(feature = "rayon")]
-    {
-        use rayon::prelude::*;
-        const CHUNK: usize = 1 << 16;
-        a.par_chunks_mut(CHUNK)
-            .zip(b.par_chunks(CHUNK))
-            .zip(c.par_chunks(CHUNK))
-            .for_each(|((a, b), c)| {
-                for ((x, y), z) in a.iter_mut().zip(b).zip(c) {
-                    *x = y + s * z;
-                }
-            });
-    }
-    #[cfg(not(feature = "rayon"))]
-    for ((x, y), z) in a.iter_mut().zip(b).zip(c) {
-        *x = y + s * z;
-    }
-}
-
-fn threads() -> usize {
-    #[cfg(feature = "rayon")]
-    {
-        rayon::current_num_threads()
-    }
-    #[cfg(not(feature = "rayon"))]
-    {
-        1
-    }
 }
 
 fn bench(c: &mut Criterion) {

@@ -27,11 +27,14 @@ use sam_ndarray::NdGroup;
 
 use crate::shapes::resnet18;
 use crate::stream::stream_len;
+use crate::triad::{threads, triad};
 
 #[path = "../benches/common/shapes.rs"]
 mod shapes;
 #[path = "../benches/common/stream.rs"]
 mod stream;
+#[path = "../benches/common/triad.rs"]
+mod triad;
 
 fn shapes(name: &str) -> Result<Vec<Vec<usize>>, String> {
     if name == "resnet18" {
@@ -42,38 +45,6 @@ fn shapes(name: &str) -> Result<Vec<Vec<usize>>, String> {
         return Err(format!("size {name} out of range"));
     }
     Ok(vec![vec![n as usize]])
-}
-
-/// The STREAM triad `a[i] = b[i] + s·c[i]`, on rayon's pool in chunks of 2¹⁶ with the feature.
-fn triad(a: &mut [f32], b: &[f32], c: &[f32], s: f32) {
-    #[cfg(feature = "rayon")]
-    {
-        use rayon::prelude::*;
-        const CHUNK: usize = 1 << 16;
-        a.par_chunks_mut(CHUNK)
-            .zip(b.par_chunks(CHUNK))
-            .zip(c.par_chunks(CHUNK))
-            .for_each(|((a, b), c)| {
-                for ((x, y), z) in a.iter_mut().zip(b).zip(c) {
-                    *x = y + s * z;
-                }
-            });
-    }
-    #[cfg(not(feature = "rayon"))]
-    for ((x, y), z) in a.iter_mut().zip(b).zip(c) {
-        *x = y + s * z;
-    }
-}
-
-fn threads() -> usize {
-    #[cfg(feature = "rayon")]
-    {
-        rayon::current_num_threads()
-    }
-    #[cfg(not(feature = "rayon"))]
-    {
-        1
-    }
 }
 
 /// Triad bandwidth in GB/s: best of `reps` timed runs after one warm-up run.
