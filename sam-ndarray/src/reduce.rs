@@ -339,7 +339,8 @@ fn segment<T: Real, const P: u8, const S: bool, const D: bool>(
         .zip(g[head..full].chunks_exact(LANES))
         .zip(s[head..full].chunks_exact(LANES));
     if P == 0 {
-        // No perturbation term (the finiteness check of a second gradient, GSAM/WSAM norms).
+        // No perturbation term (GSAM/WSAM norms of a second gradient; a pure finiteness check
+        // goes to `finite_block` instead).
         // Non-finite values are rare: while a chunk's gradient (and stash, if read) is finite,
         // the compiler knows it inside the inlined `push` and drops its per-element checks;
         // from the first chunk with a non-finite value on, the plain loop below takes over.
