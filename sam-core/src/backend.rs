@@ -7,6 +7,7 @@
 //! exists once. See `examples/custom_buffer.rs` for a complete backend.
 
 pub mod kernel;
+mod lanes;
 
 pub use crate::base::{AdamStep, BaseStep, SgdStep, add, lerp};
 pub use crate::buffer::{

@@ -290,7 +290,7 @@ fn triad_run(c: &mut Criterion, mode: &str, n: usize, label: &str) -> f64 {
 }
 
 /// Best time of each pass of [`step`] over a few repetitions, as bandwidth and against triad,
-/// with the finiteness check at every instruction-set level this CPU supports (the step uses
+/// with the reduce passes at every instruction-set level this CPU supports (the step uses
 /// the highest one within `isa::DEFAULT_LIMIT`).
 fn breakdown(g: &mut NdGroup<f32>, triad_bw: f64) -> Vec<String> {
     let n = g.len() as f64;
@@ -346,7 +346,7 @@ fn breakdown(g: &mut NdGroup<f32>, triad_bw: f64) -> Vec<String> {
             figure("restore+SGD-momentum 20 B", 20.0, best[3]),
         ];
         lines.push(format!(
-            "{:>24}: best of 15 per pass at 1e7, finiteness check at level {}: {}",
+            "{:>24}: best of 15 per pass at 1e7, reduce passes at level {}: {}",
             "breakdown",
             level.name(),
             parts.join("; ")

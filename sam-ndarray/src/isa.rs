@@ -1,18 +1,22 @@
-//! The instruction sets the finiteness check is compiled for, chosen at run time.
+//! The instruction sets the reduce passes are compiled for, chosen at run time.
 //!
-//! The finiteness check of a second gradient (a reduce pass that computes no quantity) reads
-//! the gradient in its storage type. Its loop is compiled three times on x86-64 (baseline, with
-//! `avx2` enabled, and with `avx512f` + `avx512vl` enabled) and the best version the CPU
-//! supports is used. The code is identical; only the instructions the compiler may pick differ,
-//! and the result is a flag, so every version gives the same result (tested for every version
-//! the machine supports, `tests/tests/isa.rs`).
+//! The reduce passes are compiled three times on x86-64 (baseline, with `avx2` enabled, and
+//! with `avx512f` + `avx512vl` enabled) and the best version the CPU supports is used.
 //!
-//! The reduce passes that accumulate norms run the baseline code: compiled with AVX2 or AVX-512
-//! enabled, LLVM does not vectorise the canonical 8-lane accumulation across lanes, and those
-//! versions measured no faster (`cargo bench -p sam-ndarray --bench sam_step` prints the
-//! per-pass figures at every level).
+//! - **Norm reductions** keep a block's 8 accumulator lanes in the level's SIMD registers
+//!   (four SSE2, two AVX or one AVX-512 register; `simd`) through the core's lane math
+//!   (`sam_core::backend::kernel::Accumulators`). Each lane operation is one IEEE instruction,
+//!   so every level gives the bits of the portable lanes.
+//! - **The finiteness check** of a second gradient (a reduce pass that computes no quantity)
+//!   is a plain loop the compiler vectorises for the level; the result is a flag. The AVX-512
+//!   level runs the AVX2 version of it, which measured faster on the development machine (AMD
+//!   EPYC, 2026-12-07: 49.7 vs 47.8 GB/s at 1e7 `f32` elements).
 //!
-//! Other architectures use their baseline (NEON is part of aarch64's baseline).
+//! Every level the machine supports is tested against the reference backend
+//! (`tests/tests/isa.rs`); `cargo bench -p sam-ndarray --bench sam_step` prints the per-pass
+//! figures at every level.
+//!
+//! Other architectures use portable code (`[f64; 8]` lanes, which the compiler may vectorise).
 //!
 //! [`set_limit`] caps the level used, process-wide: for tests and benchmarks, or to avoid
 //! AVX-512 on CPUs that lower their clock for it.
@@ -20,7 +24,12 @@
 
 use core::sync::atomic::{AtomicU8, Ordering};
 
-/// An instruction-set level the finiteness check can run with, lowest first.
+use sam_core::backend::kernel::Lanes;
+
+#[cfg(target_arch = "x86_64")]
+mod simd;
+
+/// An instruction-set level the reduce passes can run with, lowest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Isa {
     /// The target's baseline (SSE2 on x86-64; NEON on aarch64).
@@ -65,10 +74,8 @@ impl Isa {
     }
 }
 
-/// The cap in force until [`set_limit`] is called: AVX2. The AVX-512 version of the check
-/// measured slower than the AVX2 one on the development machine (AMD EPYC, 2026-12-07: 38 vs
-/// 49 GB/s at 1e7 f32 elements; `cargo bench -p sam-ndarray --bench sam_step`).
-pub const DEFAULT_LIMIT: Isa = Isa::Avx2;
+/// The cap in force until [`set_limit`] is called: none (the highest level the CPU supports).
+pub const DEFAULT_LIMIT: Isa = Isa::Avx512;
 
 /// The process-wide cap (an [`Isa`] code; `u8::MAX` for none).
 static LIMIT: AtomicU8 = AtomicU8::new(DEFAULT_LIMIT.code());
@@ -97,34 +104,65 @@ pub(crate) const AVX2: u8 = Isa::Avx2.code();
 /// Code of [`Isa::Avx512`] for const generics.
 pub(crate) const AVX512: u8 = Isa::Avx512.code();
 
-/// Runs `f` compiled for level `I` (`f` and what it inlines), or for the baseline where the CPU
-/// lacks it. `f` must be `#[inline(always)]` code all the way down for the level to apply.
+/// A computation generic over the reduction lanes, run by [`dispatch`] with the lane type of
+/// the level it runs at. Its output cannot name the lane type, so lane values stay inside.
+pub(crate) trait WithLanes {
+    /// The result.
+    type Output;
+    /// Runs with lanes `V`.
+    fn with<V: Lanes>(self) -> Self::Output;
+}
+
+/// The portable lanes, for targets without a SIMD lane type.
+#[cfg(not(target_arch = "x86_64"))]
+type BaselineLanes = [f64; sam_core::backend::kernel::LANES];
+/// SSE2, part of x86-64's baseline.
+#[cfg(target_arch = "x86_64")]
+type BaselineLanes = simd::Sse2;
+
+/// Runs `w` compiled for level `I` (`w` and what it inlines) with that level's lanes, or for
+/// the baseline where the CPU lacks it. `w` must be `#[inline(always)]` code all the way down
+/// for the level to apply. The only place that runs code for a level above the baseline.
 #[inline(always)]
-pub(crate) fn run<const I: u8, R, F: FnOnce() -> R>(f: F) -> R {
+pub(crate) fn dispatch<const I: u8, W: WithLanes>(w: W) -> W::Output {
     #[cfg(target_arch = "x86_64")]
     {
         if I == AVX512 && Isa::Avx512.is_supported() {
             // SAFETY: the CPU supports the features `with_avx512` enables (checked just above).
-            return unsafe { with_avx512(f) };
+            return unsafe { with_avx512(w) };
         }
         if I == AVX2 && Isa::Avx2.is_supported() {
             // SAFETY: the CPU supports the feature `with_avx2` enables (checked just above).
-            return unsafe { with_avx2(f) };
+            return unsafe { with_avx2(w) };
         }
     }
-    f()
+    w.with::<BaselineLanes>()
+}
+
+/// Runs `f` compiled for level `I`, as [`dispatch`] (for code that needs no lanes).
+#[inline(always)]
+pub(crate) fn run<const I: u8, R, F: FnOnce() -> R>(f: F) -> R {
+    struct Plain<F>(F);
+    impl<R, F: FnOnce() -> R> WithLanes for Plain<F> {
+        type Output = R;
+        #[inline(always)]
+        fn with<V: Lanes>(self) -> R {
+            (self.0)()
+        }
+    }
+    dispatch::<I, _>(Plain(f))
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-fn with_avx2<R, F: FnOnce() -> R>(f: F) -> R {
-    f()
+fn with_avx2<W: WithLanes>(w: W) -> W::Output {
+    w.with::<simd::Avx2>()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,avx512f,avx512vl")]
 #[inline]
-fn with_avx512<R, F: FnOnce() -> R>(f: F) -> R {
-    f()
+fn with_avx512<W: WithLanes>(w: W) -> W::Output {
+    w.with::<simd::Avx512>()
 }

@@ -1,16 +1,24 @@
 //! The reduce pass in the canonical order of `sam_core::backend::kernel`.
 //!
 //! The group's elements are numbered across the tensor concatenation; block `b` covers elements
-//! `b·BLOCK .. (b+1)·BLOCK` (it may span several tensors) and is accumulated by a
-//! [`BlockReducer`] with element `i` in lane `i % LANES` (`BLOCK` is a multiple of `LANES`, so
-//! this is the kernel's `j % LANES`); blocks are combined by [`kernel::pairwise`], or, with the
-//! `rayon` feature, by the same tree whose two halves run under `rayon::join`.
+//! `b·BLOCK .. (b+1)·BLOCK` (it may span several tensors) and is accumulated with element `i`
+//! in lane `i % LANES` (`BLOCK` is a multiple of `LANES`, so this is the kernel's `j % LANES`);
+//! blocks are combined by [`kernel::pairwise`], or, with the `rayon` feature, by the same tree
+//! whose two halves run under `rayon::join`.
+//!
+//! The lanes of a block live in SIMD registers: [`Accumulators`] over the lane type of the
+//! instruction-set level ([`isa::dispatch`]), each operation the one IEEE instruction the
+//! core's lane math names, so every level gives the same bits. Blocks are read one after
+//! another: accumulating several blocks side by side, to shorten the dependent addition chains,
+//! measured slower (four read streams 16 KiB apart) than one block at a time.
 
 use ndarray::ArrayD;
-use sam_core::backend::kernel::{self, BLOCK, BlockReducer, LANES};
+use sam_core::backend::kernel::{self, Accumulators, BLOCK, BlockReducer, LANES, Lanes};
 use sam_core::backend::{Real, ReduceSpec, Reduction, Weighting};
 
-use crate::isa::{self, Isa};
+use core::marker::PhantomData;
+
+use crate::isa::{self, Isa, WithLanes};
 
 /// Where a block reads tensor `t`'s elements `lo..hi` from (an empty slice for an operand that
 /// is absent or not in standard layout: checked by the caller).
@@ -79,7 +87,8 @@ pub(crate) struct ReduceCtx<'a, S> {
     pub spec: ReduceSpec,
 }
 
-/// A block function specialised for one combination of a spec's discriminants.
+/// A block function specialised for one combination of a spec's discriminants and an
+/// instruction-set level.
 pub(crate) type BlockFn<S> = fn(&ReduceCtx<'_, S>, usize) -> Reduction;
 
 /// The whole reduction: the canonical pairwise tree over the blocks.
@@ -116,50 +125,58 @@ where
     left.combine(right)
 }
 
-/// Picks the block function for a spec's discriminants (and, for the finiteness check, the
-/// instruction-set level).
+/// Picks the block function for a spec's discriminants and the instruction-set level.
 fn select<T: Real, S: Source<T>>(spec: &ReduceSpec, level: Isa) -> BlockFn<S> {
-    let computes = spec.perturb.is_some() || spec.grad || spec.stash || spec.dot;
-    if !computes {
-        return match level {
-            Isa::Baseline => finite_block::<T, S, { isa::BASELINE }>,
-            Isa::Avx2 => finite_block::<T, S, { isa::AVX2 }>,
-            Isa::Avx512 => finite_block::<T, S, { isa::AVX512 }>,
-        };
-    }
-    match spec.perturb {
-        None => select_gsd::<T, S, 0>(spec),
-        Some(Weighting::Plain) => select_gsd::<T, S, 1>(spec),
-        Some(Weighting::Adaptive { .. }) => select_gsd::<T, S, 2>(spec),
+    match level {
+        Isa::Baseline => select_p::<T, S, { isa::BASELINE }>(spec),
+        Isa::Avx2 => select_p::<T, S, { isa::AVX2 }>(spec),
+        Isa::Avx512 => select_p::<T, S, { isa::AVX512 }>(spec),
     }
 }
 
-fn select_gsd<T: Real, S: Source<T>, const P: u8>(spec: &ReduceSpec) -> BlockFn<S> {
+fn select_p<T: Real, S: Source<T>, const I: u8>(spec: &ReduceSpec) -> BlockFn<S> {
+    let computes = spec.perturb.is_some() || spec.grad || spec.stash || spec.dot;
+    if !computes {
+        // The AVX-512 version of the check measured slower than the AVX2 one (module doc of
+        // `isa`): the AVX-512 level runs the AVX2 code for it.
+        return if I == isa::BASELINE {
+            finite_block::<T, S, { isa::BASELINE }>
+        } else {
+            finite_block::<T, S, { isa::AVX2 }>
+        };
+    }
+    match spec.perturb {
+        None => select_gsd::<T, S, 0, I>(spec),
+        Some(Weighting::Plain) => select_gsd::<T, S, 1, I>(spec),
+        Some(Weighting::Adaptive { .. }) => select_gsd::<T, S, 2, I>(spec),
+    }
+}
+
+fn select_gsd<T: Real, S: Source<T>, const P: u8, const I: u8>(spec: &ReduceSpec) -> BlockFn<S> {
     // Unit scales (every first try) as constants: the compiler drops the multiplications by
     // 1 (exact: `x · 1 = x`).
     let unit = spec.scale_perturb == 1.0 && spec.scale_grad == 1.0 && spec.scale_stash == 1.0;
     match (spec.grad, spec.stash, spec.dot, unit) {
-        (false, false, false, false) => block::<T, S, P, false, false, false, false>,
-        (false, false, true, false) => block::<T, S, P, false, false, true, false>,
-        (false, true, false, false) => block::<T, S, P, false, true, false, false>,
-        (false, true, true, false) => block::<T, S, P, false, true, true, false>,
-        (true, false, false, false) => block::<T, S, P, true, false, false, false>,
-        (true, false, true, false) => block::<T, S, P, true, false, true, false>,
-        (true, true, false, false) => block::<T, S, P, true, true, false, false>,
-        (true, true, true, false) => block::<T, S, P, true, true, true, false>,
-        (false, false, false, true) => block::<T, S, P, false, false, false, true>,
-        (false, false, true, true) => block::<T, S, P, false, false, true, true>,
-        (false, true, false, true) => block::<T, S, P, false, true, false, true>,
-        (false, true, true, true) => block::<T, S, P, false, true, true, true>,
-        (true, false, false, true) => block::<T, S, P, true, false, false, true>,
-        (true, false, true, true) => block::<T, S, P, true, false, true, true>,
-        (true, true, false, true) => block::<T, S, P, true, true, false, true>,
-        (true, true, true, true) => block::<T, S, P, true, true, true, true>,
+        (false, false, false, false) => block::<T, S, P, false, false, false, false, I>,
+        (false, false, true, false) => block::<T, S, P, false, false, true, false, I>,
+        (false, true, false, false) => block::<T, S, P, false, true, false, false, I>,
+        (false, true, true, false) => block::<T, S, P, false, true, true, false, I>,
+        (true, false, false, false) => block::<T, S, P, true, false, false, false, I>,
+        (true, false, true, false) => block::<T, S, P, true, false, true, false, I>,
+        (true, true, false, false) => block::<T, S, P, true, true, false, false, I>,
+        (true, true, true, false) => block::<T, S, P, true, true, true, false, I>,
+        (false, false, false, true) => block::<T, S, P, false, false, false, true, I>,
+        (false, false, true, true) => block::<T, S, P, false, false, true, true, I>,
+        (false, true, false, true) => block::<T, S, P, false, true, false, true, I>,
+        (false, true, true, true) => block::<T, S, P, false, true, true, true, I>,
+        (true, false, false, true) => block::<T, S, P, true, false, false, true, I>,
+        (true, false, true, true) => block::<T, S, P, true, false, true, true, I>,
+        (true, true, false, true) => block::<T, S, P, true, true, false, true, I>,
+        (true, true, true, true) => block::<T, S, P, true, true, true, true, I>,
     }
 }
 
-/// Block `b`. The spec is rebuilt with constant discriminants (and the original scalars), so
-/// the inlined `BlockReducer::push` has no per-element branches on it.
+/// Block `b` at instruction-set level `I`.
 fn block<
     T: Real,
     Src: Source<T>,
@@ -168,15 +185,65 @@ fn block<
     const S: bool,
     const D: bool,
     const U: bool,
+    const I: u8,
 >(
     ctx: &ReduceCtx<'_, Src>,
     b: usize,
 ) -> Reduction {
-    let eta = match ctx.spec.perturb {
+    isa::dispatch::<I, _>(Block::<T, Src, P, G, S, D, U> {
+        ctx,
+        b,
+        _storage: PhantomData,
+    })
+}
+
+/// The arguments of [`block`], run with the lanes of the level.
+struct Block<
+    'r,
+    'c,
+    T,
+    Src,
+    const P: u8,
+    const G: bool,
+    const S: bool,
+    const D: bool,
+    const U: bool,
+> {
+    ctx: &'r ReduceCtx<'c, Src>,
+    b: usize,
+    _storage: PhantomData<T>,
+}
+
+impl<
+    T: Real,
+    Src: Source<T>,
+    const P: u8,
+    const G: bool,
+    const S: bool,
+    const D: bool,
+    const U: bool,
+> WithLanes for Block<'_, '_, T, Src, P, G, S, D, U>
+{
+    type Output = Reduction;
+
+    #[inline(always)]
+    fn with<V: Lanes>(self) -> Reduction {
+        let spec = const_spec::<P, G, S, D, U>(&self.ctx.spec);
+        one_block::<T, Src, V, P, S, D>(self.ctx, &spec, self.b)
+    }
+}
+
+/// The spec with constant discriminants (and the original scalars, or unit scales for `U`), so
+/// the inlined element math has no per-element branches on it.
+#[inline(always)]
+fn const_spec<const P: u8, const G: bool, const S: bool, const D: bool, const U: bool>(
+    spec: &ReduceSpec,
+) -> ReduceSpec {
+    let eta = match spec.perturb {
         Some(Weighting::Adaptive { eta }) => eta,
         _ => 0.0,
     };
-    let spec = ReduceSpec {
+    ReduceSpec {
         perturb: match P {
             0 => None,
             1 => Some(Weighting::Plain),
@@ -185,22 +252,88 @@ fn block<
         grad: G,
         stash: S,
         dot: D,
-        scale_perturb: if U { 1.0 } else { ctx.spec.scale_perturb },
-        scale_grad: if U { 1.0 } else { ctx.spec.scale_grad },
-        scale_stash: if U { 1.0 } else { ctx.spec.scale_stash },
-    };
-    let mut r = BlockReducer::new(&spec);
-    segments(ctx, b, |t, lo, hi, lane0| {
-        let g = ctx.src.g(t, lo, hi);
-        let w = if P == 2 { ctx.src.w(t, lo, hi) } else { &[] };
-        let s = if S || D {
-            ctx.src.stash(t, lo, hi)
-        } else {
-            &[]
-        };
-        segment::<T, P, S, D>(&mut r, lane0, w, g, s);
-    });
-    r.finish()
+        scale_perturb: if U { 1.0 } else { spec.scale_perturb },
+        scale_grad: if U { 1.0 } else { spec.scale_grad },
+        scale_stash: if U { 1.0 } else { spec.scale_stash },
+    }
+}
+
+/// Block `b`, which may span tensors: whole chunks of [`LANES`] elements in the lanes `V`, the
+/// elements of a segment before its first and after its last whole chunk one at a time.
+#[inline(always)]
+fn one_block<T: Real, Src: Source<T>, V: Lanes, const P: u8, const S: bool, const D: bool>(
+    ctx: &ReduceCtx<'_, Src>,
+    spec: &ReduceSpec,
+    b: usize,
+) -> Reduction {
+    let mut acc = Accumulators::<V>::new();
+    segments(
+        ctx,
+        b,
+        #[inline(always)]
+        |t, lo, hi, lane0| {
+            let g = ctx.src.g(t, lo, hi);
+            let w = if P == 2 { ctx.src.w(t, lo, hi) } else { g };
+            let s = if S || D { ctx.src.stash(t, lo, hi) } else { g };
+            let n = g.len().min(w.len()).min(s.len());
+            let head = ((LANES - lane0 % LANES) % LANES).min(n);
+            let full = head + (n - head) / LANES * LANES;
+            one_at_a_time(&mut acc, spec, lane0, &w[..head], &g[..head], &s[..head]);
+            let (wc, gc, sc) = (
+                w[head..full].as_chunks::<LANES>().0,
+                g[head..full].as_chunks::<LANES>().0,
+                s[head..full].as_chunks::<LANES>().0,
+            );
+            for ((w, g), s) in wc.iter().zip(gc).zip(sc) {
+                push::<T, V, P, S, D>(&mut acc, spec, w, g, s);
+            }
+            one_at_a_time(
+                &mut acc,
+                spec,
+                lane0 + full,
+                &w[full..n],
+                &g[full..n],
+                &s[full..n],
+            );
+        },
+    );
+    BlockReducer::from_lanes(spec, acc.map(V::to_array)).finish()
+}
+
+/// One chunk of [`LANES`] elements, widened; operands the spec does not read are not loaded.
+#[inline(always)]
+fn push<T: Real, V: Lanes, const P: u8, const S: bool, const D: bool>(
+    acc: &mut Accumulators<V>,
+    spec: &ReduceSpec,
+    w: &[T; LANES],
+    g: &[T; LANES],
+    s: &[T; LANES],
+) {
+    let load = |x: &[T; LANES]| V::from_array(x.map(T::to_f64));
+    let zero = V::splat(0.0);
+    let w = if P == 2 { load(w) } else { zero };
+    let s = if S || D { load(s) } else { zero };
+    acc.push(spec, w, load(g), s);
+}
+
+/// Consecutive elements, the first in lane `lane0`, pushed one at a time into `acc`'s lanes.
+#[inline(always)]
+fn one_at_a_time<T: Real, V: Lanes>(
+    acc: &mut Accumulators<V>,
+    spec: &ReduceSpec,
+    lane0: usize,
+    w: &[T],
+    g: &[T],
+    s: &[T],
+) {
+    if g.is_empty() {
+        return;
+    }
+    let mut r = BlockReducer::from_lanes(spec, acc.map(V::to_array));
+    for (j, ((w, g), s)) in w.iter().zip(g).zip(s).enumerate() {
+        r.push(lane0 + j, w.to_f64(), g.to_f64(), s.to_f64());
+    }
+    *acc = r.lanes().map(V::from_array);
 }
 
 /// Block `b` of a spec that computes no quantity (the finiteness check of a second gradient),
@@ -283,99 +416,5 @@ fn part<T>(a: Option<&ArrayD<T>>, lo: usize, hi: usize) -> &[T] {
         .unwrap_or(&[])
 }
 
-// The lane dispatch below is written for 8 lanes, and lanes are counted from the block start.
-const _: () = assert!(LANES == 8 && BLOCK.is_multiple_of(LANES));
-
-/// Pushes into a lane given at run time, through constant lane indices (so the reducer's lanes
-/// can live in registers).
-#[inline(always)]
-fn push_dyn(r: &mut BlockReducer, lane: usize, w: f64, g: f64, s: f64) {
-    match lane % LANES {
-        0 => r.push(0, w, g, s),
-        1 => r.push(1, w, g, s),
-        2 => r.push(2, w, g, s),
-        3 => r.push(3, w, g, s),
-        4 => r.push(4, w, g, s),
-        5 => r.push(5, w, g, s),
-        6 => r.push(6, w, g, s),
-        _ => r.push(7, w, g, s),
-    }
-}
-
-/// One chunk of `LANES` elements of each operand, widened.
-#[allow(clippy::type_complexity)]
-#[inline(always)]
-fn load<T: Real>(w: &[T], g: &[T], s: &[T]) -> ([f64; LANES], [f64; LANES], [f64; LANES]) {
-    let (mut wv, mut gv, mut sv) = ([0.0; LANES], [0.0; LANES], [0.0; LANES]);
-    for l in 0..LANES {
-        wv[l] = w[l].to_f64();
-        gv[l] = g[l].to_f64();
-        sv[l] = s[l].to_f64();
-    }
-    (wv, gv, sv)
-}
-
-/// Accumulates consecutive elements whose first one is in lane `lane0`. Operands the spec does
-/// not read are not loaded (the gradient slice stands in for them; the reducer ignores them).
-#[inline(always)]
-fn segment<T: Real, const P: u8, const S: bool, const D: bool>(
-    r: &mut BlockReducer,
-    lane0: usize,
-    w: &[T],
-    g: &[T],
-    s: &[T],
-) {
-    let w = if P == 2 { w } else { g };
-    let s = if S || D { s } else { g };
-    let n = g.len().min(w.len()).min(s.len());
-    let (w, g, s) = (&w[..n], &g[..n], &s[..n]);
-    let head = ((LANES - lane0 % LANES) % LANES).min(n);
-    for j in 0..head {
-        push_dyn(r, lane0 + j, w[j].to_f64(), g[j].to_f64(), s[j].to_f64());
-    }
-    let full = head + (n - head) / LANES * LANES;
-    let mut chunks = w[head..full]
-        .chunks_exact(LANES)
-        .zip(g[head..full].chunks_exact(LANES))
-        .zip(s[head..full].chunks_exact(LANES));
-    if P == 0 {
-        // No perturbation term (GSAM/WSAM norms of a second gradient; a pure finiteness check
-        // goes to `finite_block` instead).
-        // Non-finite values are rare: while a chunk's gradient (and stash, if read) is finite,
-        // the compiler knows it inside the inlined `push` and drops its per-element checks;
-        // from the first chunk with a non-finite value on, the plain loop below takes over.
-        // Both loops make exactly the same `push` calls, in the same order. (With a
-        // perturbation term this split measured slower: it is not used there.)
-        let mut pending = None;
-        for ((wc, gc), sc) in chunks.by_ref() {
-            let (wv, gv, sv) = load(wc, gc, sc);
-            let mut finite = true;
-            for l in 0..LANES {
-                finite &= gv[l].is_finite() & (!(S || D) || sv[l].is_finite());
-            }
-            if !finite {
-                pending = Some((wv, gv, sv));
-                break;
-            }
-            r.push_lanes(&wv, &gv, &sv);
-        }
-        match pending {
-            Some((wv, gv, sv)) => r.push_lanes(&wv, &gv, &sv),
-            None => return tail(r, lane0, full, w, g, s),
-        }
-    }
-    for ((wc, gc), sc) in chunks {
-        let (wv, gv, sv) = load(wc, gc, sc);
-        r.push_lanes(&wv, &gv, &sv);
-    }
-    tail(r, lane0, full, w, g, s);
-}
-
-/// The elements of a segment after its last whole chunk.
-#[inline(always)]
-fn tail<T: Real>(r: &mut BlockReducer, lane0: usize, full: usize, w: &[T], g: &[T], s: &[T]) {
-    let n = g.len().min(w.len()).min(s.len());
-    for j in full..n {
-        push_dyn(r, lane0 + j, w[j].to_f64(), g[j].to_f64(), s[j].to_f64());
-    }
-}
+// Lanes are counted from the block start.
+const _: () = assert!(BLOCK.is_multiple_of(LANES));

@@ -21,8 +21,9 @@
 //! so small that its square would be subnormal, the pass is repeated with each quantity scaled
 //! by a power of two ([`scale_for`]), which is exact, and the norm is unscaled afterwards.
 
+pub use super::lanes::{Accumulators, LaneMath, Lanes};
 use crate::base::{BaseStep, add};
-use crate::buffer::{GradMix, PerturbSpec, ReduceSpec, Reduction, UpdateSpec, Weighting, max};
+use crate::buffer::{GradMix, PerturbSpec, ReduceSpec, Reduction, UpdateSpec, Weighting};
 
 /// Elements per reduction block.
 pub const BLOCK: usize = 4096;
@@ -38,7 +39,10 @@ pub fn block_count(len: usize) -> usize {
 /// Accumulates one block in the canonical lane order.
 ///
 /// Push the block's elements in order with their lane `j % LANES` (`j` counted from the block's
-/// first element), then [`finish`](Self::finish).
+/// first element), then [`finish`](Self::finish). The element math is
+/// [`Accumulators::push`]; a backend that keeps the lanes in SIMD registers accumulates into an
+/// [`Accumulators`] of its own lane type and converts with [`from_lanes`](Self::from_lanes) and
+/// [`lanes`](Self::lanes) (for elements pushed one at a time, and to finish).
 ///
 /// Finiteness is tracked per lane as an `f64` probe, `probe += v·0` for every value checked:
 /// the probe stays `±0` while every value is finite and becomes NaN at the first NaN or ±∞.
@@ -47,168 +51,74 @@ pub fn block_count(len: usize) -> usize {
 #[derive(Debug, Clone)]
 pub struct BlockReducer {
     spec: ReduceSpec,
-    // One array per quantity (lanes side by side), so a backend's unrolled 8-lane loop keeps
-    // each quantity in SIMD registers.
-    perturb_sq: [f64; LANES],
-    grad_sq: [f64; LANES],
-    stash_sq: [f64; LANES],
-    dot: [f64; LANES],
-    perturb_max: [f64; LANES],
-    grad_max: [f64; LANES],
-    stash_max: [f64; LANES],
-    probe: [f64; LANES],
+    // One array per quantity (lanes side by side).
+    acc: Accumulators<[f64; LANES]>,
 }
 
 impl BlockReducer {
     /// A reducer for one block.
     #[inline]
     pub fn new(spec: &ReduceSpec) -> Self {
-        BlockReducer {
-            spec: *spec,
-            perturb_sq: [0.0; LANES],
-            grad_sq: [0.0; LANES],
-            stash_sq: [0.0; LANES],
-            dot: [0.0; LANES],
-            perturb_max: [0.0; LANES],
-            grad_max: [0.0; LANES],
-            stash_max: [0.0; LANES],
-            probe: [0.0; LANES],
-        }
+        Self::from_lanes(spec, Accumulators::new())
+    }
+
+    /// A reducer for one block whose lanes already hold `acc` (each quantity lane `l` in
+    /// element `l`).
+    #[inline(always)]
+    pub fn from_lanes(spec: &ReduceSpec, acc: Accumulators<[f64; LANES]>) -> Self {
+        BlockReducer { spec: *spec, acc }
+    }
+
+    /// The lanes accumulated so far.
+    #[inline(always)]
+    pub fn lanes(&self) -> Accumulators<[f64; LANES]> {
+        self.acc
     }
 
     /// Accumulates the element with weight `w`, gradient `g` and stash `s` (pass `0.0` for
     /// operands the spec does not read) into `lane`.
     #[inline(always)]
     pub fn push(&mut self, lane: usize, w: f64, g: f64, s: f64) {
-        let spec = &self.spec;
         let l = lane % LANES;
-        let mut probe = g * 0.0;
-        if let Some(weighting) = spec.perturb {
-            let x = perturb_term(weighting, &mut probe, w, g);
-            add_square(&mut self.perturb_sq[l], x, spec.scale_perturb);
-            add_max(&mut self.perturb_max[l], x);
-        }
-        if spec.grad {
-            add_square(&mut self.grad_sq[l], g, spec.scale_grad);
-            add_max(&mut self.grad_max[l], g);
-        }
-        if spec.reads_stash() {
-            probe += s * 0.0;
-            if spec.stash {
-                add_square(&mut self.stash_sq[l], s, spec.scale_stash);
-                add_max(&mut self.stash_max[l], s);
-            }
-            if spec.dot {
-                add_product(&mut self.dot[l], g, spec.scale_grad, s, spec.scale_stash);
-            }
-        }
-        self.probe[l] += probe;
+        let mut one = self.acc.map(|v| v[l]);
+        one.push(&self.spec, w, g, s);
+        self.acc.perturb_sq[l] = one.perturb_sq;
+        self.acc.grad_sq[l] = one.grad_sq;
+        self.acc.stash_sq[l] = one.stash_sq;
+        self.acc.dot[l] = one.dot;
+        self.acc.perturb_max[l] = one.perturb_max;
+        self.acc.grad_max[l] = one.grad_max;
+        self.acc.stash_max[l] = one.stash_max;
+        self.acc.probe[l] = one.probe;
     }
 
     /// Accumulates [`LANES`] consecutive elements, element `l` into lane `l`: exactly
-    /// `push(l, w[l], g[l], s[l])` for every `l` (each lane's accumulators see the same
-    /// operations in the same order), written quantity by quantity so that a backend's
-    /// compiler turns each quantity's lanes into vector operations.
-    // Index loops over the lanes: every array is indexed by the same lane.
-    #[allow(clippy::needless_range_loop)]
+    /// `push(l, w[l], g[l], s[l])` for every `l`.
     #[inline(always)]
     pub fn push_lanes(&mut self, w: &[f64; LANES], g: &[f64; LANES], s: &[f64; LANES]) {
-        let spec = self.spec;
-        let mut probe = [0.0; LANES];
-        for l in 0..LANES {
-            probe[l] = g[l] * 0.0;
-        }
-        if let Some(weighting) = spec.perturb {
-            for l in 0..LANES {
-                let x = perturb_term(weighting, &mut probe[l], w[l], g[l]);
-                add_square(&mut self.perturb_sq[l], x, spec.scale_perturb);
-                add_max(&mut self.perturb_max[l], x);
-            }
-        }
-        if spec.grad {
-            for l in 0..LANES {
-                add_square(&mut self.grad_sq[l], g[l], spec.scale_grad);
-                add_max(&mut self.grad_max[l], g[l]);
-            }
-        }
-        if spec.reads_stash() {
-            for l in 0..LANES {
-                probe[l] += s[l] * 0.0;
-            }
-            if spec.stash {
-                for l in 0..LANES {
-                    add_square(&mut self.stash_sq[l], s[l], spec.scale_stash);
-                    add_max(&mut self.stash_max[l], s[l]);
-                }
-            }
-            if spec.dot {
-                for l in 0..LANES {
-                    add_product(
-                        &mut self.dot[l],
-                        g[l],
-                        spec.scale_grad,
-                        s[l],
-                        spec.scale_stash,
-                    );
-                }
-            }
-        }
-        for l in 0..LANES {
-            self.probe[l] += probe[l];
-        }
+        self.acc.push(&self.spec, *w, *g, *s);
     }
 
     /// The block's result: lanes combined as `((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7))`.
     #[inline]
     pub fn finish(self) -> Reduction {
-        let lane = |l: usize| Reduction {
-            perturb_sq: self.perturb_sq[l],
-            grad_sq: self.grad_sq[l],
-            stash_sq: self.stash_sq[l],
-            dot: self.dot[l],
-            perturb_max: self.perturb_max[l],
-            grad_max: self.grad_max[l],
-            stash_max: self.stash_max[l],
-            finite: self.probe[l] == 0.0,
+        let lane = |l: usize| {
+            let a = self.acc.map(|v| v[l]);
+            Reduction {
+                perturb_sq: a.perturb_sq,
+                grad_sq: a.grad_sq,
+                stash_sq: a.stash_sq,
+                dot: a.dot,
+                perturb_max: a.perturb_max,
+                grad_max: a.grad_max,
+                stash_max: a.stash_max,
+                finite: a.probe == 0.0,
+            }
         };
         let a = lane(0).combine(lane(1)).combine(lane(2).combine(lane(3)));
         let b = lane(4).combine(lane(5)).combine(lane(6).combine(lane(7)));
         a.combine(b)
     }
-}
-
-/// The perturbation term `T⊙g` of one element; adds the weight's finiteness probe when `T`
-/// reads it.
-#[inline(always)]
-fn perturb_term(weighting: Weighting, probe: &mut f64, w: f64, g: f64) -> f64 {
-    match weighting {
-        Weighting::Plain => g,
-        Weighting::Adaptive { eta } => {
-            // Finiteness is a property of the operands: a product that overflows for finite w
-            // and g is an overflow of the norm, reported as such by the core.
-            *probe += w * 0.0;
-            (libm::fabs(w) + eta) * g
-        }
-    }
-}
-
-/// `acc += (x·scale)²`.
-#[inline(always)]
-fn add_square(acc: &mut f64, x: f64, scale: f64) {
-    let xs = x * scale;
-    *acc += xs * xs;
-}
-
-/// `acc = max(acc, |x|)`.
-#[inline(always)]
-fn add_max(acc: &mut f64, x: f64) {
-    *acc = max(*acc, libm::fabs(x));
-}
-
-/// `acc += (a·sa)·(b·sb)`.
-#[inline(always)]
-fn add_product(acc: &mut f64, a: f64, sa: f64, b: f64, sb: f64) {
-    *acc += (a * sa) * (b * sb);
 }
 
 /// Combines the results of blocks `lo..hi` in the canonical pairwise tree. `block(i)` computes
