@@ -187,10 +187,13 @@ fn bench(c: &mut Criterion) {
     let bw = |t: f64| TRIAD_BYTES * n as f64 / t;
     let triad_bw = 0.5 * (bw(t_triad_before) + bw(t_triad_after));
 
-    // Per-pass breakdown at 1e7 elements (best of 15, timed with Instant outside criterion).
-    let mut g = group(&[vec![10_000_000]]);
-    let breakdown_lines = breakdown(&mut g, triad_bw);
-    drop(g);
+    // Per-pass breakdown at 1e7 elements and at ResNet-18 shapes (best of 15, timed with
+    // Instant outside criterion).
+    let mut breakdown_lines = Vec::new();
+    for (label, shapes) in [("1e7", vec![vec![10_000_000]]), ("ResNet-18", resnet18())] {
+        let mut g = group(&shapes);
+        breakdown_lines.extend(breakdown(&mut g, label, triad_bw));
+    }
 
     let mut lines = vec![format!(
         "[{mode}, {} thread(s)] STREAM triad over 3 x {} MiB: before {:.3} ms = {:.2} GB/s, after {:.3} ms = {:.2} GB/s; reference (mean) {:.2} GB/s",
@@ -292,7 +295,7 @@ fn triad_run(c: &mut Criterion, mode: &str, n: usize, label: &str) -> f64 {
 /// Best time of each pass of [`step`] over a few repetitions, as bandwidth and against triad,
 /// with the reduce passes at every instruction-set level this CPU supports (the step uses
 /// the highest one within `isa::DEFAULT_LIMIT`).
-fn breakdown(g: &mut NdGroup<f32>, triad_bw: f64) -> Vec<String> {
+fn breakdown(g: &mut NdGroup<f32>, label: &str, triad_bw: f64) -> Vec<String> {
     let n = g.len() as f64;
     let plain = ReduceSpec {
         perturb: Some(Weighting::Plain),
@@ -346,7 +349,7 @@ fn breakdown(g: &mut NdGroup<f32>, triad_bw: f64) -> Vec<String> {
             figure("restore+SGD-momentum 20 B", 20.0, best[3]),
         ];
         lines.push(format!(
-            "{:>24}: best of 15 per pass at 1e7, reduce passes at level {}: {}",
+            "{:>24}: best of 15 per pass at {label}, reduce passes at level {}: {}",
             "breakdown",
             level.name(),
             parts.join("; ")
