@@ -88,13 +88,12 @@
 //! the discriminants of its specification (outside the loop), so the loop body is the kernel
 //! function with no branch left on the spec. A group of many small tensors costs one loop
 //! each, never a thread spawn each. `cargo bench -p sam-ndarray` measures a step against the
-//! machine's STREAM triad bandwidth, with a per-pass breakdown. On baseline x86-64 (SSE2) the
-//! element-wise passes run at memory speed; the finiteness check of the second gradient reads
-//! the storage type directly, compiled for the best instruction set the CPU has ([`isa`]); the
-//! reduce pass with a perturbation term is compute-bound (the canonical order accumulates 8
-//! lanes in `f64` with a maximum and a finiteness flag per element, about 2–3 times its memory
-//! time on one core): it is the one pass that gains from `rayon` even where memory bandwidth
-//! does not grow with threads.
+//! machine's STREAM triad bandwidth, with a per-pass breakdown. The element-wise passes run at
+//! memory speed on baseline x86-64. The reduce passes are compiled for the best instruction
+//! set the CPU has ([`isa`]): the norm reductions keep a block's 8 `f64` accumulator lanes in
+//! SIMD registers (with SSE2 alone the norm pass stays compute-bound, about a third of memory
+//! speed on one core; with AVX2 or AVX-512 it is near memory speed), and the finiteness check
+//! of the second gradient reads the storage type directly.
 //!
 //! # References
 //!
