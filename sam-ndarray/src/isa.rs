@@ -36,7 +36,7 @@ pub enum Isa {
     Baseline,
     /// x86-64 with AVX2.
     Avx2,
-    /// x86-64 with AVX-512 F and VL.
+    /// x86-64 with AVX-512 F and VL (and AVX2).
     Avx512,
 }
 
@@ -52,7 +52,8 @@ impl Isa {
             Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
-                std::arch::is_x86_feature_detected!("avx512f")
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512vl")
             }
             #[cfg(not(target_arch = "x86_64"))]
