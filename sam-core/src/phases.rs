@@ -2,7 +2,9 @@
 //! and global norm before the climb, the climb itself, the second-gradient check, and the base
 //! step of the final pass.
 
-use crate::backend::{BaseStep, ParamBuffer, ReduceSpec, SlotSpec, Weighting};
+use crate::backend::{
+    AverageFold, BaseStep, GradMix, ParamBuffer, ReduceSpec, SlotSpec, UpdateSpec, Weighting,
+};
 use crate::engine::{Engine, Norms, SkipReason, StepStatus};
 use crate::error::Error;
 use crate::group::{Group, GroupOptions};
@@ -106,4 +108,38 @@ pub(crate) fn base_step(engine: &Engine, o: &GroupOptions, finish: Finish) -> (B
         Finish::Base => (o.base().step_coefficients(step, lr), lr),
         Finish::External => (BaseStep::External, lr),
     }
+}
+
+/// The checks of a one-gradient step before any write: phase, lr, group shape and slots
+/// (`layout`), and finiteness of the gradient ([`Error::NonFiniteGradient`]).
+pub(crate) fn plain_checks<B: ParamBuffer>(
+    engine: &mut Engine,
+    groups: &mut [Group<B>],
+    layout: impl Fn(&GroupOptions) -> SlotSpec,
+) -> Result<(), Error<B::Error>> {
+    engine.check_lr(groups)?;
+    engine.begin(groups, layout)?;
+    let n = Engine::norms(groups, |_, _| ReduceSpec::FINITE_ONLY)?;
+    if !n.finite {
+        return Err(Error::NonFiniteGradient);
+    }
+    Ok(())
+}
+
+/// The one-gradient base step after [`plain_checks`]: every group's base rule on the gradient
+/// in its buffer, from the current weights.
+pub(crate) fn plain_step<B: ParamBuffer>(
+    engine: &mut Engine,
+    groups: &mut [Group<B>],
+) -> Result<StepStatus, Error<B::Error>> {
+    let e = &*engine;
+    Engine::update_all(groups, false, |_, o| UpdateSpec {
+        restore: false,
+        grad: GradMix::Current,
+        base: base_step(e, o, Finish::Base).0,
+        post: None,
+        average: AverageFold::NONE,
+    })?;
+    engine.steps = engine.steps.saturating_add(1);
+    Ok(StepStatus::Applied)
 }

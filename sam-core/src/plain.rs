@@ -1,7 +1,7 @@
 //! The base optimizer alone (no sharpness term): the baseline every SAM variant is compared with,
 //! and the identity SAM reduces to with ρ = 0.
 
-use crate::backend::{AverageFold, GradMix, ParamBuffer, ReduceSpec, SlotSpec, UpdateSpec};
+use crate::backend::{ParamBuffer, SlotSpec};
 use crate::engine::{Engine, OptimizerState, SkipReason, StepStatus};
 use crate::error::Error;
 use crate::group::{Group, GroupOptions};
@@ -70,13 +70,9 @@ impl sealed::Core for BaseOptimizer {
         &mut self,
         groups: &mut [Group<B>],
     ) -> Result<bool, Error<B::Error>> {
-        self.engine.check_lr(groups)?;
-        self.engine
-            .begin(groups, |o| phases::slots(o, false, false, 0))?;
-        let n = Engine::norms(groups, |_, _| ReduceSpec::FINITE_ONLY)?;
-        if !n.finite {
-            return Err(Error::NonFiniteGradient);
-        }
+        phases::plain_checks(&mut self.engine, groups, |o| {
+            phases::slots(o, false, false, 0)
+        })?;
         Ok(false)
     }
 
@@ -85,16 +81,7 @@ impl sealed::Core for BaseOptimizer {
         groups: &mut [Group<B>],
         _finish: Finish,
     ) -> Result<StepStatus, Error<B::Error>> {
-        let e = &self.engine;
-        Engine::update_all(groups, false, |_, o| UpdateSpec {
-            restore: false,
-            grad: GradMix::Current,
-            base: phases::base_step(e, o, Finish::Base).0,
-            post: None,
-            average: AverageFold::NONE,
-        })?;
-        self.engine.steps = self.engine.steps.saturating_add(1);
-        Ok(StepStatus::Applied)
+        phases::plain_step(&mut self.engine, groups)
     }
 }
 

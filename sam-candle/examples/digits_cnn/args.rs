@@ -46,7 +46,7 @@ USAGE:
 OPTIONS:
     --label-noise F       flip a fraction F of the training labels, each to a different class
                           chosen at random (fixed seed; test labels stay clean) [default: 0]
-    --optimizers LIST     comma-separated subset of sgd,sam,asam,gsam,wsam,wasam [default: all]
+    --optimizers LIST     comma-separated subset of sgd,sam,asam,gsam,wsam,wasam,sam-every-k [default: all]
     --seeds N             runs per optimizer; seed s fixes the initialisation and the
                           mini-batch order, the same for every optimizer [default: 3]
     --epochs N            epochs [default: 20]
@@ -96,6 +96,7 @@ fn defaults() -> Config {
             gsam_rho_min: 0.02,
             gsam_alpha: 0.4,
             wsam_gamma: 0.9,
+            sam_interval: 2,
             swa_start: 0.75,
         },
         out: PathBuf::from("target/digits_cnn"),
@@ -163,7 +164,7 @@ mod tests {
     #[test]
     fn defaults_quick_and_overrides() {
         let c = run(&[]).unwrap();
-        assert_eq!((c.seeds, c.hyper.epochs, c.optimizers.len()), (3, 20, 6));
+        assert_eq!((c.seeds, c.hyper.epochs, c.optimizers.len()), (3, 20, 7));
         assert_eq!(c.out, PathBuf::from("target/digits_cnn"));
         let q = run(&["--quick"]).unwrap();
         assert_eq!((q.seeds, q.hyper.epochs, q.quick), (1, 2, true));

@@ -181,6 +181,7 @@ impl Study<'_> {
                 "gsam_alpha": h.gsam_alpha,
                 "wsam_gamma": h.wsam_gamma,
                 "swa_start": h.swa_start,
+                "sam_interval": h.sam_interval,
                 "quick": self.cfg.quick,
             },
             "runs": runs,

@@ -46,6 +46,7 @@ impl EvalWeights for BaseOptimizer {}
 impl EvalWeights for Sam {}
 impl EvalWeights for Gsam {}
 impl EvalWeights for Wsam {}
+impl EvalWeights for sam_core::Interval<Sam> {}
 
 impl EvalWeights for Wasam {
     fn at_eval_weights<R>(
@@ -90,6 +91,7 @@ pub fn train(
         Built::Gsam(o) => run.fit(o),
         Built::Wsam(o) => run.fit(o),
         Built::Wasam(o) => run.fit(o),
+        Built::Interval(o) => run.fit(o),
     }
 }
 
@@ -195,6 +197,7 @@ mod tests {
             gsam_rho_min: 0.02,
             gsam_alpha: 0.4,
             wsam_gamma: 0.9,
+            sam_interval: 2,
             swa_start: 0.5,
         }
     }

@@ -86,7 +86,7 @@ MODEL:
     --activation A        relu or tanh [default: relu]
 
 TRAINING:
-    --optimizers LIST     comma-separated subset of sgd,sam,asam,gsam,wsam,wasam [default: all]
+    --optimizers LIST     comma-separated subset of sgd,sam,asam,gsam,wsam,wasam,sam-every-k [default: all]
     --seeds N             runs per optimizer; seed s fixes the initialisation and the
                           mini-batch order, the same for every optimizer [default: 5]
     --epochs N            epochs [default: 100]
@@ -103,6 +103,8 @@ TRAINING:
     --wsam-gamma F        WSAM's gamma (weight of the sharpness term) [default: 0.9]
     --swa-start F         WASAM averages the weights after this fraction of the steps
                           [default: 0.75]
+    --sam-interval K      SAM every k: a SAM step on every K-th step, SGD on the others
+                          [default: 2]
 
 OUTPUT:
     --out DIR             where results.json, accuracy.svg and landscape.svg go, created if
@@ -177,6 +179,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             gsam_rho_min: 0.02,
             gsam_alpha: 0.4,
             wsam_gamma: 0.9,
+            sam_interval: 2,
             swa_start: 0.75,
         },
         out: PathBuf::from("target/digits-demo"),
@@ -243,6 +246,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             "--gsam-alpha" => c.hyper.gsam_alpha = cli::float(&flag, &value()?, 0.0, INF, false)?,
             "--wsam-gamma" => c.hyper.wsam_gamma = cli::float(&flag, &value()?, 0.0, 1.0, true)?,
             "--swa-start" => c.hyper.swa_start = cli::float(&flag, &value()?, 0.0, 1.0, true)?,
+            "--sam-interval" => {
+                c.hyper.sam_interval = cli::count(&flag, &value()?, 1, 1 << 20)? as u64
+            }
             "--subset" => subset = Some(cli::count(&flag, &value()?, 20, usize::MAX)?),
             other => return Err(format!("unknown option {other}")),
         }
@@ -279,7 +285,7 @@ mod tests {
     #[test]
     fn defaults_quick_and_overrides() {
         let c = run(&[]).unwrap();
-        assert_eq!((c.seeds, c.hyper.epochs, c.optimizers.len()), (5, 100, 6));
+        assert_eq!((c.seeds, c.hyper.epochs, c.optimizers.len()), (5, 100, 7));
         let q = run(&["--quick"]).unwrap();
         assert_eq!((q.seeds, q.hyper.epochs, q.subset), (1, 6, Some(600)));
         let q = run(&[

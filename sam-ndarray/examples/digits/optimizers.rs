@@ -2,8 +2,8 @@
 //! storage backend (shared by sam-ndarray's `digits` and sam-candle's `digits_cnn`).
 
 use sam_core::{
-    BaseOptimizer, Gsam, GsamConfig, Perturbation, Proportional, RhoSchedule, Sam, SamConfig,
-    Schedule, ScheduleConfig, ScheduleShape, Timeline, Wasam, Wsam, WsamConfig,
+    BaseOptimizer, Gsam, GsamConfig, Interval, Perturbation, Proportional, RhoSchedule, Sam,
+    SamConfig, Schedule, ScheduleConfig, ScheduleShape, Timeline, Wasam, Wsam, WsamConfig,
 };
 
 /// The optimizers compared.
@@ -15,17 +15,20 @@ pub enum Kind {
     Gsam,
     Wsam,
     Wasam,
+    /// SAM on every `sam_interval`-th step, SGD on the others.
+    SamInterval,
 }
 
 impl Kind {
     /// All of them, in table order.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Sgd,
         Kind::Sam,
         Kind::Asam,
         Kind::Gsam,
         Kind::Wsam,
         Kind::Wasam,
+        Kind::SamInterval,
     ];
 
     /// Lower-case name (command line, JSON).
@@ -37,6 +40,7 @@ impl Kind {
             Kind::Gsam => "gsam",
             Kind::Wsam => "wsam",
             Kind::Wasam => "wasam",
+            Kind::SamInterval => "sam-every-k",
         }
     }
 
@@ -49,6 +53,7 @@ impl Kind {
             Kind::Gsam => "GSAM",
             Kind::Wsam => "WSAM",
             Kind::Wasam => "WASAM",
+            Kind::SamInterval => "SAM every k",
         }
     }
 
@@ -87,6 +92,8 @@ pub struct Hyper {
     pub wsam_gamma: f64,
     /// WASAM starts averaging after this fraction of the steps.
     pub swa_start: f64,
+    /// "SAM every k": SAM on every k-th step.
+    pub sam_interval: u64,
 }
 
 /// Steps in a run of `h.epochs` epochs over `n` training samples.
@@ -120,6 +127,8 @@ pub enum Built {
     Wsam(Wsam),
     /// WASAM (evaluated at its average).
     Wasam(Wasam),
+    /// SAM every k steps.
+    Interval(Interval<Sam>),
 }
 
 /// Optimizer `kind` with the hyperparameters `h`, for a run of `total` steps.
@@ -152,5 +161,6 @@ pub fn build(kind: Kind, h: &Hyper, total: u64) -> Result<Built, sam_core::Error
             let start = ((total as f64) * h.swa_start).floor() as u64;
             Built::Wasam(Wasam::new(sam(h.rho), &[start.min(total - 1)])?)
         }
+        Kind::SamInterval => Built::Interval(Interval::new(Sam::new(sam(h.rho))?, h.sam_interval)?),
     })
 }

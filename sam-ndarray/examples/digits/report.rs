@@ -283,6 +283,7 @@ impl Study<'_> {
                 "wsam_gamma": h.wsam_gamma,
                 "wasam_rho": h.rho,
                 "wasam_swa_start_fraction": h.swa_start,
+                "sam_every_k_interval": h.sam_interval,
             },
             "sharpness": {
                 "lambda_max": format!(

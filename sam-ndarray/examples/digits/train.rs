@@ -95,6 +95,7 @@ pub fn train(
         Built::Gsam(mut o) => run.fit(&mut o, evaluate_live),
         Built::Wsam(mut o) => run.fit(&mut o, evaluate_live),
         Built::Wasam(mut o) => run.fit(&mut o, evaluate_average),
+        Built::Interval(mut o) => run.fit(&mut o, evaluate_live),
     }
 }
 

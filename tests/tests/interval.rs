@@ -1,0 +1,335 @@
+//! SAM every k steps (`sam_core::Interval`), on the reference backend and on `NdGroup`s:
+//! - `k = 1` is the inner variant, bit for bit, for every variant;
+//! - for `k > 1` the run equals an independent composition of two optimizers that are tested
+//!   on their own: the plain `BaseOptimizer` on steps `t` with `(t + 1) % k ≠ 0` and the
+//!   variant on the others, each resumed at step `t` from a checkpoint of the step count;
+//! - a non-finite gradient skips a plain step with nothing changed, and the retried step is of
+//!   the same kind; a checkpoint taken mid-run resumes to the same bits; `k = 0` is refused.
+
+use std::cell::Cell;
+
+use sam_core::backend::Slot;
+use sam_core::reference::{SliceError, VecBuffer};
+use sam_core::{
+    BaseOptimizer, Error, Group, GroupOptions, Gsam, GsamConfig, Interval, Optimizer,
+    OptimizerState, Perturbation, RhoSchedule, Sam, SamConfig, Schedule, SkipReason, StepStatus,
+    Wasam, Wsam, WsamConfig,
+};
+use sam_ndarray::{NdError, NdGroup};
+use sam_tests::{
+    assert_groups_same, check_slices, groups, standard_groups, write_grads_nd, write_grads_ref,
+};
+
+type Groups = Vec<Group<VecBuffer<f64>>>;
+
+/// A variant's change to the standard group options.
+type MapOptions = fn(GroupOptions) -> GroupOptions;
+
+fn reference_groups(map: MapOptions) -> Groups {
+    let (_, stores, opts) = standard_groups::<f64>();
+    let opts: Vec<GroupOptions> = opts.into_iter().map(map).collect();
+    groups(stores, &opts)
+}
+
+fn keep(o: GroupOptions) -> GroupOptions {
+    o
+}
+
+/// GSAM takes one global ρ schedule and adaptivity: no per-group overrides.
+fn no_overrides(o: GroupOptions) -> GroupOptions {
+    GroupOptions::new(*o.base())
+}
+
+/// One step with the oracle gradient of call `c` (and then `c + 1`).
+fn step<O: Optimizer>(opt: &mut O, gs: &mut Groups, calls: &Cell<u64>) -> StepStatus {
+    opt.step(gs, |gs: &mut [Group<VecBuffer<f64>>]| {
+        write_grads_ref(gs, calls.replace(calls.get() + 1), None);
+        Ok::<_, Error<SliceError>>(())
+    })
+    .unwrap()
+    .status
+}
+
+/// Weights and base-rule state (and averages, with `averages`) of two reference group sets, bit
+/// for bit (the backup and stash are scratch: written before they are read in every climbing
+/// step).
+fn assert_same_state(a: &Groups, b: &Groups, averages: bool, what: &str) {
+    for (k, (ga, gb)) in a.iter().zip(b).enumerate() {
+        let (sa, sb) = (&ga.buffer, &gb.buffer);
+        let mut roles = vec![];
+        if let Some(spec) = sa.spec() {
+            roles.extend((0..spec.state).map(Slot::State));
+            if averages {
+                roles.extend((0..spec.averages).map(Slot::Average));
+            }
+        }
+        let check = check_slices("w", sa.weights(), sb.weights()).and_then(|_| {
+            roles.iter().try_for_each(|&r| {
+                let (x, y) = (sa.slot(r).unwrap_or(&[]), sb.slot(r).unwrap_or(&[]));
+                check_slices(&format!("{r:?}"), x, y)
+            })
+        });
+        if let Err(e) = check {
+            panic!("{what}: group {k}: {e}");
+        }
+    }
+}
+
+fn assert_same(a: &Groups, b: &Groups, what: &str) {
+    assert_same_state(a, b, true, what);
+}
+
+fn gsam() -> Gsam {
+    let rho = RhoSchedule::Schedule(Schedule::constant(0.05).unwrap());
+    Gsam::new(GsamConfig {
+        alpha: 0.3,
+        ..GsamConfig::new(rho)
+    })
+    .unwrap()
+}
+
+fn variants() -> Vec<(&'static str, MapOptions)> {
+    vec![
+        ("SAM", keep),
+        ("ASAM", keep),
+        ("GSAM", no_overrides),
+        ("WSAM", keep),
+        ("WASAM", keep),
+    ]
+}
+
+/// Runs `f` with a fresh optimizer of the named variant.
+macro_rules! with_variant {
+    ($name:expr, |$opt:ident| $body:block) => {
+        match $name {
+            "SAM" => {
+                let $opt = Sam::new(SamConfig::default()).unwrap();
+                $body
+            }
+            "ASAM" => {
+                let $opt = Sam::new(Perturbation::asam(0.5, 0.01).into()).unwrap();
+                $body
+            }
+            "GSAM" => {
+                let $opt = gsam();
+                $body
+            }
+            "WSAM" => {
+                let $opt = Wsam::new(WsamConfig::default()).unwrap();
+                $body
+            }
+            "WASAM" => {
+                let $opt = Wasam::new(SamConfig::default(), &[0, 2]).unwrap();
+                $body
+            }
+            other => panic!("unknown variant {other}"),
+        }
+    };
+}
+
+#[test]
+fn interval_one_is_the_inner_variant_bit_for_bit() {
+    for (name, map) in variants() {
+        with_variant!(name, |inner| {
+            let mut plain = inner.clone();
+            let mut every = Interval::new(inner, 1).unwrap();
+            let (mut a, mut b) = (reference_groups(map), reference_groups(map));
+            let (ca, cb) = (Cell::new(0), Cell::new(0));
+            for t in 0..8 {
+                assert!(every.will_climb());
+                let sa = step(&mut every, &mut a, &ca);
+                let sb = step(&mut plain, &mut b, &cb);
+                assert_eq!(sa, sb, "{name} step {t}");
+                assert_same(&a, &b, &format!("{name} step {t}"));
+            }
+            assert_eq!((ca.get(), every.steps()), (16, 8), "{name}");
+        });
+    }
+}
+
+#[test]
+fn interval_k_is_base_steps_with_a_variant_step_every_kth() {
+    for k in [2u64, 3] {
+        for (name, map) in variants() {
+            with_variant!(name, |inner| {
+                let mut climber = inner.clone();
+                let mut base = BaseOptimizer::new();
+                let mut every = Interval::new(inner, k).unwrap();
+                let (mut a, mut b) = (reference_groups(map), reference_groups(map));
+                let (ca, cb) = (Cell::new(0), Cell::new(0));
+                for t in 0..(3 * k + 1) {
+                    let climbs = (t + 1) % k == 0;
+                    assert_eq!(every.will_climb(), climbs, "{name} k={k} t={t}");
+                    let sa = step(&mut every, &mut a, &ca);
+                    // The composition: the optimizer of this step's kind, resumed at step t.
+                    let resume = OptimizerState { steps: t };
+                    let sb = if climbs {
+                        climber_step(&mut climber, resume, &mut b, &cb)
+                    } else {
+                        base.load_state(&resume).unwrap();
+                        step(&mut base, &mut b, &cb)
+                    };
+                    assert_eq!(sa, sb, "{name} k={k} t={t}");
+                    assert_eq!(sa, StepStatus::Applied);
+                    // The composition's base optimizer drops WASAM's average slots (its own
+                    // layout has none): averages are checked on their own below.
+                    let what = format!("{name} k={k} step {t}");
+                    assert_same_state(&a, &b, name != "WASAM", &what);
+                    assert_eq!(ca.get(), cb.get(), "{name}: gradient evaluations");
+                }
+                // k−1 one-gradient steps and one two-gradient step per k steps.
+                let steps = 3 * k + 1;
+                let climbs = steps / k;
+                assert_eq!(ca.get(), steps + climbs, "{name} k={k}");
+            });
+        }
+    }
+}
+
+/// A climbing step of the composition: WASAM resumes from its own state (its averages' counts
+/// follow the step count), the others from the step count.
+fn climber_step<O: Optimizer>(
+    opt: &mut O,
+    resume: OptimizerState,
+    gs: &mut Groups,
+    calls: &Cell<u64>,
+) -> StepStatus
+where
+    O::State: Resume,
+{
+    let state = O::State::resume(opt.state().unwrap(), resume);
+    opt.load_state(&state).unwrap();
+    step(opt, gs, calls)
+}
+
+/// A variant's checkpoint with its step count replaced.
+trait Resume {
+    fn resume(current: Self, at: OptimizerState) -> Self;
+}
+
+impl Resume for OptimizerState {
+    fn resume(_: Self, at: OptimizerState) -> Self {
+        at
+    }
+}
+
+impl Resume for sam_core::WasamState {
+    fn resume(current: Self, at: OptimizerState) -> Self {
+        sam_core::WasamState {
+            steps: at.steps,
+            ..current
+        }
+    }
+}
+
+#[test]
+fn wasam_averages_take_the_weights_of_climbing_steps() {
+    let k = 3;
+    let mut opt = Interval::new(Wasam::new(SamConfig::default(), &[0]).unwrap(), k).unwrap();
+    let mut gs = reference_groups(keep);
+    let calls = Cell::new(0);
+    // The running mean of the weights after each climbing step, element by element.
+    let mut mean: Vec<Vec<f64>> = gs
+        .iter()
+        .map(|g| vec![0.0; g.buffer.weights().len()])
+        .collect();
+    let mut n = 0.0;
+    for _ in 0..4 * k {
+        let climbs = opt.will_climb();
+        step(&mut opt, &mut gs, &calls);
+        if climbs {
+            n += 1.0;
+            for (m, g) in mean.iter_mut().zip(&gs) {
+                for (m, w) in m.iter_mut().zip(g.buffer.weights()) {
+                    *m += (w - *m) * (1.0 / n);
+                }
+            }
+        }
+    }
+    assert_eq!(n, 4.0);
+    for (m, g) in mean.iter().zip(&gs) {
+        let avg = g.buffer.slot(Slot::Average(0)).unwrap();
+        check_slices("average", avg, m).unwrap();
+    }
+}
+
+#[test]
+fn a_nonfinite_gradient_skips_a_plain_step_and_the_retry_is_plain_too() {
+    let mut opt = Interval::new(Sam::new(SamConfig::default()).unwrap(), 3).unwrap();
+    let mut gs = reference_groups(keep);
+    let calls = Cell::new(0);
+    assert_eq!(step(&mut opt, &mut gs, &calls), StepStatus::Applied);
+    let before = gs.clone();
+    assert!(!opt.will_climb());
+    let report = opt
+        .step(&mut gs, |gs: &mut [Group<VecBuffer<f64>>]| {
+            write_grads_ref(gs, 0, Some((1, 17)));
+            Ok::<_, Error<SliceError>>(())
+        })
+        .unwrap();
+    assert_eq!(
+        report.status,
+        StepStatus::Skipped(SkipReason::NonFiniteClean)
+    );
+    assert_eq!(opt.steps(), 1);
+    assert!(!opt.will_climb());
+    assert_same(&gs, &before, "after the skipped step");
+}
+
+#[test]
+fn a_checkpoint_mid_run_resumes_to_the_same_bits() {
+    let calls = Cell::new(0);
+    let mut whole = Interval::new(gsam(), 3).unwrap();
+    let mut gs = reference_groups(no_overrides);
+    for _ in 0..5 {
+        step(&mut whole, &mut gs, &calls);
+    }
+    let (state, mut resumed_groups, resumed_calls) =
+        (whole.state().unwrap(), gs.clone(), calls.get());
+    for _ in 0..5 {
+        step(&mut whole, &mut gs, &calls);
+    }
+    let mut resumed = Interval::new(gsam(), 3).unwrap();
+    resumed.load_state(&state).unwrap();
+    let calls = Cell::new(resumed_calls);
+    for _ in 0..5 {
+        step(&mut resumed, &mut resumed_groups, &calls);
+    }
+    assert_eq!(resumed.steps(), whole.steps());
+    assert_same(&gs, &resumed_groups, "resumed");
+}
+
+#[test]
+fn interval_zero_is_refused() {
+    let err = Interval::new(Sam::new(SamConfig::default()).unwrap(), 0).unwrap_err();
+    assert!(matches!(
+        err,
+        Error::InvalidHyperparameter {
+            name: "interval",
+            ..
+        }
+    ));
+}
+
+#[test]
+fn ndarray_equals_the_reference_with_an_interval() {
+    let (nds, stores, opts) = standard_groups::<f32>();
+    let mut a = groups(nds, &opts);
+    let mut b = groups(stores, &opts);
+    let mut oa = Interval::new(Wsam::new(WsamConfig::default()).unwrap(), 2).unwrap();
+    let mut ob = oa.clone();
+    let (ca, cb) = (Cell::new(0u64), Cell::new(0u64));
+    for _ in 0..6 {
+        oa.step(&mut a, |gs: &mut [Group<NdGroup<f32>>]| {
+            write_grads_nd(gs, ca.replace(ca.get() + 1), None);
+            Ok::<_, Error<NdError>>(())
+        })
+        .unwrap();
+        ob.step(&mut b, |gs: &mut [Group<VecBuffer<f32>>]| {
+            write_grads_ref(gs, cb.replace(cb.get() + 1), None);
+            Ok::<_, Error<SliceError>>(())
+        })
+        .unwrap();
+        assert_groups_same(&a, &b);
+    }
+}
