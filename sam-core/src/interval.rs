@@ -46,7 +46,7 @@ use crate::schedule::Schedule;
 ///     })?;
 /// }
 /// assert_eq!(gradients, 125); // 75 plain steps + 25 SAM steps of two gradients
-/// assert!(groups[0].buffer.weights().iter().all(|x| x.abs() < 1e-3));
+/// assert!(groups[0].buffer.weights().iter().all(|x| x.abs() < 0.1));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone)]

@@ -71,6 +71,32 @@
 //!   skips the step ([`StepStatus::Skipped`]); every `Err` leaves every buffer as it was.
 //! - **Phases**: the perturbed phase is a guard ([`Perturbed`]) that borrows the optimizer and
 //!   the groups; dropping it restores the weights.
+//!
+//! # Gradient accumulation
+//!
+//! Each gradient of a step may be accumulated over any number of micro-batches. The optimizers
+//! read the gradient storage only inside their passes and never zero it or write it (except
+//! [`Perturbed::restore_with_gradient`], which leaves the final gradient there by request), so
+//! the storage holds whatever the framework summed into it:
+//!
+//! - two-call form ([`SamOptimizer`]): zero the storage, add every micro-batch's gradient at
+//!   `w`, call `first_step`; zero it again, add every micro-batch's gradient at the perturbed
+//!   weights, call `second_step`. The clean gradient the final pass needs (GSAM's and WSAM's)
+//!   is stashed by `first_step`, so zeroing the storage in between loses nothing;
+//! - closure form ([`Optimizer::step`]): the closure zeroes the storage and adds the
+//!   micro-batches itself, each time it is called.
+//!
+//! Semantics: the step is the whole-batch step on the accumulated gradients. The perturbation
+//! norm (SAM, ASAM, GSAM, WSAM, WASAM) is the global norm of the accumulated first gradient,
+//! so the climb is the same as for the whole batch (not one climb per micro-batch, which is
+//! the m-sharpness of the SAM paper). Sum or mean is the caller's choice: for the mean over a
+//! batch of `k` equal micro-batches, scale each micro-batch's loss (or gradient) by `1/k`. The
+//! climb does not depend on a positive scale of the first gradient (except through `ε`), but
+//! the base step uses the second gradient as given, and GSAM and WSAM combine the two
+//! gradients linearly: accumulate both with the same convention. With the same summation order
+//! (adding per-sample gradients one by one) the result is the whole-batch step bit for bit;
+//! with per-micro-batch partial sums it differs by the rounding of the sums only
+//! (`tests/tests/accumulation.rs` checks both for every variant).
 
 #![no_std]
 #![forbid(unsafe_code)]

@@ -19,6 +19,7 @@ use sam_core::{Group, GroupOptions};
 use sam_ndarray::NdGroup;
 
 pub mod strategy;
+pub mod variants;
 
 /// Exact bit access for the two storage types.
 pub trait Bits: Real {

@@ -11,33 +11,22 @@ use std::cell::Cell;
 use sam_core::backend::Slot;
 use sam_core::reference::{SliceError, VecBuffer};
 use sam_core::{
-    BaseOptimizer, Error, Group, GroupOptions, Gsam, GsamConfig, Interval, Optimizer,
-    OptimizerState, Perturbation, RhoSchedule, Sam, SamConfig, Schedule, SkipReason, StepStatus,
-    Wasam, Wsam, WsamConfig,
+    BaseOptimizer, Error, Group, GroupOptions, Interval, Optimizer, OptimizerState, Sam, SamConfig,
+    SkipReason, StepStatus, Wasam, Wsam, WsamConfig,
 };
 use sam_ndarray::{NdError, NdGroup};
+use sam_tests::variants::{MapOptions, NAMES, gsam, keep, no_overrides};
 use sam_tests::{
-    assert_groups_same, check_slices, groups, standard_groups, write_grads_nd, write_grads_ref,
+    assert_groups_same, check_slices, groups, standard_groups, with_variant, write_grads_nd,
+    write_grads_ref,
 };
 
 type Groups = Vec<Group<VecBuffer<f64>>>;
-
-/// A variant's change to the standard group options.
-type MapOptions = fn(GroupOptions) -> GroupOptions;
 
 fn reference_groups(map: MapOptions) -> Groups {
     let (_, stores, opts) = standard_groups::<f64>();
     let opts: Vec<GroupOptions> = opts.into_iter().map(map).collect();
     groups(stores, &opts)
-}
-
-fn keep(o: GroupOptions) -> GroupOptions {
-    o
-}
-
-/// GSAM takes one global ρ schedule and adaptivity: no per-group overrides.
-fn no_overrides(o: GroupOptions) -> GroupOptions {
-    GroupOptions::new(*o.base())
 }
 
 /// One step with the oracle gradient of call `c` (and then `c + 1`).
@@ -79,57 +68,9 @@ fn assert_same(a: &Groups, b: &Groups, what: &str) {
     assert_same_state(a, b, true, what);
 }
 
-fn gsam() -> Gsam {
-    let rho = RhoSchedule::Schedule(Schedule::constant(0.05).unwrap());
-    Gsam::new(GsamConfig {
-        alpha: 0.3,
-        ..GsamConfig::new(rho)
-    })
-    .unwrap()
-}
-
-fn variants() -> Vec<(&'static str, MapOptions)> {
-    vec![
-        ("SAM", keep),
-        ("ASAM", keep),
-        ("GSAM", no_overrides),
-        ("WSAM", keep),
-        ("WASAM", keep),
-    ]
-}
-
-/// Runs `f` with a fresh optimizer of the named variant.
-macro_rules! with_variant {
-    ($name:expr, |$opt:ident| $body:block) => {
-        match $name {
-            "SAM" => {
-                let $opt = Sam::new(SamConfig::default()).unwrap();
-                $body
-            }
-            "ASAM" => {
-                let $opt = Sam::new(Perturbation::asam(0.5, 0.01).into()).unwrap();
-                $body
-            }
-            "GSAM" => {
-                let $opt = gsam();
-                $body
-            }
-            "WSAM" => {
-                let $opt = Wsam::new(WsamConfig::default()).unwrap();
-                $body
-            }
-            "WASAM" => {
-                let $opt = Wasam::new(SamConfig::default(), &[0, 2]).unwrap();
-                $body
-            }
-            other => panic!("unknown variant {other}"),
-        }
-    };
-}
-
 #[test]
 fn interval_one_is_the_inner_variant_bit_for_bit() {
-    for (name, map) in variants() {
+    for (name, map) in NAMES {
         with_variant!(name, |inner| {
             let mut plain = inner.clone();
             let mut every = Interval::new(inner, 1).unwrap();
@@ -150,7 +91,7 @@ fn interval_one_is_the_inner_variant_bit_for_bit() {
 #[test]
 fn interval_k_is_base_steps_with_a_variant_step_every_kth() {
     for k in [2u64, 3] {
-        for (name, map) in variants() {
+        for (name, map) in NAMES {
             with_variant!(name, |inner| {
                 let mut climber = inner.clone();
                 let mut base = BaseOptimizer::new();

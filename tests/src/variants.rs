@@ -1,0 +1,90 @@
+//! Every SAM-family variant under a name, for tests that run one check per variant.
+
+use sam_core::{
+    GroupOptions, Gsam, GsamConfig, Perturbation, RhoSchedule, Sam, SamConfig, Schedule, Wasam,
+    Wsam, WsamConfig,
+};
+
+/// A change to group options.
+pub type MapOptions = fn(GroupOptions) -> GroupOptions;
+
+/// The variants' names, with the change each needs to the standard group options (GSAM takes
+/// one global ρ schedule and adaptivity: no per-group overrides).
+pub const NAMES: [(&str, MapOptions); 5] = [
+    ("SAM", keep),
+    ("ASAM", keep),
+    ("GSAM", no_overrides),
+    ("WSAM", keep),
+    ("WASAM", keep),
+];
+
+/// The options unchanged.
+pub fn keep(o: GroupOptions) -> GroupOptions {
+    o
+}
+
+/// The same base rule without per-group ρ/adaptivity overrides.
+pub fn no_overrides(o: GroupOptions) -> GroupOptions {
+    GroupOptions::new(*o.base())
+}
+
+/// SAM with the default configuration.
+pub fn sam() -> Sam {
+    Sam::new(SamConfig::default()).expect("SAM")
+}
+
+/// ASAM with ρ = 0.5, η = 0.01.
+pub fn asam() -> Sam {
+    Sam::new(Perturbation::asam(0.5, 0.01).into()).expect("ASAM")
+}
+
+/// GSAM with a constant ρ = 0.05 and α = 0.3.
+pub fn gsam() -> Gsam {
+    let rho = RhoSchedule::Schedule(Schedule::constant(0.05).expect("schedule"));
+    Gsam::new(GsamConfig {
+        alpha: 0.3,
+        ..GsamConfig::new(rho)
+    })
+    .expect("GSAM")
+}
+
+/// WSAM with the default configuration.
+pub fn wsam() -> Wsam {
+    Wsam::new(WsamConfig::default()).expect("WSAM")
+}
+
+/// WASAM (SAM defaults) with averages starting at steps 0 and 2.
+pub fn wasam() -> Wasam {
+    Wasam::new(SamConfig::default(), &[0, 2]).expect("WASAM")
+}
+
+/// Runs `$body` with `$opt` bound to a fresh optimizer of the variant named `$name` (one of
+/// [`NAMES`]).
+#[macro_export]
+macro_rules! with_variant {
+    ($name:expr, |$opt:ident| $body:block) => {
+        match $name {
+            "SAM" => {
+                let $opt = $crate::variants::sam();
+                $body
+            }
+            "ASAM" => {
+                let $opt = $crate::variants::asam();
+                $body
+            }
+            "GSAM" => {
+                let $opt = $crate::variants::gsam();
+                $body
+            }
+            "WSAM" => {
+                let $opt = $crate::variants::wsam();
+                $body
+            }
+            "WASAM" => {
+                let $opt = $crate::variants::wasam();
+                $body
+            }
+            other => panic!("unknown variant {other}"),
+        }
+    };
+}
