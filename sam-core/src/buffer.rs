@@ -35,6 +35,7 @@ pub struct SlotSpec {
 
 /// The role of one slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Slot {
     /// The backup of the weights.
     Backup,

@@ -264,6 +264,10 @@ impl sealed::Core for Gsam {
 impl Optimizer for Gsam {
     type State = OptimizerState;
 
+    fn variant(&self) -> &'static str {
+        "gsam"
+    }
+
     /// The backup, the stash and the base rule's state.
     fn slot_spec(&self, options: &GroupOptions) -> SlotSpec {
         phases::slots(options, true, true, 0)

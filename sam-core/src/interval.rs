@@ -131,6 +131,10 @@ impl<O: SamOptimizer> sealed::Core for Interval<O> {
 impl<O: SamOptimizer> Optimizer for Interval<O> {
     type State = O::State;
 
+    fn variant(&self) -> &'static str {
+        self.inner.variant()
+    }
+
     /// The inner variant's slots (plain steps leave the backup and stash unused).
     fn slot_spec(&self, options: &GroupOptions) -> SlotSpec {
         self.inner.slot_spec(options)

@@ -46,7 +46,8 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `serde` | no | `Serialize`/`Deserialize` for configurations and optimizer state (checkpoints) |
+//! | `alloc` | no | `reference::VecBuffer` and `checkpoint` (host state plus slots, bit-exact resume) |
+//! | `serde` | no | `Serialize`/`Deserialize` for configurations, optimizer state and checkpoints |
 //!
 //! # Variants
 //!
@@ -108,6 +109,8 @@ extern crate alloc;
 pub mod backend;
 mod base;
 mod buffer;
+#[cfg(feature = "alloc")]
+pub mod checkpoint;
 mod engine;
 mod error;
 mod group;

@@ -74,6 +74,10 @@ pub trait Optimizer: sealed::Core {
     /// The host-side checkpoint state (per-element state lives in the buffers' slots).
     type State: Clone + core::fmt::Debug + PartialEq;
 
+    /// The variant's name (`"sam"` for SAM and ASAM, `"gsam"`, `"wsam"`, `"wasam"`, `"base"`;
+    /// [`Interval`](crate::Interval) has its inner variant's): checkpoints record it.
+    fn variant(&self) -> &'static str;
+
     /// The slots a group with these options needs (see [`SlotSpec`]).
     fn slot_spec(&self, options: &GroupOptions) -> SlotSpec;
 

@@ -88,6 +88,10 @@ impl sealed::Core for BaseOptimizer {
 impl Optimizer for BaseOptimizer {
     type State = OptimizerState;
 
+    fn variant(&self) -> &'static str {
+        "base"
+    }
+
     /// The base rule's state only.
     fn slot_spec(&self, options: &GroupOptions) -> SlotSpec {
         phases::slots(options, false, false, 0)

@@ -159,6 +159,21 @@ impl<'a, T: Real> SliceBuffer<'a, T> {
     }
 }
 
+#[cfg(feature = "alloc")]
+impl<T: Real> crate::checkpoint::SlotAccess for SliceBuffer<'_, T> {
+    fn prepared(&self) -> Option<SlotSpec> {
+        self.spec
+    }
+    fn read_slot(&self, slot: Slot, out: &mut [T]) -> Result<(), SliceError> {
+        vec_buffer::copy(self.slot(slot), out)
+    }
+    fn write_slot(&mut self, slot: Slot, values: &[T]) -> Result<(), SliceError> {
+        let r = self.range(slot)?;
+        let dst = self.slots.get_mut(r).ok_or(SliceError::MissingSlot)?;
+        vec_buffer::copy(Some(values), dst)
+    }
+}
+
 /// Refuses a slot spec no optimizer asks for (more than 3 base-state slots or
 /// [`MAX_AVERAGES`](crate::backend::MAX_AVERAGES) averages).
 fn supported(spec: &SlotSpec) -> Result<(), SliceError> {

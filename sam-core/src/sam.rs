@@ -151,6 +151,10 @@ impl sealed::Core for Sam {
 impl Optimizer for Sam {
     type State = OptimizerState;
 
+    fn variant(&self) -> &'static str {
+        "sam"
+    }
+
     /// The backup and the base rule's state.
     fn slot_spec(&self, options: &GroupOptions) -> SlotSpec {
         phases::slots(options, true, false, 0)

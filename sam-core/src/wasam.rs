@@ -305,6 +305,10 @@ impl sealed::Core for Wasam {
 impl Optimizer for Wasam {
     type State = WasamState;
 
+    fn variant(&self) -> &'static str {
+        "wasam"
+    }
+
     /// The backup, the base rule's state, and the averages.
     fn slot_spec(&self, options: &GroupOptions) -> SlotSpec {
         self.slots()(options)

@@ -209,6 +209,10 @@ impl sealed::Core for Wsam {
 impl Optimizer for Wsam {
     type State = OptimizerState;
 
+    fn variant(&self) -> &'static str {
+        "wsam"
+    }
+
     /// The backup, the stash and the base rule's state.
     fn slot_spec(&self, options: &GroupOptions) -> SlotSpec {
         phases::slots(options, true, true, 0)

@@ -477,6 +477,30 @@ fn mask(roles: &[usize]) -> [bool; NSLOTS] {
     m
 }
 
+impl<T: Real> sam_core::checkpoint::SlotAccess for NdGroup<T> {
+    fn prepared(&self) -> Option<SlotSpec> {
+        self.slot_spec()
+    }
+    fn read_slot(&self, slot: Slot, out: &mut [T]) -> Result<(), NdError> {
+        match self.slot(slot) {
+            Some(src) if src.len() == out.len() => {
+                out.copy_from_slice(src);
+                Ok(())
+            }
+            _ => Err(NdError::MissingSlot(slot)),
+        }
+    }
+    fn write_slot(&mut self, slot: Slot, values: &[T]) -> Result<(), NdError> {
+        match self.slot_mut(slot) {
+            Some(dst) if dst.len() == values.len() => {
+                dst.copy_from_slice(values);
+                Ok(())
+            }
+            _ => Err(NdError::MissingSlot(slot)),
+        }
+    }
+}
+
 impl<T: Real> ParamBuffer for NdGroup<T> {
     type Scalar = T;
     type Error = NdError;

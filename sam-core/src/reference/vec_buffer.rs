@@ -142,6 +142,30 @@ impl<T: Real> ParamBuffer for VecBuffer<T> {
     }
 }
 
+impl<T: Real> crate::checkpoint::SlotAccess for VecBuffer<T> {
+    fn prepared(&self) -> Option<SlotSpec> {
+        self.spec()
+    }
+    fn read_slot(&self, slot: Slot, out: &mut [T]) -> Result<(), SliceError> {
+        copy(self.slot(slot), out)
+    }
+    fn write_slot(&mut self, slot: Slot, values: &[T]) -> Result<(), SliceError> {
+        let dst = self.slot_mut(slot).ok_or(SliceError::MissingSlot)?;
+        copy(Some(values), dst)
+    }
+}
+
+/// Copies `src` into `dst` if both exist with the same length.
+pub(crate) fn copy<T: Copy>(src: Option<&[T]>, dst: &mut [T]) -> Result<(), SliceError> {
+    match src {
+        Some(src) if src.len() == dst.len() => {
+            dst.copy_from_slice(src);
+            Ok(())
+        }
+        _ => Err(SliceError::MissingSlot),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
