@@ -236,6 +236,47 @@ impl Which {
     }
 }
 
+/// Slot copies in the group's element order: each parameter's slot, parameter after parameter.
+impl<T: Element> sam_core::checkpoint::SlotAccess for VarBuffer<T> {
+    fn prepared(&self) -> Option<SlotSpec> {
+        self.spec
+    }
+
+    fn read_slot(&self, slot: Slot, out: &mut [T]) -> Result<(), CandleError> {
+        if out.len() != self.len {
+            return Err(missing_slot());
+        }
+        let mut at = 0;
+        for p in &self.params {
+            let src = p.slots.slot(slot).ok_or_else(missing_slot)?;
+            let dst = out.get_mut(at..at + src.len()).ok_or_else(missing_slot)?;
+            dst.copy_from_slice(src);
+            at += src.len();
+        }
+        Ok(())
+    }
+
+    fn write_slot(&mut self, slot: Slot, values: &[T]) -> Result<(), CandleError> {
+        let lens: Option<usize> = self
+            .params
+            .iter()
+            .map(|p| p.slots.slot(slot).map(<[T]>::len))
+            .sum();
+        if lens != Some(values.len()) {
+            return Err(missing_slot());
+        }
+        let mut at = 0;
+        for p in &mut self.params {
+            if let Some(dst) = p.slots.slot_mut(slot) {
+                let n = dst.len();
+                dst.copy_from_slice(&values[at..at + n]);
+                at += n;
+            }
+        }
+        Ok(())
+    }
+}
+
 fn missing_slot() -> CandleError {
     CandleError::Slots(SliceError::MissingSlot)
 }

@@ -479,3 +479,56 @@ fn a_small_network_trained_by_candle_matches_the_reference_with_its_gradients_re
     run(|| Wsam::new(WsamConfig::default()).expect("valid"));
     run(|| Wasam::new(SamConfig::default(), &[2]).expect("valid"));
 }
+
+/// A checkpoint of the candle groups after 3 steps, loaded into fresh Vars (holding the saved
+/// weights) and a fresh optimizer, continues with the bits of the reference run that never
+/// stopped; the candle slots save exactly what the reference slots save.
+#[test]
+fn a_checkpoint_resumes_candle_groups_with_the_same_bits() {
+    use sam_core::checkpoint::Checkpoint;
+    let opts = plain_opts();
+    let make = || Sam::new(SamConfig::default()).expect("SAM");
+    let vars = vars();
+    let mut reference = reference_groups(&vars, &opts);
+    let mut ref_opt = make();
+    let mut sam = SamCandle::new(make(), candle_groups(&vars, &opts));
+    let step_both = |sam: &mut SamCandle<Sam, f32>,
+                     ref_opt: &mut Sam,
+                     reference: &mut Vec<Group<VecBuffer<f32>>>,
+                     vars: &[Vec<Var>],
+                     step: usize| {
+        let perturbed = sam.first_step(&grad_store(vars, 2 * step)).expect("first");
+        perturbed
+            .second_step(&grad_store(vars, 2 * step + 1))
+            .expect("second");
+        write_reference_grads(reference, 2 * step);
+        let mut p = ref_opt.first_step(reference).expect("first");
+        write_reference_grads(p.groups_mut(), 2 * step + 1);
+        p.second_step().expect("second");
+    };
+    for step in 0..3 {
+        step_both(&mut sam, &mut ref_opt, &mut reference, &vars, step);
+    }
+    let ckpt = Checkpoint::save(sam.optimizer(), sam.groups()).expect("save");
+    assert_eq!(
+        ckpt,
+        Checkpoint::save(&ref_opt, &reference).expect("save reference")
+    );
+
+    // Fresh Vars with the saved weights, a fresh optimizer, the checkpoint loaded.
+    let fresh: Vec<Vec<Var>> = vars
+        .iter()
+        .map(|g| {
+            g.iter()
+                .map(|v| Var::from_tensor(&v.as_tensor().copy().expect("copy")).expect("var"))
+                .collect()
+        })
+        .collect();
+    let mut resumed = SamCandle::new(make(), candle_groups(&fresh, &opts));
+    let (opt, groups) = resumed.parts_mut();
+    ckpt.load(opt, groups).expect("load");
+    for step in 3..6 {
+        step_both(&mut resumed, &mut ref_opt, &mut reference, &fresh, step);
+        assert_same(step, &fresh, &reference);
+    }
+}

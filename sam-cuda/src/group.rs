@@ -530,6 +530,24 @@ impl<T: CudaReal> CudaGroup<T> {
     }
 }
 
+/// Slot copies for checkpoints, through [`download_slot`](CudaGroup::download_slot) and
+/// [`upload_slot`](CudaGroup::upload_slot) (a device-to-host or host-to-device copy each).
+impl<T: CudaReal> sam_core::checkpoint::SlotAccess for CudaGroup<T> {
+    fn prepared(&self) -> Option<SlotSpec> {
+        self.slot_spec()
+    }
+
+    fn read_slot(&self, slot: Slot, out: &mut [T]) -> Result<(), CudaError> {
+        check_len("slot copy vs. group length", self.n(), out.len())?;
+        out.copy_from_slice(&self.download_slot(slot)?);
+        Ok(())
+    }
+
+    fn write_slot(&mut self, slot: Slot, values: &[T]) -> Result<(), CudaError> {
+        self.upload_slot(slot, values)
+    }
+}
+
 impl<T: CudaReal> ParamBuffer for CudaGroup<T> {
     type Scalar = T;
     type Error = CudaError;
