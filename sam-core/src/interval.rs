@@ -18,8 +18,8 @@ use crate::schedule::Schedule;
 ///
 /// [`Optimizer::step`] calls the closure twice on climbing steps and once on the others;
 /// [`will_climb`](Self::will_climb) says which the next step is. Every other part of a step
-/// (checks, skips on non-finite gradients, learning-rate schedules, checkpoints) is the inner
-/// variant's. Plain steps run the base rule only: WASAM folds its averages on climbing steps
+/// (checks, skips on non-finite gradients, learning-rate schedules and their timeline,
+/// checkpoints) is the inner variant's: plain steps use the inner variant's scheduled lr. Plain steps run the base rule only: WASAM folds its averages on climbing steps
 /// only, and GSAM/WSAM's gradient decomposition applies on climbing steps only.
 ///
 /// Differences from Composer: skipped steps (a non-finite gradient) do not count, so the step

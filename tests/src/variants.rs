@@ -1,8 +1,8 @@
 //! Every SAM-family variant under a name, for tests that run one check per variant.
 
 use sam_core::{
-    GroupOptions, Gsam, GsamConfig, Perturbation, RhoSchedule, Sam, SamConfig, Schedule, Wasam,
-    Wsam, WsamConfig,
+    GroupOptions, Gsam, GsamConfig, Perturbation, Proportional, RhoSchedule, Sam, SamConfig,
+    Schedule, ScheduleConfig, ScheduleShape, Timeline, Wasam, Wsam, WsamConfig,
 };
 
 /// A change to group options.
@@ -10,10 +10,11 @@ pub type MapOptions = fn(GroupOptions) -> GroupOptions;
 
 /// The variants' names, with the change each needs to the standard group options (GSAM takes
 /// one global ρ schedule and adaptivity: no per-group overrides).
-pub const NAMES: [(&str, MapOptions); 5] = [
+pub const NAMES: [(&str, MapOptions); 6] = [
     ("SAM", keep),
     ("ASAM", keep),
     ("GSAM", no_overrides),
+    ("GSAM-warmup", no_overrides),
     ("WSAM", keep),
     ("WASAM", keep),
 ];
@@ -48,6 +49,34 @@ pub fn gsam() -> Gsam {
     .expect("GSAM")
 }
 
+/// GSAM in the upstream form: a linear lr warm-up over 8 steps then cosine decay (over 40), ρ
+/// proportional to the lr (step `t` uses the schedule's value at `t`).
+pub fn gsam_warmup() -> Gsam {
+    let lr = Schedule::new(ScheduleConfig {
+        shape: ScheduleShape::Cosine,
+        t_max: 40,
+        max_value: 0.05,
+        min_value: 0.0,
+        init_value: 0.0,
+        warmup_steps: 8,
+        clamp: true,
+    })
+    .expect("lr schedule");
+    let rho = RhoSchedule::Proportional(Proportional {
+        max_lr: 0.05,
+        min_lr: 0.0,
+        max_value: 0.1,
+        min_value: 0.02,
+    });
+    Gsam::new(GsamConfig {
+        alpha: 0.3,
+        lr_schedule: Some(lr),
+        timeline: Timeline::Synced,
+        ..GsamConfig::new(rho)
+    })
+    .expect("GSAM with warm-up")
+}
+
 /// WSAM with the default configuration.
 pub fn wsam() -> Wsam {
     Wsam::new(WsamConfig::default()).expect("WSAM")
@@ -74,6 +103,10 @@ macro_rules! with_variant {
             }
             "GSAM" => {
                 let $opt = $crate::variants::gsam();
+                $body
+            }
+            "GSAM-warmup" => {
+                let $opt = $crate::variants::gsam_warmup();
                 $body
             }
             "WSAM" => {

@@ -95,6 +95,9 @@ fn interval_k_is_base_steps_with_a_variant_step_every_kth() {
             with_variant!(name, |inner| {
                 let mut climber = inner.clone();
                 let mut base = BaseOptimizer::new();
+                // The variant's lr schedule (GSAM's) applies to the plain steps too.
+                base.set_lr_schedule(climber.lr_schedule().cloned())
+                    .unwrap();
                 let mut every = Interval::new(inner, k).unwrap();
                 let (mut a, mut b) = (reference_groups(map), reference_groups(map));
                 let (ca, cb) = (Cell::new(0), Cell::new(0));
