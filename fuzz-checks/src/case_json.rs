@@ -250,7 +250,9 @@ fn shorten(v: &mut Value, k: u64) -> bool {
     true
 }
 
-fn mutate(s: &mut Src<'_>, v: &mut Value) -> (usize, bool) {
+/// Mutates a JSON tree (also used by the `checkpoint` check): returns the number of mutations
+/// applied and whether all of them kept a case consistent.
+pub(crate) fn mutate(s: &mut Src<'_>, v: &mut Value) -> (usize, bool) {
     let mut applied = 0;
     let mut only_consistent = true;
     for _ in 0..s.usize(0, 6) {
@@ -320,7 +322,9 @@ fn n_number(x: &mut serde_json::Number) -> &mut serde_json::Number {
     x
 }
 
-fn text_mutate(s: &mut Src<'_>, text: &mut Vec<u8>) -> bool {
+/// Mutates JSON text (odd number tokens, truncation, spliced bytes, duplicate keys): returns
+/// whether anything changed.
+pub(crate) fn text_mutate(s: &mut Src<'_>, text: &mut Vec<u8>) -> bool {
     let mut any = false;
     for _ in 0..s.usize(0, 3) {
         if text.is_empty() {

@@ -13,6 +13,7 @@
 //! | `step` | [`check_step`] | sequences of calls on the reference backend: exact outcome prediction, nothing changes on `Err`/skip, bit-exact restore, perturbation norm, finite outputs for the finiteness class |
 //! | `ndarray_step` | [`check_ndarray_step`] | the same sequences on `sam-ndarray` in lockstep with the reference backend: same outcomes, bit-identical storage |
 //! | `case_json` | [`check_case_json`] | arbitrary bytes and mutations of valid case files into `sam_verification::run_bytes`: a result or a clear error, never a panic |
+//! | `checkpoint` | [`check_checkpoint`] | mutated checkpoint files into `Checkpoint::load`: never a panic; a refusal changes nothing; an accepted load saves back to itself |
 //!
 //! # The finiteness class
 //!
@@ -50,6 +51,7 @@
 #![deny(missing_docs)]
 
 pub mod case_json;
+pub mod checkpoint;
 pub mod config;
 pub mod inspect;
 pub mod palette;
@@ -230,6 +232,7 @@ pub fn check_with(target: &str) -> Option<fn(&[u8], &Policy)> {
         "step" => step::check,
         "ndarray_step" => step::check_ndarray,
         "case_json" => case_json::check,
+        "checkpoint" => checkpoint::check,
         _ => return None,
     })
 }
@@ -254,16 +257,23 @@ pub fn check_case_json(data: &[u8]) {
     case_json::check(data, &Policy::from_env());
 }
 
-/// The check of a target by name (`config`, `step`, `ndarray_step`, `case_json`).
+/// The `checkpoint` target: see [`checkpoint`].
+pub fn check_checkpoint(data: &[u8]) {
+    checkpoint::check(data, &Policy::from_env());
+}
+
+/// The check of a target by name (`config`, `step`, `ndarray_step`, `case_json`,
+/// `checkpoint`).
 pub fn check_for(target: &str) -> Option<fn(&[u8])> {
     Some(match target {
         "config" => check_config,
         "step" => check_step,
         "ndarray_step" => check_ndarray_step,
         "case_json" => check_case_json,
+        "checkpoint" => check_checkpoint,
         _ => return None,
     })
 }
 
 /// The names of the targets.
-pub const TARGETS: &[&str] = &["config", "step", "ndarray_step", "case_json"];
+pub const TARGETS: &[&str] = &["config", "step", "ndarray_step", "case_json", "checkpoint"];

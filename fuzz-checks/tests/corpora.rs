@@ -104,6 +104,16 @@ fn corpus_case_json() {
 }
 
 #[test]
+fn corpus_checkpoint() {
+    replay("checkpoint");
+}
+
+#[test]
+fn random_checkpoint() {
+    smoke("checkpoint", 0x5eed_0005, 600, 96);
+}
+
+#[test]
 fn random_config() {
     smoke("config", 0x5eed_0001, 3000, 256);
 }
