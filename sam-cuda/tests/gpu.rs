@@ -1040,3 +1040,64 @@ fn prepare_keeps_slots_by_role() {
     assert!(dev.upload_grad_tensor(1, &[0.0]).is_err());
     assert!(dev.upload_grad(&[0.0; 3]).is_err());
 }
+
+/// A checkpoint of GPU groups equals the reference's after the same steps; loaded into fresh
+/// GPU groups (holding the saved weights) and a fresh optimizer, it continues bit for bit with
+/// the reference run that never stopped.
+#[test]
+fn checkpoints_resume_gpu_groups_with_the_same_bits() {
+    use sam_core::checkpoint::Checkpoint;
+    let Some(ctx) = gpu("checkpoints_resume_gpu_groups_with_the_same_bits") else {
+        return;
+    };
+    let opts = group_options().remove(0);
+    let shapes = [shapes_small(), vec![vec![513], vec![64, 3, 3]]];
+    let mut hosts: Vec<Host<f32>> = Vec::new();
+    let mut devs: Vec<Group<CudaGroup<f32>>> = Vec::new();
+    for (k, s) in shapes.iter().enumerate() {
+        let (dev, mut host) = pair::<f32>(&ctx, s, SlotSpec::default(), 700 + k as u64);
+        host.slots = vec![0.0; 8 * host.w.len()];
+        devs.push(Group::with_options(dev, opts[k]));
+        hosts.push(host);
+    }
+    let mut refs: Vec<Group<SliceBuffer<'_, f32>>> = hosts
+        .iter_mut()
+        .zip(&opts)
+        .map(|(h, o)| Group::with_options(h.buffer(), *o))
+        .collect();
+    let make = || Sam::new(SamConfig::default()).unwrap();
+    let (mut a, mut b) = (make(), make());
+    let (mut ca, mut cb) = (0, 0);
+    for _ in 0..3 {
+        a.run(&mut devs, &mut ca).unwrap();
+        b.run(&mut refs, &mut cb).unwrap();
+    }
+    let ckpt = Checkpoint::save(&a, &devs).unwrap();
+    assert_eq!(
+        ckpt,
+        Checkpoint::save(&b, &refs).unwrap(),
+        "GPU and reference checkpoints"
+    );
+
+    // Fresh GPU groups with the saved weights, a fresh optimizer, the checkpoint loaded.
+    let mut fresh: Vec<Group<CudaGroup<f32>>> = Vec::new();
+    for (k, (s, d)) in shapes.iter().zip(&devs).enumerate() {
+        let (mut dev, _) = pair::<f32>(&ctx, s, SlotSpec::default(), 800 + k as u64);
+        dev.upload_weights(&d.buffer.download_weights().unwrap())
+            .unwrap();
+        fresh.push(Group::with_options(dev, opts[k]));
+    }
+    let mut resumed = make();
+    ckpt.load(&mut resumed, &mut fresh).unwrap();
+    for step in 0..3 {
+        resumed.run(&mut fresh, &mut ca).unwrap();
+        b.run(&mut refs, &mut cb).unwrap();
+        for (k, (d, r)) in fresh.iter().zip(&refs).enumerate() {
+            assert_same(
+                &format!("resumed step {step} group {k} weights"),
+                &d.buffer.download_weights().unwrap(),
+                r.buffer.weights(),
+            );
+        }
+    }
+}
