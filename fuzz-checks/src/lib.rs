@@ -13,6 +13,7 @@
 //! | `step` | [`check_step`] | sequences of calls on the reference backend: exact outcome prediction, nothing changes on `Err`/skip, bit-exact restore, perturbation norm, finite outputs for the finiteness class |
 //! | `ndarray_step` | [`check_ndarray_step`] | the same sequences on `sam-ndarray` in lockstep with the reference backend: same outcomes, bit-identical storage |
 //! | `case_json` | [`check_case_json`] | arbitrary bytes and mutations of valid case files into `sam_verification::run_bytes`: a result or a clear error, never a panic |
+//! | `interval` | [`check_interval`] | SAM every k steps of every variant against a composition of the base optimizer and the variant, with hostile gradients and checkpoint resumes: same outcomes, same bits |
 //! | `checkpoint` | [`check_checkpoint`] | mutated checkpoint files into `Checkpoint::load`: never a panic; a refusal changes nothing; an accepted load saves back to itself |
 //!
 //! # The finiteness class
@@ -54,6 +55,7 @@ pub mod case_json;
 pub mod checkpoint;
 pub mod config;
 pub mod inspect;
+pub mod interval;
 pub mod palette;
 pub mod src;
 pub mod step;
@@ -233,6 +235,7 @@ pub fn check_with(target: &str) -> Option<fn(&[u8], &Policy)> {
         "ndarray_step" => step::check_ndarray,
         "case_json" => case_json::check,
         "checkpoint" => checkpoint::check,
+        "interval" => interval::check,
         _ => return None,
     })
 }
@@ -262,8 +265,13 @@ pub fn check_checkpoint(data: &[u8]) {
     checkpoint::check(data, &Policy::from_env());
 }
 
+/// The `interval` target: see [`interval`].
+pub fn check_interval(data: &[u8]) {
+    interval::check(data, &Policy::from_env());
+}
+
 /// The check of a target by name (`config`, `step`, `ndarray_step`, `case_json`,
-/// `checkpoint`).
+/// `checkpoint`, `interval`).
 pub fn check_for(target: &str) -> Option<fn(&[u8])> {
     Some(match target {
         "config" => check_config,
@@ -271,9 +279,17 @@ pub fn check_for(target: &str) -> Option<fn(&[u8])> {
         "ndarray_step" => check_ndarray_step,
         "case_json" => check_case_json,
         "checkpoint" => check_checkpoint,
+        "interval" => check_interval,
         _ => return None,
     })
 }
 
 /// The names of the targets.
-pub const TARGETS: &[&str] = &["config", "step", "ndarray_step", "case_json", "checkpoint"];
+pub const TARGETS: &[&str] = &[
+    "config",
+    "step",
+    "ndarray_step",
+    "case_json",
+    "checkpoint",
+    "interval",
+];

@@ -109,6 +109,16 @@ fn corpus_checkpoint() {
 }
 
 #[test]
+fn corpus_interval() {
+    replay("interval");
+}
+
+#[test]
+fn random_interval() {
+    smoke("interval", 0x5eed_0006, 800, 256);
+}
+
+#[test]
 fn random_checkpoint() {
     smoke("checkpoint", 0x5eed_0005, 600, 96);
 }

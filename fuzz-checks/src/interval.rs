@@ -1,0 +1,258 @@
+//! The `interval` check: SAM every k steps (`sam_core::Interval`) against an independent
+//! composition, with hostile gradients and checkpoints in the middle of a run.
+//!
+//! The input picks a variant (SAM, ASAM, GSAM, WSAM, WASAM), `k ∈ 1..=4`, a storage type, two
+//! groups (SGD with momentum; Adam) of a few elements with values from [`palette`], and up to
+//! 12 closure steps, each with gradients from the palette (NaN and ±∞ included) or the
+//! gradient of a quadratic. Some steps are preceded by a checkpoint save and a load into a
+//! fresh `Interval` (the groups kept). The same gradients drive the composition: the plain
+//! `BaseOptimizer` on steps `t` with `(t + 1) % k ≠ 0`, the variant on the others, each resumed
+//! at step `t`. The check asserts:
+//!
+//! - nothing panics;
+//! - every step's outcome (applied, skipped, or the error) is the composition's;
+//! - the weights and the base-state slots are bit for bit the composition's after every step
+//!   (NaN payloads aside), and the number of gradient evaluations is the same;
+//! - a checkpoint taken between steps loads into a fresh `Interval` and changes no weight (and
+//!   the run goes on equal to the composition).
+
+use sam_core::checkpoint::Checkpoint;
+use sam_core::reference::{SliceError, VecBuffer};
+use sam_core::{
+    AdamConfig, BaseOptimizer, BaseRule, Error, Group, GroupOptions, Gsam, GsamConfig, Interval,
+    Optimizer, OptimizerState, Perturbation, RhoSchedule, Sam, SamConfig, SamOptimizer, Schedule,
+    SgdConfig, StepStatus, Wasam, WasamState, Wsam, WsamConfig,
+    backend::{Real, Slot},
+};
+
+use crate::palette;
+use crate::src::Src;
+use crate::{Policy, Violation};
+
+/// Runs the check on one input.
+pub fn check(data: &[u8], policy: &Policy) {
+    let mut s = Src::new(data);
+    let f32_storage = s.bool();
+    let r = match (s.int(0, 4), f32_storage) {
+        (0, true) => run::<_, f32>(&mut s, || Sam::new(SamConfig::default())),
+        (0, false) => run::<_, f64>(&mut s, || Sam::new(SamConfig::default())),
+        (1, true) => run::<_, f32>(&mut s, || Sam::new(Perturbation::asam(0.5, 0.01).into())),
+        (1, false) => run::<_, f64>(&mut s, || Sam::new(Perturbation::asam(0.5, 0.01).into())),
+        (2, true) => run::<_, f32>(&mut s, gsam),
+        (2, false) => run::<_, f64>(&mut s, gsam),
+        (3, true) => run::<_, f32>(&mut s, || Wsam::new(WsamConfig::default())),
+        (3, false) => run::<_, f64>(&mut s, || Wsam::new(WsamConfig::default())),
+        (_, true) => run::<_, f32>(&mut s, || Wasam::new(SamConfig::default(), &[0, 2])),
+        (_, false) => run::<_, f64>(&mut s, || Wasam::new(SamConfig::default(), &[0, 2])),
+    };
+    if let Err(v) = r {
+        policy.report(v);
+    }
+}
+
+fn gsam() -> Result<Gsam, sam_core::Error> {
+    let rho = RhoSchedule::Schedule(Schedule::constant(0.05)?);
+    Gsam::new(GsamConfig {
+        alpha: 0.3,
+        ..GsamConfig::new(rho)
+    })
+}
+
+fn violation(message: String) -> Violation {
+    Violation::new(None, message)
+}
+
+/// The variant's checkpoint with the step count replaced (the composition resumes each
+/// optimizer at the step it takes).
+trait Resume: Sized {
+    fn at(self, steps: u64) -> Self;
+}
+
+impl Resume for OptimizerState {
+    fn at(self, steps: u64) -> Self {
+        OptimizerState { steps }
+    }
+}
+
+impl Resume for WasamState {
+    fn at(self, steps: u64) -> Self {
+        WasamState { steps, ..self }
+    }
+}
+
+type Groups<T> = Vec<Group<VecBuffer<T>>>;
+
+fn groups<T: Real>(s: &mut Src<'_>) -> Result<Groups<T>, Violation> {
+    let sgd = BaseRule::sgd(SgdConfig {
+        lr: 0.05,
+        momentum: 0.9,
+        ..Default::default()
+    });
+    let adam = BaseRule::adam(AdamConfig {
+        lr: 0.01,
+        ..Default::default()
+    });
+    let (Ok(sgd), Ok(adam)) = (sgd, adam) else {
+        return Err(violation("fixed base rules refused".into()));
+    };
+    let mut out = Vec::new();
+    for base in [sgd, adam] {
+        let n = s.usize(0, 6);
+        let w: Vec<T> = (0..n).map(|_| T::from_f64(palette::element(s))).collect();
+        let buffer = VecBuffer::new(w, vec![T::from_f64(0.0); n])
+            .map_err(|e| violation(format!("buffer: {e}")))?;
+        out.push(Group::with_options(buffer, GroupOptions::new(base)));
+    }
+    Ok(out)
+}
+
+/// One call's gradients: palette values, or `w − 0.5` (finite for finite weights).
+#[derive(Clone)]
+enum Grad {
+    Values(Vec<Vec<f64>>),
+    Quadratic,
+}
+
+fn draw_grad(s: &mut Src<'_>, lens: &[usize]) -> Grad {
+    if s.chance(1, 2) {
+        return Grad::Quadratic;
+    }
+    Grad::Values(
+        lens.iter()
+            .map(|&n| (0..n).map(|_| palette::element(s)).collect())
+            .collect(),
+    )
+}
+
+fn write<T: Real>(gs: &mut [Group<VecBuffer<T>>], grad: &Grad) {
+    for (k, g) in gs.iter_mut().enumerate() {
+        let (w, out) = g.buffer.weights_and_grad();
+        for (i, (o, w)) in out.iter_mut().zip(w).enumerate() {
+            *o = T::from_f64(match grad {
+                Grad::Values(v) => v[k][i],
+                Grad::Quadratic => w.to_f64() - 0.5,
+            });
+        }
+    }
+}
+
+/// One closure step with the drawn gradients (two calls on climbing steps): the outcome as
+/// text, and the number of closure calls made.
+fn step<O: Optimizer, T: Real>(opt: &mut O, gs: &mut Groups<T>, grads: &[Grad]) -> (String, usize) {
+    let mut calls = 0;
+    let r = opt.step(gs, |gs: &mut [Group<VecBuffer<T>>]| {
+        write(gs, &grads[calls.min(grads.len() - 1)]);
+        calls += 1;
+        Ok::<_, Error<SliceError>>(())
+    });
+    let out = match r {
+        Ok(report) => match report.status {
+            StepStatus::Applied => "applied".to_string(),
+            other => format!("{other:?}"),
+        },
+        Err(e) => format!("error: {e}"),
+    };
+    (out, calls)
+}
+
+/// Weights and base-state slots as bits (NaNs all alike).
+fn state_bits<T: Real>(gs: &Groups<T>) -> Vec<Vec<u64>> {
+    let canon = |x: &T| {
+        let v = x.to_f64();
+        if v.is_nan() { u64::MAX } else { v.to_bits() }
+    };
+    gs.iter()
+        .map(|g| {
+            let b = &g.buffer;
+            let mut v: Vec<u64> = b.weights().iter().map(canon).collect();
+            if let Some(spec) = b.spec() {
+                for k in 0..spec.state {
+                    v.extend(b.slot(Slot::State(k)).unwrap_or(&[]).iter().map(canon));
+                }
+            }
+            v
+        })
+        .collect()
+}
+
+fn run<O, T>(
+    s: &mut Src<'_>,
+    make: impl Fn() -> Result<O, sam_core::Error>,
+) -> Result<(), Violation>
+where
+    O: SamOptimizer + Clone,
+    O::State: Resume + Clone,
+    T: Real,
+{
+    let k = s.int(1, 4);
+    let fixed = |r: Result<O, sam_core::Error>| r.map_err(|e| violation(format!("config: {e}")));
+    let mut every = Interval::new(fixed(make())?, k).map_err(|e| violation(format!("{e}")))?;
+    let mut climber = fixed(make())?;
+    let mut base = BaseOptimizer::new();
+    let mut a = groups::<T>(s)?;
+    let mut b = a.clone();
+    let lens: Vec<usize> = a.iter().map(|g| g.buffer.weights().len()).collect();
+    for t in 0..s.usize(1, 12) {
+        if s.chance(1, 4) {
+            // A checkpoint between steps, loaded into a fresh Interval; the groups are kept.
+            let weights = |gs: &Groups<T>| -> Vec<Vec<u64>> {
+                gs.iter()
+                    .map(|g| {
+                        g.buffer
+                            .weights()
+                            .iter()
+                            .map(|x| x.to_f64().to_bits())
+                            .collect()
+                    })
+                    .collect()
+            };
+            let before = weights(&a);
+            let ckpt = Checkpoint::save(&every, &a)
+                .map_err(|e| violation(format!("step {t}: save between steps: {e}")))?;
+            let mut fresh =
+                Interval::new(fixed(make())?, k).map_err(|e| violation(format!("{e}")))?;
+            ckpt.load(&mut fresh, &mut a)
+                .map_err(|e| violation(format!("step {t}: load of its own checkpoint: {e}")))?;
+            every = fresh;
+            if weights(&a) != before {
+                return Err(violation(format!(
+                    "step {t}: a checkpoint load changed the weights"
+                )));
+            }
+        }
+        let grads = [draw_grad(s, &lens), draw_grad(s, &lens)];
+        let steps = every.steps();
+        let climbs = every.will_climb();
+        if climbs != ((steps + 1) % k == 0) {
+            return Err(violation(format!(
+                "step {t}: will_climb at {steps} with k = {k}"
+            )));
+        }
+        let (got, calls_a) = step(&mut every, &mut a, &grads);
+        let (want, calls_b) = if climbs {
+            let st = climber
+                .state()
+                .map_err(|e| violation(format!("{e}")))?
+                .at(steps);
+            climber
+                .load_state(&st)
+                .map_err(|e| violation(format!("{e}")))?;
+            step(&mut climber, &mut b, &grads)
+        } else {
+            base.load_state(&OptimizerState { steps })
+                .map_err(|e| violation(format!("{e}")))?;
+            step(&mut base, &mut b, &grads)
+        };
+        if got != want || calls_a != calls_b {
+            return Err(violation(format!(
+                "step {t} (k = {k}, climbs {climbs}): {got} with {calls_a} calls, the composition {want} with {calls_b}"
+            )));
+        }
+        if state_bits(&a) != state_bits(&b) {
+            return Err(violation(format!(
+                "step {t} (k = {k}, climbs {climbs}, {got}): weights or base state differ from the composition"
+            )));
+        }
+    }
+    Ok(())
+}
