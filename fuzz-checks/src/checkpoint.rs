@@ -57,29 +57,38 @@ where
     }
 }
 
-fn violation(message: String) -> Violation {
-    Violation::new(None, message)
-}
-
-/// Two groups (SGD with momentum; Adam) of a few elements each.
-fn groups<T: sam_core::backend::Real>() -> Vec<Group<VecBuffer<T>>> {
+/// Two groups, SGD with momentum and Adam, of `lens` elements with weights `weight(i)` (the
+/// groups of the `checkpoint` and `interval` checks).
+pub(crate) fn sgd_adam_groups<T: sam_core::backend::Real>(
+    lens: [usize; 2],
+    mut weight: impl FnMut(usize) -> f64,
+) -> Result<Vec<Group<VecBuffer<T>>>, Violation> {
     let sgd = BaseRule::sgd(SgdConfig {
-        lr: 0.1,
+        lr: 0.05,
         momentum: 0.9,
         ..Default::default()
     });
-    let adam = BaseRule::adam(Default::default());
+    let adam = BaseRule::adam(sam_core::AdamConfig {
+        lr: 0.01,
+        ..Default::default()
+    });
     let (Ok(sgd), Ok(adam)) = (sgd, adam) else {
-        return Vec::new();
+        return Err(Violation::plain("fixed base rules refused"));
     };
-    [(5usize, sgd), (3, adam)]
-        .into_iter()
-        .filter_map(|(n, base)| {
-            let w = (0..n).map(|i| T::from_f64(0.25 * i as f64 - 0.5)).collect();
-            let buffer = VecBuffer::new(w, vec![T::from_f64(0.0); n]).ok()?;
-            Some(Group::with_options(buffer, GroupOptions::new(base)))
+    lens.into_iter()
+        .zip([sgd, adam])
+        .map(|(n, base)| {
+            let w = (0..n).map(|i| T::from_f64(weight(i))).collect();
+            let buffer = VecBuffer::new(w, vec![T::from_f64(0.0); n])
+                .map_err(|e| Violation::plain(format!("buffer: {e}")))?;
+            Ok(Group::with_options(buffer, GroupOptions::new(base)))
         })
         .collect()
+}
+
+/// The groups of this check: 5 and 3 elements.
+fn groups<T: sam_core::backend::Real>() -> Result<Vec<Group<VecBuffer<T>>>, Violation> {
+    sgd_adam_groups([5, 3], |i| 0.25 * i as f64 - 0.5)
 }
 
 /// `n` closure steps with a gradient that depends on the weights and the call.
@@ -114,14 +123,14 @@ where
     T: sam_core::backend::Real + serde::Serialize,
 {
     let Ok(mut src) = make() else {
-        return Err(violation("the fixed configuration was refused".into()));
+        return Err(Violation::plain("the fixed configuration was refused"));
     };
-    let mut src_groups = groups::<T>();
+    let mut src_groups = groups::<T>()?;
     steps(&mut src, &mut src_groups, s.int(0, 4), 0);
     let saved = Checkpoint::save(&src, &src_groups)
-        .map_err(|e| violation(format!("save between steps failed: {e}")))?;
+        .map_err(|e| Violation::plain(format!("save between steps failed: {e}")))?;
     let Ok(mut tree) = serde_json::to_value(&saved) else {
-        return Err(violation("a checkpoint does not serialise".into()));
+        return Err(Violation::plain("a checkpoint does not serialise"));
     };
     // Valid JSON with hostile numbers (often), generic tree mutations (sometimes), text
     // mutations (rarely: most of them make the text unparseable).
@@ -142,13 +151,13 @@ where
     let pristine = targeted == 0 && applied == 0 && !texted;
 
     let Ok(mut opt) = make() else {
-        return Err(violation("the fixed configuration was refused".into()));
+        return Err(Violation::plain("the fixed configuration was refused"));
     };
-    let mut gs = groups::<T>();
+    let mut gs = groups::<T>()?;
     steps(&mut opt, &mut gs, 1, 100);
     let Ok(ckpt) = serde_json::from_slice::<Checkpoint<O::State>>(&text) else {
         if pristine {
-            return Err(violation("an unmutated checkpoint does not parse".into()));
+            return Err(Violation::plain("an unmutated checkpoint does not parse"));
         }
         return Ok(());
     };
@@ -156,27 +165,27 @@ where
     match ckpt.load(&mut opt, &mut gs) {
         Ok(()) => {
             let again = Checkpoint::save(&opt, &gs)
-                .map_err(|e| violation(format!("save after a load failed: {e}")))?;
+                .map_err(|e| Violation::plain(format!("save after a load failed: {e}")))?;
             if again != ckpt {
-                return Err(violation(format!(
+                return Err(Violation::plain(format!(
                     "a loaded checkpoint does not save back to itself:\n{ckpt:?}\nvs\n{again:?}"
                 )));
             }
             let weights: Vec<Vec<u64>> = gs.iter().map(|g| bits(g.buffer.weights())).collect();
             if weights != before.1.iter().map(|(w, _)| w.clone()).collect::<Vec<_>>() {
-                return Err(violation("a load changed the weights".into()));
+                return Err(Violation::plain("a load changed the weights"));
             }
             // The loaded optimizer steps on (an `Err` is fine; a panic is not).
             steps(&mut opt, &mut gs, 2, 7);
         }
         Err(e) => {
             if pristine {
-                return Err(violation(format!(
+                return Err(Violation::plain(format!(
                     "an unmutated checkpoint was refused: {e}"
                 )));
             }
             if (opt.state().ok(), snapshot(&gs)) != before {
-                return Err(violation(format!(
+                return Err(Violation::plain(format!(
                     "a refused load ({e}) changed the optimizer"
                 )));
             }

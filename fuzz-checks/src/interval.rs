@@ -19,12 +19,13 @@
 use sam_core::checkpoint::Checkpoint;
 use sam_core::reference::{SliceError, VecBuffer};
 use sam_core::{
-    AdamConfig, BaseOptimizer, BaseRule, Error, Group, GroupOptions, Gsam, GsamConfig, Interval,
-    Optimizer, OptimizerState, Perturbation, RhoSchedule, Sam, SamConfig, SamOptimizer, Schedule,
-    SgdConfig, StepStatus, Wasam, WasamState, Wsam, WsamConfig,
+    BaseOptimizer, Error, Group, Gsam, GsamConfig, Interval, Optimizer, OptimizerState,
+    Perturbation, RhoSchedule, Sam, SamConfig, SamOptimizer, Schedule, StepStatus, Wasam,
+    WasamState, Wsam, WsamConfig,
     backend::{Real, Slot},
 };
 
+use crate::checkpoint::sgd_adam_groups;
 use crate::palette;
 use crate::src::Src;
 use crate::{Policy, Violation};
@@ -32,21 +33,31 @@ use crate::{Policy, Violation};
 /// Runs the check on one input.
 pub fn check(data: &[u8], policy: &Policy) {
     let mut s = Src::new(data);
-    let f32_storage = s.bool();
-    let r = match (s.int(0, 4), f32_storage) {
-        (0, true) => run::<_, f32>(&mut s, || Sam::new(SamConfig::default())),
-        (0, false) => run::<_, f64>(&mut s, || Sam::new(SamConfig::default())),
-        (1, true) => run::<_, f32>(&mut s, || Sam::new(Perturbation::asam(0.5, 0.01).into())),
-        (1, false) => run::<_, f64>(&mut s, || Sam::new(Perturbation::asam(0.5, 0.01).into())),
-        (2, true) => run::<_, f32>(&mut s, gsam),
-        (2, false) => run::<_, f64>(&mut s, gsam),
-        (3, true) => run::<_, f32>(&mut s, || Wsam::new(WsamConfig::default())),
-        (3, false) => run::<_, f64>(&mut s, || Wsam::new(WsamConfig::default())),
-        (_, true) => run::<_, f32>(&mut s, || Wasam::new(SamConfig::default(), &[0, 2])),
-        (_, false) => run::<_, f64>(&mut s, || Wasam::new(SamConfig::default(), &[0, 2])),
+    let r = match s.int(0, 4) {
+        0 => either(&mut s, || Sam::new(SamConfig::default())),
+        1 => either(&mut s, || Sam::new(Perturbation::asam(0.5, 0.01).into())),
+        2 => either(&mut s, gsam),
+        3 => either(&mut s, || Wsam::new(WsamConfig::default())),
+        _ => either(&mut s, || Wasam::new(SamConfig::default(), &[0, 2])),
     };
     if let Err(v) = r {
         policy.report(v);
+    }
+}
+
+/// [`run`] with `f32` or `f64` storage, as the input says.
+fn either<O>(
+    s: &mut Src<'_>,
+    make: impl Fn() -> Result<O, sam_core::Error>,
+) -> Result<(), Violation>
+where
+    O: SamOptimizer + Clone,
+    O::State: Resume + Clone,
+{
+    if s.bool() {
+        run::<O, f32>(s, make)
+    } else {
+        run::<O, f64>(s, make)
     }
 }
 
@@ -56,10 +67,6 @@ fn gsam() -> Result<Gsam, sam_core::Error> {
         alpha: 0.3,
         ..GsamConfig::new(rho)
     })
-}
-
-fn violation(message: String) -> Violation {
-    Violation::new(None, message)
 }
 
 /// The variant's checkpoint with the step count replaced (the composition resumes each
@@ -83,27 +90,8 @@ impl Resume for WasamState {
 type Groups<T> = Vec<Group<VecBuffer<T>>>;
 
 fn groups<T: Real>(s: &mut Src<'_>) -> Result<Groups<T>, Violation> {
-    let sgd = BaseRule::sgd(SgdConfig {
-        lr: 0.05,
-        momentum: 0.9,
-        ..Default::default()
-    });
-    let adam = BaseRule::adam(AdamConfig {
-        lr: 0.01,
-        ..Default::default()
-    });
-    let (Ok(sgd), Ok(adam)) = (sgd, adam) else {
-        return Err(violation("fixed base rules refused".into()));
-    };
-    let mut out = Vec::new();
-    for base in [sgd, adam] {
-        let n = s.usize(0, 6);
-        let w: Vec<T> = (0..n).map(|_| T::from_f64(palette::element(s))).collect();
-        let buffer = VecBuffer::new(w, vec![T::from_f64(0.0); n])
-            .map_err(|e| violation(format!("buffer: {e}")))?;
-        out.push(Group::with_options(buffer, GroupOptions::new(base)));
-    }
-    Ok(out)
+    let lens = [s.usize(0, 6), s.usize(0, 6)];
+    sgd_adam_groups(lens, |_| palette::element(s))
 }
 
 /// One call's gradients: palette values, or `w − 0.5` (finite for finite weights).
@@ -185,8 +173,10 @@ where
     T: Real,
 {
     let k = s.int(1, 4);
-    let fixed = |r: Result<O, sam_core::Error>| r.map_err(|e| violation(format!("config: {e}")));
-    let mut every = Interval::new(fixed(make())?, k).map_err(|e| violation(format!("{e}")))?;
+    let fixed =
+        |r: Result<O, sam_core::Error>| r.map_err(|e| Violation::plain(format!("config: {e}")));
+    let mut every =
+        Interval::new(fixed(make())?, k).map_err(|e| Violation::plain(format!("{e}")))?;
     let mut climber = fixed(make())?;
     let mut base = BaseOptimizer::new();
     let mut a = groups::<T>(s)?;
@@ -208,14 +198,15 @@ where
             };
             let before = weights(&a);
             let ckpt = Checkpoint::save(&every, &a)
-                .map_err(|e| violation(format!("step {t}: save between steps: {e}")))?;
+                .map_err(|e| Violation::plain(format!("step {t}: save between steps: {e}")))?;
             let mut fresh =
-                Interval::new(fixed(make())?, k).map_err(|e| violation(format!("{e}")))?;
-            ckpt.load(&mut fresh, &mut a)
-                .map_err(|e| violation(format!("step {t}: load of its own checkpoint: {e}")))?;
+                Interval::new(fixed(make())?, k).map_err(|e| Violation::plain(format!("{e}")))?;
+            ckpt.load(&mut fresh, &mut a).map_err(|e| {
+                Violation::plain(format!("step {t}: load of its own checkpoint: {e}"))
+            })?;
             every = fresh;
             if weights(&a) != before {
-                return Err(violation(format!(
+                return Err(Violation::plain(format!(
                     "step {t}: a checkpoint load changed the weights"
                 )));
             }
@@ -224,7 +215,7 @@ where
         let steps = every.steps();
         let climbs = every.will_climb();
         if climbs != ((steps + 1) % k == 0) {
-            return Err(violation(format!(
+            return Err(Violation::plain(format!(
                 "step {t}: will_climb at {steps} with k = {k}"
             )));
         }
@@ -232,24 +223,24 @@ where
         let (want, calls_b) = if climbs {
             let st = climber
                 .state()
-                .map_err(|e| violation(format!("{e}")))?
+                .map_err(|e| Violation::plain(format!("{e}")))?
                 .at(steps);
             climber
                 .load_state(&st)
-                .map_err(|e| violation(format!("{e}")))?;
+                .map_err(|e| Violation::plain(format!("{e}")))?;
             step(&mut climber, &mut b, &grads)
         } else {
             base.load_state(&OptimizerState { steps })
-                .map_err(|e| violation(format!("{e}")))?;
+                .map_err(|e| Violation::plain(format!("{e}")))?;
             step(&mut base, &mut b, &grads)
         };
         if got != want || calls_a != calls_b {
-            return Err(violation(format!(
+            return Err(Violation::plain(format!(
                 "step {t} (k = {k}, climbs {climbs}): {got} with {calls_a} calls, the composition {want} with {calls_b}"
             )));
         }
         if state_bits(&a) != state_bits(&b) {
-            return Err(violation(format!(
+            return Err(Violation::plain(format!(
                 "step {t} (k = {k}, climbs {climbs}, {got}): weights or base state differ from the composition"
             )));
         }

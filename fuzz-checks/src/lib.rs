@@ -146,6 +146,11 @@ impl Violation {
     pub fn new(finding: Option<Finding>, message: String) -> Self {
         Violation { finding, message }
     }
+
+    /// A violation that is no known finding.
+    pub fn plain(message: impl Into<String>) -> Self {
+        Violation::new(None, message.into())
+    }
 }
 
 /// What to do with violations of known findings.

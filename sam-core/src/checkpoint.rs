@@ -27,6 +27,18 @@ pub trait SlotAccess: ParamBuffer {
     fn write_slot(&mut self, slot: Slot, values: &[Self::Scalar]) -> Result<(), Self::Error>;
 }
 
+/// Copies `src` into `dst` when both exist with the same length, for [`SlotAccess`]
+/// implementations over host memory; returns whether it copied.
+pub fn copy_slot<T: Copy>(src: Option<&[T]>, dst: Option<&mut [T]>) -> bool {
+    match (src, dst) {
+        (Some(src), Some(dst)) if src.len() == dst.len() => {
+            dst.copy_from_slice(src);
+            true
+        }
+        _ => false,
+    }
+}
+
 /// The checkpoint format version written by this crate.
 pub const FORMAT: u32 = 1;
 

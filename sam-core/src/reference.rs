@@ -165,12 +165,14 @@ impl<T: Real> crate::checkpoint::SlotAccess for SliceBuffer<'_, T> {
         self.spec
     }
     fn read_slot(&self, slot: Slot, out: &mut [T]) -> Result<(), SliceError> {
-        vec_buffer::copy(self.slot(slot), out)
+        vec_buffer::copied(crate::checkpoint::copy_slot(self.slot(slot), Some(out)))
     }
     fn write_slot(&mut self, slot: Slot, values: &[T]) -> Result<(), SliceError> {
         let r = self.range(slot)?;
-        let dst = self.slots.get_mut(r).ok_or(SliceError::MissingSlot)?;
-        vec_buffer::copy(Some(values), dst)
+        vec_buffer::copied(crate::checkpoint::copy_slot(
+            Some(values),
+            self.slots.get_mut(r),
+        ))
     }
 }
 

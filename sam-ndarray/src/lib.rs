@@ -119,6 +119,7 @@ use sam_core::backend::{
     AverageFold, MAX_AVERAGES, ParamBuffer, PerturbSpec, Real, ReduceSpec, Reduction, Slot,
     SlotSpec, UpdateSpec,
 };
+use sam_core::checkpoint::copy_slot;
 
 pub use crate::error::NdError;
 use crate::span::{AVG0, BACKUP, NSLOTS, STASH, STATE0, SlotRefs, Span, Tensors};
@@ -482,22 +483,14 @@ impl<T: Real> sam_core::checkpoint::SlotAccess for NdGroup<T> {
         self.slot_spec()
     }
     fn read_slot(&self, slot: Slot, out: &mut [T]) -> Result<(), NdError> {
-        match self.slot(slot) {
-            Some(src) if src.len() == out.len() => {
-                out.copy_from_slice(src);
-                Ok(())
-            }
-            _ => Err(NdError::MissingSlot(slot)),
-        }
+        copy_slot(self.slot(slot), Some(out))
+            .then_some(())
+            .ok_or(NdError::MissingSlot(slot))
     }
     fn write_slot(&mut self, slot: Slot, values: &[T]) -> Result<(), NdError> {
-        match self.slot_mut(slot) {
-            Some(dst) if dst.len() == values.len() => {
-                dst.copy_from_slice(values);
-                Ok(())
-            }
-            _ => Err(NdError::MissingSlot(slot)),
-        }
+        copy_slot(Some(values), self.slot_mut(slot))
+            .then_some(())
+            .ok_or(NdError::MissingSlot(slot))
     }
 }
 

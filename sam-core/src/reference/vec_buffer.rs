@@ -7,6 +7,7 @@ use crate::backend::Real;
 use crate::buffer::{
     AverageFold, ParamBuffer, PerturbSpec, ReduceSpec, Reduction, Slot, SlotSpec, UpdateSpec,
 };
+use crate::checkpoint::copy_slot;
 
 /// A parameter group whose weights, gradient and slots live in `Vec`s it owns (feature
 /// `alloc`). Every pass is [`SliceBuffer`]'s, run on a view of this memory, so the two give the
@@ -147,22 +148,19 @@ impl<T: Real> crate::checkpoint::SlotAccess for VecBuffer<T> {
         self.spec()
     }
     fn read_slot(&self, slot: Slot, out: &mut [T]) -> Result<(), SliceError> {
-        copy(self.slot(slot), out)
+        copied(copy_slot(self.slot(slot), Some(out)))
     }
     fn write_slot(&mut self, slot: Slot, values: &[T]) -> Result<(), SliceError> {
-        let dst = self.slot_mut(slot).ok_or(SliceError::MissingSlot)?;
-        copy(Some(values), dst)
+        copied(copy_slot(Some(values), self.slot_mut(slot)))
     }
 }
 
-/// Copies `src` into `dst` if both exist with the same length.
-pub(crate) fn copy<T: Copy>(src: Option<&[T]>, dst: &mut [T]) -> Result<(), SliceError> {
-    match src {
-        Some(src) if src.len() == dst.len() => {
-            dst.copy_from_slice(src);
-            Ok(())
-        }
-        _ => Err(SliceError::MissingSlot),
+/// [`copy_slot`]'s outcome as this backend's result.
+pub(crate) fn copied(done: bool) -> Result<(), SliceError> {
+    if done {
+        Ok(())
+    } else {
+        Err(SliceError::MissingSlot)
     }
 }
 
