@@ -93,7 +93,7 @@ impl ParamBuffer for MyParams {
 
     fn update(&mut self, spec: &UpdateSpec) -> Result<(), MyError> {
         // This example supports what SAM with SGD needs; a real backend handles every spec.
-        if spec.average.any() || spec.post.is_some() || spec.base.state_slots() > 1 {
+        if spec.average.any() || spec.reads_stash() || spec.base.state_slots() > 1 {
             return Err(MyError("unsupported update"));
         }
         let b = self.slot(Slot::Backup)?;

@@ -230,7 +230,9 @@ pub enum GradMix {
     },
 }
 
-/// A correction applied after the base rule: `w ← w + (a·g + b·stash)` (decoupled WSAM).
+/// A linear combination `a·g + b·stash` of the current gradient and the stash: the correction
+/// added after the base rule (decoupled WSAM, [`UpdateSpec::post`]) or the new stash
+/// (LookSAM's stored direction, [`UpdateSpec::restash`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PostMix {
     /// Coefficient of the current gradient.
@@ -268,10 +270,25 @@ pub struct UpdateSpec {
     pub grad: GradMix,
     /// The base rule (or [`BaseStep::External`]: write the final gradient into `g`).
     pub base: BaseStep,
-    /// Optional post-correction.
+    /// Optional post-correction: `w ← w + (a·g + b·stash)`.
     pub post: Option<PostMix>,
+    /// Optionally overwrite the stash with `a·g + b·stash`, formed from the pass's inputs (the
+    /// stash before the pass, the gradient before an [`BaseStep::External`] write).
+    pub restash: Option<PostMix>,
     /// Averages to fold the new weights into.
     pub average: AverageFold,
+}
+
+impl UpdateSpec {
+    /// Whether the pass reads the stash slot.
+    pub fn reads_stash(&self) -> bool {
+        matches!(self.grad, GradMix::Mix { .. }) || self.post.is_some() || self.restash.is_some()
+    }
+
+    /// Whether the pass writes the stash slot.
+    pub fn writes_stash(&self) -> bool {
+        self.restash.is_some()
+    }
 }
 
 /// The storage of one parameter group, with its fused passes.

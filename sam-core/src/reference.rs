@@ -20,7 +20,7 @@
 use core::fmt;
 
 use crate::backend::kernel;
-use crate::backend::{BaseStep, GradMix, Real};
+use crate::backend::{BaseStep, Real};
 use crate::buffer::{
     AverageFold, ParamBuffer, PerturbSpec, ReduceSpec, Reduction, Slot, SlotSpec, UpdateSpec,
 };
@@ -251,8 +251,7 @@ impl<T: Real> ParamBuffer for SliceBuffer<'_, T> {
         } else {
             None
         };
-        let reads_stash = matches!(spec.grad, GradMix::Mix { .. }) || spec.post.is_some();
-        let stash = if reads_stash {
+        let stash = if spec.reads_stash() {
             Some(self.range(Slot::Stash)?)
         } else {
             None
@@ -285,6 +284,9 @@ impl<T: Real> ParamBuffer for SliceBuffer<'_, T> {
             self.w[i] = w_new;
             if external {
                 self.g[i] = T::from_f64(out.d);
+            }
+            if let (true, Some(r)) = (spec.writes_stash(), &stash) {
+                self.slots[r.start + i] = T::from_f64(out.stash);
             }
             for k in 0..n_state {
                 self.slots[state_at[k] + i] = T::from_f64(st[k]);

@@ -36,7 +36,7 @@ __device__ __forceinline__ void sam_update(const SamUpdateArgs& a) {
     T* w = (T*)a.w;
     T* g = (T*)a.g;
     const T* backup = (const T*)a.backup;
-    const T* stash = (const T*)a.stash;
+    T* stash = (T*)a.stash;
     T* s0 = (T*)a.state[0];
     T* s1 = (T*)a.state[1];
     T* s2 = (T*)a.state[2];
@@ -44,6 +44,7 @@ __device__ __forceinline__ void sam_update(const SamUpdateArgs& a) {
     const bool reads_stash = (a.flags & SAM_UPDATE_READ_STASH) != 0u;
     const bool mix = (a.flags & SAM_UPDATE_MIX) != 0u;
     const bool post = (a.flags & SAM_UPDATE_POST) != 0u;
+    const bool restash = (a.flags & SAM_UPDATE_RESTASH) != 0u;
     for (sam_u64 i = sam_thread_index(); i < a.n; i += sam_grid_stride()) {
         double p = restore ? sam_widen(backup[i]) : sam_widen(w[i]);
         const double gv = sam_widen(g[i]);
@@ -60,12 +61,16 @@ __device__ __forceinline__ void sam_update(const SamUpdateArgs& a) {
             p = sam_adam(a.adam, p, d, st);
         }
         if (post) {
-            p = sam_add(p, a.post_a * gv + a.post_b * sv);
+            p = sam_add(p, a.post_a * gv + a.post_b * sv);  // sam_core::kernel::combine
         }
         const T w_new = sam_narrow<T>(p);
         w[i] = w_new;
         if (a.base == SAM_BASE_EXTERNAL) {
             g[i] = sam_narrow<T>(d);
+        }
+        if (restash) {
+            // From this element's inputs (sv and gv were read above): sam_core::kernel::combine.
+            stash[i] = sam_narrow<T>(a.restash_a * gv + a.restash_b * sv);
         }
         if (a.n_state > 0u) s0[i] = sam_narrow<T>(st[0]);
         if (a.n_state > 1u) s1[i] = sam_narrow<T>(st[1]);

@@ -135,6 +135,8 @@ struct SamUpdateArgs {
     double mix_b;
     double post_a;     // PostMix { a, b } (SAM_UPDATE_POST)
     double post_b;
+    double restash_a;  // UpdateSpec::restash's PostMix { a, b } (SAM_UPDATE_RESTASH)
+    double restash_b;
     double avg_weight[4];
     SamSgdScalars sgd;
     SamAdamScalars adam;

@@ -742,7 +742,7 @@ impl<T: CudaReal> ParamBuffer for CudaGroup<T> {
 
     fn update(&mut self, spec: &UpdateSpec) -> Result<(), CudaError> {
         let backup = self.optional_slot_ptr(Slot::Backup, spec.restore)?;
-        let reads_stash = matches!(spec.grad, GradMix::Mix { .. }) || spec.post.is_some();
+        let reads_stash = spec.reads_stash();
         let stash = self.optional_slot_ptr(Slot::Stash, reads_stash)?;
         let n_state = spec.base.state_slots();
         let mut state = [0u64; 3];
@@ -784,6 +784,13 @@ impl<T: CudaReal> ParamBuffer for CudaGroup<T> {
             }
             None => (0.0, 0.0),
         };
+        let (restash_a, restash_b) = match spec.restash {
+            Some(m) => {
+                flags |= abi::UPDATE_RESTASH;
+                (m.a, m.b)
+            }
+            None => (0.0, 0.0),
+        };
         let mut args = abi::UpdateArgs {
             w: self.weights_ptr(),
             g: self.grad_ptr(),
@@ -796,6 +803,8 @@ impl<T: CudaReal> ParamBuffer for CudaGroup<T> {
             mix_b,
             post_a,
             post_b,
+            restash_a,
+            restash_b,
             avg_weight,
             flags,
             n_state: n_state as u32,

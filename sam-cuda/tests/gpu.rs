@@ -21,9 +21,9 @@ use sam_core::backend::{
 };
 use sam_core::reference::SliceBuffer;
 use sam_core::{
-    AdamConfig, BaseOptimizer, BaseRule, Group, GroupOptions, Gsam, GsamConfig, Optimizer,
-    Perturbation, RhoSchedule, Sam, SamConfig, SamOptimizer, Schedule, SgdConfig, StepStatus,
-    Wasam, Wsam, WsamConfig,
+    AdamConfig, BaseOptimizer, BaseRule, Group, GroupOptions, Gsam, GsamConfig, LookSam,
+    LookSamConfig, Optimizer, Perturbation, RhoSchedule, Sam, SamConfig, SamOptimizer, Schedule,
+    SgdConfig, StepStatus, Wasam, Wsam, WsamConfig,
 };
 use sam_cuda::{Context, CudaGroup, CudaReal, HostTensor};
 
@@ -285,6 +285,7 @@ fn update_specs() -> Vec<UpdateSpec> {
         for restore in [true, false] {
             for grad in [GradMix::Current, GradMix::Mix { a: 1.3, b: -0.4 }] {
                 let post = (i % 2 == 0).then_some(PostMix { a: -0.01, b: 0.02 });
+                let restash = (i % 3 != 1).then_some(PostMix { a: 1.0, b: -0.3 });
                 let mut average = AverageFold::NONE;
                 if i % 3 == 0 {
                     average.weights[0] = Some(0.5);
@@ -295,6 +296,7 @@ fn update_specs() -> Vec<UpdateSpec> {
                     grad,
                     base,
                     post,
+                    restash,
                     average,
                 });
             }
@@ -634,6 +636,18 @@ fn variants_agree<T: CudaReal>(ctx: &Context) {
                 },
                 decouple: false,
                 gamma: 0.7,
+                ..Default::default()
+            })
+            .unwrap()
+        },
+        no_finish,
+    );
+    agree::<T, _>(
+        ctx,
+        "LookSAM k=3 (the stored direction written by the update kernel)",
+        || {
+            LookSam::new(LookSamConfig {
+                k: 3,
                 ..Default::default()
             })
             .unwrap()

@@ -109,6 +109,7 @@ fn step(g: &mut NdGroup<f32>) {
         grad: GradMix::Current,
         base: BaseStep::Sgd(SGD),
         post: None,
+        restash: None,
         average: AverageFold::NONE,
     };
     g.update(&spec).expect("update");
@@ -312,6 +313,7 @@ fn breakdown(g: &mut NdGroup<f32>, label: &str, triad_bw: f64) -> Vec<String> {
         grad: GradMix::Current,
         base: BaseStep::Sgd(SGD),
         post: None,
+        restash: None,
         average: AverageFold::NONE,
     };
     let figure = |name: &str, bytes: f64, t: f64| {

@@ -54,7 +54,7 @@ pub(crate) fn restore_needs() -> [bool; NSLOTS] {
 pub(crate) fn update_needs(spec: &UpdateSpec) -> [bool; NSLOTS] {
     let mut need = [false; NSLOTS];
     need[BACKUP] = spec.restore;
-    need[STASH] = matches!(spec.grad, GradMix::Mix { .. }) || spec.post.is_some();
+    need[STASH] = spec.reads_stash();
     for k in 0..spec.base.state_slots().min(3) {
         need[STATE0 + k] = true;
     }
@@ -161,6 +161,7 @@ pub(crate) struct UpdateScalars {
     restore: bool,
     mix: Option<(f64, f64)>,
     post: Option<(f64, f64)>,
+    restash: Option<PostMix>,
     base: u8,
     sgd: SgdStep,
     adam: AdamStep,
@@ -215,6 +216,7 @@ impl UpdateScalars {
                 GradMix::Mix { a, b } => Some((a, b)),
             },
             post: spec.post.map(|p| (p.a, p.b)),
+            restash: spec.restash,
             base,
             sgd,
             adam,
@@ -269,6 +271,8 @@ impl UpdateScalars {
             } else {
                 None
             },
+            // Written by `update_span` around the loop, never by the element function.
+            restash: None,
             average: AverageFold::NONE,
         }
     }
@@ -344,16 +348,24 @@ fn update_span<T: Real, const R: bool, const M: bool, const P: bool, const BK: u
     let s0 = take(&mut span.s[STATE0]);
     let s1 = take(&mut span.s[STATE0 + 1]);
     let s2 = take(&mut span.s[STATE0 + 2]);
-    if !k.average.iter().any(Option::is_some) {
+    if !k.average.iter().any(Option::is_some) && k.restash.is_none() {
         update_loop::<T, R, M, P, BK>(&spec, w, g, backup, stash, s0, s1, s2);
         return;
     }
-    // Averages: update a chunk, then fold its (stored, rounded) new weights while they are
-    // in cache. Element-wise, so the same values as one loop doing both.
+    // Averages and the new stash: chunk by chunk while the chunk is in cache. The new stash is
+    // formed from the chunk's inputs first (the update reads the old stash and may overwrite
+    // the gradient), stored after the update; the chunk's (stored, rounded) new weights are
+    // folded last. Element-wise, so the same values as one loop doing everything.
     let n = w.len();
+    let mut fresh = [T::from_f64(0.0); FOLD_CHUNK];
     let mut start = 0;
     while start < n {
         let end = (start + FOLD_CHUNK).min(n);
+        if let Some(m) = &k.restash {
+            for ((f, gi), si) in fresh.iter_mut().zip(&g[start..end]).zip(&stash[start..end]) {
+                *f = T::from_f64(kernel::combine(m, gi.to_f64(), si.to_f64()));
+            }
+        }
         let r = |s: &[T]| if s.is_empty() { 0..0 } else { start..end };
         let (rb, rs) = (r(backup), r(stash));
         let (r0, r1, r2) = (r(s0), r(s1), r(s2));
@@ -367,6 +379,9 @@ fn update_span<T: Real, const R: bool, const M: bool, const P: bool, const BK: u
             &mut s1[r1],
             &mut s2[r2],
         );
+        if k.restash.is_some() {
+            stash[start..end].copy_from_slice(&fresh[..end - start]);
+        }
         for (j, wgt) in k.average.iter().enumerate() {
             if let (Some(wgt), Some(a)) = (*wgt, span.s[AVG0 + j].as_deref_mut()) {
                 fold_loop(&mut a[start..end], &w[start..end], wgt);

@@ -194,13 +194,18 @@ pub fn update_spec() -> impl Strategy<Value = UpdateSpec> {
             Just(None),
             (coeff(), coeff()).prop_map(|(a, b)| Some(PostMix { a, b }))
         ],
+        prop_oneof![
+            Just(None),
+            (coeff(), coeff()).prop_map(|(a, b)| Some(PostMix { a, b }))
+        ],
         prop_oneof![Just(AverageFold::NONE), average_fold()],
     )
-        .prop_map(|(restore, grad, base, post, average)| UpdateSpec {
+        .prop_map(|(restore, grad, base, post, restash, average)| UpdateSpec {
             restore,
             grad,
             base,
             post,
+            restash,
             average,
         })
 }

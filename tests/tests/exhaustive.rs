@@ -202,7 +202,15 @@ fn update_all<T: Bits>() {
         for base in bases() {
             for restore in [false, true] {
                 for grad in [GradMix::Current, GradMix::Mix { a: 1.3, b: -0.4 }] {
-                    for post in [None, Some(PostMix { a: -0.01, b: 0.02 })] {
+                    for (post, restash) in [
+                        (None, None),
+                        (Some(PostMix { a: -0.01, b: 0.02 }), None),
+                        (None, Some(PostMix { a: 1.0, b: -0.3 })),
+                        (
+                            Some(PostMix { a: -0.01, b: 0.02 }),
+                            Some(PostMix { a: 0.5, b: 2.0 }),
+                        ),
+                    ] {
                         for average in folds {
                             let (mut nd, mut r) =
                                 fixture::<T>(shapes, 200 + li as u64, Palette::Extreme);
@@ -212,6 +220,7 @@ fn update_all<T: Bits>() {
                                 grad,
                                 base,
                                 post,
+                                restash,
                                 average,
                             };
                             nd.update(&spec).unwrap();

@@ -23,7 +23,7 @@
 
 pub use super::lanes::{Accumulators, LaneMath, Lanes};
 use crate::base::{BaseStep, add};
-use crate::buffer::{GradMix, PerturbSpec, ReduceSpec, Reduction, UpdateSpec, Weighting};
+use crate::buffer::{GradMix, PerturbSpec, PostMix, ReduceSpec, Reduction, UpdateSpec, Weighting};
 
 /// Elements per reduction block.
 pub const BLOCK: usize = 4096;
@@ -221,6 +221,12 @@ pub fn mix(grad: &GradMix, g: f64, stash: f64) -> f64 {
     }
 }
 
+/// The linear combination `a·g + b·stash` of a [`PostMix`].
+#[inline(always)]
+pub fn combine(m: &PostMix, g: f64, stash: f64) -> f64 {
+    m.a * g + m.b * stash
+}
+
 /// The output of [`update`] for one element.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Updated {
@@ -228,6 +234,8 @@ pub struct Updated {
     pub w: f64,
     /// The final gradient `d` (written to the gradient storage for [`BaseStep::External`]).
     pub d: f64,
+    /// The new stash: [`UpdateSpec::restash`]'s combination, or the stash unchanged.
+    pub stash: f64,
 }
 
 /// One element of the restore-and-step pass.
@@ -256,10 +264,14 @@ pub fn update(
         }
         BaseStep::Adam(k) => k.apply(p, d, state),
     };
-    if let Some(post) = spec.post {
-        p = add(p, post.a * g + post.b * stash);
+    if let Some(post) = &spec.post {
+        p = add(p, combine(post, g, stash));
     }
-    Updated { w: p, d }
+    let stash = match &spec.restash {
+        Some(m) => combine(m, g, stash),
+        None => stash,
+    };
+    Updated { w: p, d, stash }
 }
 
 /// One element of an average fold: `avg + (w − avg)·weight`.

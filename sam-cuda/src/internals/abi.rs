@@ -57,6 +57,8 @@ pub const UPDATE_READ_STASH: u32 = 2;
 pub const UPDATE_MIX: u32 = 4;
 /// Update flag: apply the post-correction.
 pub const UPDATE_POST: u32 = 8;
+/// Update flag: overwrite the stash with `restash_a·g + restash_b·stash`.
+pub const UPDATE_RESTASH: u32 = 16;
 
 /// Base rule: none (write `d` into the gradient).
 pub const BASE_EXTERNAL: u32 = 0;
@@ -249,6 +251,10 @@ pub struct UpdateArgs {
     pub post_a: f64,
     /// `PostMix::b`.
     pub post_b: f64,
+    /// `UpdateSpec::restash`'s `PostMix::a` (with [`UPDATE_RESTASH`]).
+    pub restash_a: f64,
+    /// `UpdateSpec::restash`'s `PostMix::b`.
+    pub restash_b: f64,
     /// Fold weight of each average.
     pub avg_weight: [f64; 4],
     /// SGD scalars (with [`BASE_SGD`]).
@@ -363,7 +369,7 @@ pub fn combine_passes(count: u64) -> Option<Vec<CombinePass>> {
 
 /// The `-D` options that define the kernels' constants and flags (see `sam_common.cuh`).
 pub fn defines() -> Vec<String> {
-    let pairs: [(&str, u64); 18] = [
+    let pairs: [(&str, u64); 19] = [
         ("SAM_BLOCK", BLOCK as u64),
         ("SAM_LANES", LANES as u64),
         ("SAM_COMBINE_THREADS", u64::from(COMBINE_THREADS)),
@@ -378,6 +384,7 @@ pub fn defines() -> Vec<String> {
         ("SAM_UPDATE_READ_STASH", u64::from(UPDATE_READ_STASH)),
         ("SAM_UPDATE_MIX", u64::from(UPDATE_MIX)),
         ("SAM_UPDATE_POST", u64::from(UPDATE_POST)),
+        ("SAM_UPDATE_RESTASH", u64::from(UPDATE_RESTASH)),
         ("SAM_BASE_EXTERNAL", u64::from(BASE_EXTERNAL)),
         ("SAM_BASE_SGD", u64::from(BASE_SGD)),
         ("SAM_BASE_ADAM", u64::from(BASE_ADAM)),
@@ -488,8 +495,8 @@ pub fn layouts() -> Vec<StructLayout> {
             "SamUpdateArgs",
             UpdateArgs,
             [
-                w, g, backup, stash, state, avg, n, mix_a, mix_b, post_a, post_b, avg_weight, sgd,
-                adam, flags, base, n_state, avg_mask
+                w, g, backup, stash, state, avg, n, mix_a, mix_b, post_a, post_b, restash_a,
+                restash_b, avg_weight, sgd, adam, flags, base, n_state, avg_mask
             ]
         ),
         layout!("SamFoldArgs", FoldArgs, [w, avg, n, weight, mask, pad_]),
@@ -585,13 +592,14 @@ mod tests {
     fn update_layout() {
         let l = find("SamUpdateArgs");
         assert_eq!(l.align, 8);
-        // 4 pointers, state[3], avg[4], n = 12 × 8 = 96; 4 doubles = 32 → 128; avg_weight[4]
-        // = 32 → 160; sgd 40 → 200; adam 72 → 272; 4 × u32 = 16 → 288.
-        assert_eq!(l.size, 288);
+        // 4 pointers, state[3], avg[4], n = 12 × 8 = 96; 6 doubles = 48 → 144; avg_weight[4]
+        // = 32 → 176; sgd 40 → 216; adam 72 → 288; 4 × u32 = 16 → 304.
+        assert_eq!(l.size, 304);
         assert_eq!(
             offsets("SamUpdateArgs"),
             [
-                0, 8, 16, 24, 32, 56, 88, 96, 104, 112, 120, 128, 160, 200, 272, 276, 280, 284
+                0, 8, 16, 24, 32, 56, 88, 96, 104, 112, 120, 128, 136, 144, 176, 216, 288, 292,
+                296, 300
             ]
         );
     }
