@@ -2,10 +2,10 @@
 //! saved between steps and loaded into fresh buffers, so that a resumed run continues with the
 //! same bits as an uninterrupted one.
 //!
-//! A checkpoint holds the slots that carry state from one step to the next: the base rule's
-//! state (SGD's momentum buffer; Adam's `m`, `v`, `vmax`) and WASAM's averages. The backup and
-//! the stash are scratch between steps (written before they are read in every step) and are not
-//! saved. Weights are the model's and are saved by the framework with the model. Values are
+//! A checkpoint holds the slots that carry state from one step to the next: LookSAM's stored
+//! direction (its stash), the base rule's state (SGD's momentum buffer; Adam's `m`, `v`,
+//! `vmax`) and WASAM's averages. The backup, and the stash of the other variants, are scratch
+//! between steps (written before they are read in every step) and are not saved. Weights are the model's and are saved by the framework with the model. Values are
 //! stored as the bits of their exact `f64` widening, so any serde format round-trips them.
 
 use alloc::vec::Vec;
@@ -62,7 +62,7 @@ pub struct GroupState {
     pub spec: SlotSpec,
     /// The storage type (`"f32"` or `"f64"`).
     pub scalar: alloc::string::String,
-    /// The base-rule state slots, then the averages, in order.
+    /// The persistent stash (LookSAM), the base-rule state slots, then the averages, in order.
     pub slots: Vec<SlotValues>,
 }
 
@@ -110,10 +110,13 @@ pub struct Checkpoint<S> {
     pub groups: Vec<GroupState>,
 }
 
-/// The slots a checkpoint holds for a layout: base state, then averages.
-fn saved_slots(spec: &SlotSpec) -> impl Iterator<Item = Slot> {
-    (0..spec.state)
-        .map(Slot::State)
+/// The slots a checkpoint holds for a layout: the stash when it persists (`keeps_stash`),
+/// base state, then averages.
+fn saved_slots(spec: &SlotSpec, keeps_stash: bool) -> impl Iterator<Item = Slot> {
+    (keeps_stash && spec.stash)
+        .then_some(Slot::Stash)
+        .into_iter()
+        .chain((0..spec.state).map(Slot::State))
         .chain((0..spec.averages).map(Slot::Average))
 }
 
@@ -138,7 +141,7 @@ impl<S: Clone> Checkpoint<S> {
             let n = g.buffer.len();
             let mut values = alloc::vec![<B::Scalar as Default>::default(); n];
             let mut slots = Vec::new();
-            for slot in saved_slots(&spec) {
+            for slot in saved_slots(&spec, opt.keeps_stash()) {
                 let bits = if g.buffer.prepared() == Some(spec) {
                     g.buffer
                         .read_slot(slot, &mut values)
@@ -199,7 +202,7 @@ impl<S: Clone> Checkpoint<S> {
                     "checkpoint: a group's slot layout differs (other base rule or variant)",
                 ));
             }
-            let expected = saved_slots(&saved.spec);
+            let expected = saved_slots(&saved.spec, opt.keeps_stash());
             if !saved.slots.iter().map(|s| s.slot).eq(expected) {
                 return Err(mismatch("checkpoint: a group's slots are missing or extra"));
             }

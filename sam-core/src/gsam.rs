@@ -1,14 +1,12 @@
 //! GSAM: surrogate-gap guided SAM.
 
-use crate::backend::{
-    AverageFold, GradMix, ParamBuffer, ReduceSpec, SlotSpec, UpdateSpec, Weighting,
-};
+use crate::backend::{AverageFold, GradMix, ParamBuffer, ReduceSpec, SlotSpec, Weighting};
 use crate::engine::{Engine, OptimizerState, StepStatus, Timeline};
 use crate::error::{Error, invalid, non_negative};
 use crate::group::{Group, GroupOptions};
 use crate::optimizer::{Optimizer, SamOptimizer, sealed};
 use crate::perturbation::Perturbation;
-use crate::phases::{self, Finish};
+use crate::phases::{self, Combine, Finish};
 use crate::schedule::{Proportional, Schedule};
 
 /// Where ρ comes from.
@@ -248,16 +246,11 @@ impl sealed::Core for Gsam {
             Engine::restore_all(groups)?;
             return Err(Error::NormOverflow);
         }
-        let e = &self.engine;
-        Engine::update_all(groups, true, |_, o| UpdateSpec {
-            restore: true,
+        let combine = |_| Combine {
             grad: GradMix::Mix { a, b: -alpha },
-            base: phases::base_step(e, o, finish).0,
-            post: None,
-            average: AverageFold::NONE,
-        })?;
-        self.engine.steps = self.engine.steps.saturating_add(1);
-        Ok(StepStatus::Applied)
+            ..Combine::CURRENT
+        };
+        phases::restore_and_step(&mut self.engine, groups, finish, AverageFold::NONE, combine)
     }
 }
 

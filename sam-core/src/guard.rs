@@ -14,11 +14,16 @@ use crate::phases::Finish;
 /// guard without finishing restores the weights exactly (and discards the step); if it is leaked
 /// (`mem::forget`), the optimizer stays in [`Phase::Perturbed`] and refuses to step until
 /// `recover` is called.
+///
+/// On the one-gradient steps of [`LookSam`](crate::LookSam) nothing is perturbed: the guard
+/// holds the clean weights, the phase stays [`Phase::Idle`], finishing uses the gradient in the
+/// buffers (a second gradient need not be computed), and dropping it changes nothing.
 #[must_use = "dropping the guard restores the weights and discards the step"]
 pub struct Perturbed<'a, V: Optimizer, B: ParamBuffer> {
     opt: &'a mut V,
     groups: &'a mut [Group<B>],
     armed: bool,
+    climbed: bool,
 }
 
 impl<V: Optimizer, B: ParamBuffer> core::fmt::Debug for Perturbed<'_, V, B> {
@@ -30,12 +35,27 @@ impl<V: Optimizer, B: ParamBuffer> core::fmt::Debug for Perturbed<'_, V, B> {
 }
 
 impl<'a, V: Optimizer, B: ParamBuffer> Perturbed<'a, V, B> {
-    pub(crate) fn new(opt: &'a mut V, groups: &'a mut [Group<B>]) -> Self {
-        opt.engine_mut().phase = Phase::Perturbed;
+    /// The guard after a first half that perturbed the weights (`climbed`) or did not.
+    pub(crate) fn new(opt: &'a mut V, groups: &'a mut [Group<B>], climbed: bool) -> Self {
+        if climbed {
+            opt.engine_mut().phase = Phase::Perturbed;
+        }
         Perturbed {
             opt,
             groups,
             armed: true,
+            climbed,
+        }
+    }
+
+    /// Restores the weights if they were perturbed, and ends the phase.
+    fn disarm(&mut self) -> Result<(), Error<B::Error>> {
+        self.armed = false;
+        self.opt.engine_mut().phase = Phase::Idle;
+        if self.climbed {
+            Engine::restore_all(self.groups)
+        } else {
+            Ok(())
         }
     }
 
@@ -65,9 +85,7 @@ impl<'a, V: Optimizer, B: ParamBuffer> Perturbed<'a, V, B> {
 
     /// Abandons the step, restoring the weights, and reports a backend failure if any.
     pub fn cancel(mut self) -> Result<(), Error<B::Error>> {
-        self.armed = false;
-        self.opt.engine_mut().phase = Phase::Idle;
-        Engine::restore_all(self.groups)
+        self.disarm()
     }
 
     fn finish(&mut self, how: Finish) -> Result<StepStatus, Error<B::Error>> {
@@ -82,8 +100,7 @@ impl<'a, V: Optimizer, B: ParamBuffer> Perturbed<'a, V, B> {
 impl<V: Optimizer, B: ParamBuffer> Drop for Perturbed<'_, V, B> {
     fn drop(&mut self) {
         if self.armed {
-            let _ = Engine::restore_all(self.groups);
-            self.opt.engine_mut().phase = Phase::Idle;
+            let _ = self.disarm();
         }
     }
 }

@@ -1,7 +1,7 @@
 //! SAM every `k` steps: a full step of a SAM-family variant on every `k`-th step, the base
 //! optimizer's one-gradient step on the others.
 
-use crate::backend::{ParamBuffer, SlotSpec};
+use crate::backend::{GradMix, ParamBuffer, SlotSpec};
 use crate::engine::{Engine, StepStatus};
 use crate::error::Error;
 use crate::group::{Group, GroupOptions};
@@ -120,11 +120,15 @@ impl<O: SamOptimizer> sealed::Core for Interval<O> {
         if self.will_climb() {
             return self.inner.second_half(groups, finish);
         }
-        phases::plain_step(self.inner.engine_mut(), groups)
+        phases::plain_step(self.inner.engine_mut(), groups, GradMix::Current, finish)
     }
 
     fn accepts_lr_schedule(&self, schedule: Option<&Schedule>) -> Result<(), Error> {
         self.inner.accepts_lr_schedule(schedule)
+    }
+
+    fn keeps_stash(&self) -> bool {
+        self.inner.keeps_stash()
     }
 }
 

@@ -57,6 +57,8 @@
 //! | [`Gsam`] | Zhuang et al. 2022, <https://arxiv.org/abs/2203.08065> |
 //! | [`Wsam`] | Yue et al. 2023, <https://arxiv.org/abs/2305.15817> |
 //! | [`Wasam`] | Kaddour et al. 2022, <https://arxiv.org/abs/2202.00661> |
+//! | [`LookSam`] (SAM every `k` steps, its direction reused in between) | Liu et al. 2022, <https://arxiv.org/abs/2203.02714> |
+//! | [`Interval`] (SAM every `k` steps, plain steps in between) | MosaicML Composer's `SAMOptimizer(interval=k)` |
 //! | [`BaseOptimizer`] | plain SGD / Adam / AdamW with torch semantics (the baseline) |
 //!
 //! # Guarantees
@@ -82,8 +84,11 @@
 //!
 //! - two-call form ([`SamOptimizer`]): zero the storage, add every micro-batch's gradient at
 //!   `w`, call `first_step`; zero it again, add every micro-batch's gradient at the perturbed
-//!   weights, call `second_step`. The clean gradient the final pass needs (GSAM's and WSAM's)
-//!   is stashed by `first_step`, so zeroing the storage in between loses nothing;
+//!   weights, call `second_step`. The clean gradient the final pass needs (GSAM's, WSAM's and
+//!   LookSAM's at a refresh) is stashed by `first_step`, so zeroing the storage in between
+//!   loses nothing. On a step that takes one gradient (LookSAM between refreshes)
+//!   `first_step` reads the accumulated gradient and `second_step` uses the storage as it
+//!   then is: accumulate once and leave it;
 //! - closure form ([`Optimizer::step`]): the closure zeroes the storage and adds the
 //!   micro-batches itself, each time it is called.
 //!
@@ -117,6 +122,7 @@ mod group;
 mod gsam;
 mod guard;
 mod interval;
+mod looksam;
 mod optimizer;
 mod perturbation;
 mod phases;
@@ -135,6 +141,7 @@ pub use group::{Group, GroupOptions};
 pub use gsam::{Gsam, GsamConfig, RhoSchedule};
 pub use guard::Perturbed;
 pub use interval::Interval;
+pub use looksam::{LookSam, LookSamConfig};
 pub use optimizer::{Optimizer, SamOptimizer};
 pub use perturbation::Perturbation;
 pub use plain::BaseOptimizer;

@@ -29,6 +29,11 @@ pub(crate) mod sealed {
             groups: &mut [Group<B>],
             finish: Finish,
         ) -> Result<StepStatus, Error<B::Error>>;
+        /// Whether the stash carries state from one step to the next (LookSAM's stored
+        /// direction), so that checkpoints save it.
+        fn keeps_stash(&self) -> bool {
+            false
+        }
         /// Whether this lr schedule (or none) is acceptable to the variant.
         fn accepts_lr_schedule(&self, _schedule: Option<&Schedule>) -> Result<(), Error> {
             Ok(())
@@ -36,8 +41,8 @@ pub(crate) mod sealed {
     }
 }
 
-/// An optimizer over parameter groups: SAM, ASAM, GSAM, WSAM, WASAM and the plain base
-/// optimizer. Sealed: implemented by this crate's optimizers only.
+/// An optimizer over parameter groups: SAM, ASAM, GSAM, WSAM, WASAM, LookSAM, SAM every `k`
+/// steps and the plain base optimizer. Sealed: implemented by this crate's optimizers only.
 ///
 /// ```
 /// use sam_core::{BaseRule, Error, Group, Optimizer, Sam, SamConfig, SgdConfig, StepStatus};
@@ -74,7 +79,7 @@ pub trait Optimizer: sealed::Core {
     /// The host-side checkpoint state (per-element state lives in the buffers' slots).
     type State: Clone + core::fmt::Debug + PartialEq;
 
-    /// The variant's name (`"sam"` for SAM and ASAM, `"gsam"`, `"wsam"`, `"wasam"`, `"base"`;
+    /// The variant's name (`"sam"` for SAM and ASAM, `"gsam"`, `"wsam"`, `"wasam"`, `"looksam"`, `"base"`;
     /// [`Interval`](crate::Interval) has its inner variant's): checkpoints record it.
     fn variant(&self) -> &'static str;
 
@@ -121,7 +126,8 @@ pub trait Optimizer: sealed::Core {
 
     /// A whole step driven by a closure that writes the gradient at the current weights into
     /// every buffer and returns the loss. A SAM-family optimizer calls it twice, at the clean
-    /// weights (its loss is reported) and at the perturbed weights; the base optimizer once.
+    /// weights (its loss is reported) and at the perturbed weights; the base optimizer once,
+    /// and so do LookSAM between refreshes and SAM every `k` steps between climbs.
     /// A closure error aborts the step with the weights restored; a non-finite gradient skips
     /// it ([`StepStatus::Skipped`]) with every buffer as it was.
     fn step<B, L, C, F>(
@@ -147,7 +153,7 @@ pub trait Optimizer: sealed::Core {
             Err(e) => return Err(e.into()),
         };
         let status = if perturbed {
-            let mut guard = Perturbed::new(self, groups);
+            let mut guard = Perturbed::new(self, groups, true);
             closure(guard.groups_mut())?;
             guard.second_step()?
         } else {
@@ -195,7 +201,7 @@ pub trait SamOptimizer: Optimizer + Sized {
         &'a mut self,
         groups: &'a mut [Group<B>],
     ) -> Result<Perturbed<'a, Self, B>, Error<B::Error>> {
-        self.first_half(groups)?;
-        Ok(Perturbed::new(self, groups))
+        let climbed = self.first_half(groups)?;
+        Ok(Perturbed::new(self, groups, climbed))
     }
 }

@@ -3,7 +3,8 @@
 //! step of the final pass.
 
 use crate::backend::{
-    AverageFold, BaseStep, GradMix, ParamBuffer, ReduceSpec, SlotSpec, UpdateSpec, Weighting,
+    AverageFold, BaseStep, GradMix, ParamBuffer, PostMix, ReduceSpec, SlotSpec, UpdateSpec,
+    Weighting,
 };
 use crate::engine::{Engine, Norms, SkipReason, StepStatus};
 use crate::error::Error;
@@ -110,34 +111,95 @@ pub(crate) fn base_step(engine: &Engine, o: &GroupOptions, finish: Finish) -> (B
     }
 }
 
+/// How the final pass of a climbing step combines the gradients (the rest of its
+/// [`UpdateSpec`] follows from the step): the final gradient, the post-correction, the new
+/// stash.
+pub(crate) struct Combine {
+    pub grad: GradMix,
+    pub post: Option<PostMix>,
+    pub restash: Option<PostMix>,
+}
+
+impl Combine {
+    /// The second gradient as it is (SAM, ASAM, WASAM).
+    pub const CURRENT: Combine = Combine {
+        grad: GradMix::Current,
+        post: None,
+        restash: None,
+    };
+}
+
+/// The final pass of a climbing step: every group restored from its backup and stepped with
+/// its base rule at the scheduled lr (or, with [`Finish::External`], only restored with the
+/// final gradient left), combining the gradients as `combine(lr)` says and folding `average`;
+/// the groups not yet stepped are restored if a backend fails. Then the step counts.
+pub(crate) fn restore_and_step<B: ParamBuffer>(
+    engine: &mut Engine,
+    groups: &mut [Group<B>],
+    finish: Finish,
+    average: AverageFold,
+    combine: impl Fn(f64) -> Combine,
+) -> Result<StepStatus, Error<B::Error>> {
+    let e = &*engine;
+    Engine::update_all(groups, true, |_, o| {
+        let (base, lr) = base_step(e, o, finish);
+        let c = combine(lr);
+        UpdateSpec {
+            restore: true,
+            grad: c.grad,
+            base,
+            post: c.post,
+            restash: c.restash,
+            average,
+        }
+    })?;
+    engine.steps = engine.steps.saturating_add(1);
+    Ok(StepStatus::Applied)
+}
+
 /// The checks of a one-gradient step before any write: phase, lr, group shape and slots
-/// (`layout`), and finiteness of the gradient ([`Error::NonFiniteGradient`]).
+/// (`layout`), then one reduce with `spec` (whose finiteness flag the caller judges).
+pub(crate) fn plain_begin<B: ParamBuffer>(
+    engine: &mut Engine,
+    groups: &mut [Group<B>],
+    layout: impl Fn(&GroupOptions) -> SlotSpec,
+    spec: impl Fn(&GroupOptions, [f64; 3]) -> ReduceSpec,
+) -> Result<Norms, Error<B::Error>> {
+    engine.check_lr(groups)?;
+    engine.begin(groups, layout)?;
+    Engine::norms(groups, spec)
+}
+
+/// [`plain_begin`] with the finiteness check of the gradient alone
+/// ([`Error::NonFiniteGradient`]).
 pub(crate) fn plain_checks<B: ParamBuffer>(
     engine: &mut Engine,
     groups: &mut [Group<B>],
     layout: impl Fn(&GroupOptions) -> SlotSpec,
 ) -> Result<(), Error<B::Error>> {
-    engine.check_lr(groups)?;
-    engine.begin(groups, layout)?;
-    let n = Engine::norms(groups, |_, _| ReduceSpec::FINITE_ONLY)?;
+    let n = plain_begin(engine, groups, layout, |_, _| ReduceSpec::FINITE_ONLY)?;
     if !n.finite {
         return Err(Error::NonFiniteGradient);
     }
     Ok(())
 }
 
-/// The one-gradient base step after [`plain_checks`]: every group's base rule on the gradient
-/// in its buffer, from the current weights.
+/// The one-gradient step after [`plain_checks`]: every group's base rule (or, with
+/// [`Finish::External`], nothing but the final gradient written back) on the final gradient
+/// `grad`, from the current weights.
 pub(crate) fn plain_step<B: ParamBuffer>(
     engine: &mut Engine,
     groups: &mut [Group<B>],
+    grad: GradMix,
+    finish: Finish,
 ) -> Result<StepStatus, Error<B::Error>> {
     let e = &*engine;
     Engine::update_all(groups, false, |_, o| UpdateSpec {
         restore: false,
-        grad: GradMix::Current,
-        base: base_step(e, o, Finish::Base).0,
+        grad,
+        base: base_step(e, o, finish).0,
         post: None,
+        restash: None,
         average: AverageFold::NONE,
     })?;
     engine.steps = engine.steps.saturating_add(1);

@@ -1,7 +1,7 @@
 //! The base optimizer alone (no sharpness term): the baseline every SAM variant is compared with,
 //! and the identity SAM reduces to with ρ = 0.
 
-use crate::backend::{ParamBuffer, SlotSpec};
+use crate::backend::{GradMix, ParamBuffer, SlotSpec};
 use crate::engine::{Engine, OptimizerState, SkipReason, StepStatus};
 use crate::error::Error;
 use crate::group::{Group, GroupOptions};
@@ -81,7 +81,7 @@ impl sealed::Core for BaseOptimizer {
         groups: &mut [Group<B>],
         _finish: Finish,
     ) -> Result<StepStatus, Error<B::Error>> {
-        phases::plain_step(&mut self.engine, groups)
+        phases::plain_step(&mut self.engine, groups, GradMix::Current, Finish::Base)
     }
 }
 

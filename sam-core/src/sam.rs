@@ -1,12 +1,12 @@
 //! SAM and ASAM.
 
-use crate::backend::{AverageFold, GradMix, ParamBuffer, SlotSpec, UpdateSpec};
+use crate::backend::{AverageFold, ParamBuffer, SlotSpec};
 use crate::engine::{Engine, OptimizerState, StepStatus};
 use crate::error::Error;
 use crate::group::{Group, GroupOptions};
 use crate::optimizer::{Optimizer, SamOptimizer, sealed};
 use crate::perturbation::Perturbation;
-use crate::phases::{self, Finish};
+use crate::phases::{self, Combine, Finish};
 
 /// Hyperparameters of [`Sam`] (and of the SAM inside [`Wasam`](crate::Wasam)).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -105,16 +105,7 @@ pub(crate) fn sam_second_half<B: ParamBuffer>(
     if let Some(skip) = phases::check_second(groups, check)? {
         return Ok(skip);
     }
-    let e = &*engine;
-    Engine::update_all(groups, true, |_, o| UpdateSpec {
-        restore: true,
-        grad: GradMix::Current,
-        base: phases::base_step(e, o, finish).0,
-        post: None,
-        average,
-    })?;
-    engine.steps = engine.steps.saturating_add(1);
-    Ok(StepStatus::Applied)
+    phases::restore_and_step(engine, groups, finish, average, |_| Combine::CURRENT)
 }
 
 impl sealed::Core for Sam {

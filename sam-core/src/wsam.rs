@@ -1,14 +1,12 @@
 //! WSAM: sharpness as a weighted regulariser.
 
-use crate::backend::{
-    AverageFold, GradMix, ParamBuffer, PostMix, ReduceSpec, SlotSpec, UpdateSpec,
-};
+use crate::backend::{AverageFold, GradMix, ParamBuffer, PostMix, ReduceSpec, SlotSpec};
 use crate::engine::{Engine, OptimizerState, StepStatus};
 use crate::error::{Error, invalid};
 use crate::group::{Group, GroupOptions};
 use crate::optimizer::{Optimizer, SamOptimizer, sealed};
 use crate::perturbation::Perturbation;
-use crate::phases::{self, Finish};
+use crate::phases::{self, Combine, Finish};
 
 /// Hyperparameters of [`Wsam`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -174,35 +172,27 @@ impl sealed::Core for Wsam {
         let c0 = self.clip1;
         let alpha = self.alpha;
         let decouple = self.cfg.decouple;
-        let e = &self.engine;
-        Engine::update_all(groups, true, |_, o| {
-            let (base, lr) = phases::base_step(e, o, finish);
+        let combine = |lr: f64| {
             if decouple {
-                UpdateSpec {
-                    restore: true,
+                Combine {
                     grad: GradMix::Mix { a: 0.0, b: c0 },
-                    base,
                     post: Some(PostMix {
                         a: -(lr * alpha) * c1,
                         b: (lr * alpha) * c0,
                     }),
-                    average: AverageFold::NONE,
+                    restash: None,
                 }
             } else {
-                UpdateSpec {
-                    restore: true,
+                Combine {
                     grad: GradMix::Mix {
                         a: alpha * c1,
                         b: (1.0 - alpha) * c0,
                     },
-                    base,
-                    post: None,
-                    average: AverageFold::NONE,
+                    ..Combine::CURRENT
                 }
             }
-        })?;
-        self.engine.steps = self.engine.steps.saturating_add(1);
-        Ok(StepStatus::Applied)
+        };
+        phases::restore_and_step(&mut self.engine, groups, finish, AverageFold::NONE, combine)
     }
 }
 

@@ -14,8 +14,8 @@
 
 use ndarray::{ArrayD, IxDyn};
 use sam_core::backend::{ParamBuffer, Real, Reduction, Slot};
-use sam_core::reference::VecBuffer;
-use sam_core::{Group, GroupOptions};
+use sam_core::reference::{SliceError, VecBuffer};
+use sam_core::{Error, Group, GroupOptions, Optimizer, StepStatus};
 use sam_ndarray::NdGroup;
 
 pub mod strategy;
@@ -436,4 +436,80 @@ pub fn on_every_pool(check: impl Fn() + Sync) {
     for pool in pools() {
         pool.install(&check);
     }
+}
+
+/// One closure-driven step on reference groups with the [`oracle`] gradient of evaluation
+/// `calls` (incremented by each evaluation).
+pub fn oracle_step<O: Optimizer>(
+    opt: &mut O,
+    gs: &mut [Group<VecBuffer<f64>>],
+    calls: &std::cell::Cell<u64>,
+) -> StepStatus {
+    let report = opt.step(gs, |gs: &mut [Group<VecBuffer<f64>>]| {
+        write_grads_ref(gs, calls.replace(calls.get() + 1), None);
+        Ok::<_, Error<SliceError>>(())
+    });
+    match report {
+        Ok(r) => r.status,
+        Err(e) => panic!("step failed: {e}"),
+    }
+}
+
+/// The weights and base-rule state (and the averages, with `averages`) of two reference group
+/// sets, bit for bit: what carries a run from one step to the next (for every variant but
+/// LookSAM, whose stash carries its stored direction; the backup is scratch).
+pub fn check_same_state<T: Bits>(
+    a: &[Group<VecBuffer<T>>],
+    b: &[Group<VecBuffer<T>>],
+    averages: bool,
+) -> Result<(), String> {
+    for (k, (ga, gb)) in a.iter().zip(b).enumerate() {
+        let (sa, sb) = (&ga.buffer, &gb.buffer);
+        let mut roles = vec![];
+        if let Some(spec) = sa.spec() {
+            roles.extend((0..spec.state).map(Slot::State));
+            if averages {
+                roles.extend((0..spec.averages).map(Slot::Average));
+            }
+        }
+        check_slices("w", sa.weights(), sb.weights())
+            .and_then(|_| {
+                roles.iter().try_for_each(|&r| {
+                    let (x, y) = (sa.slot(r).unwrap_or(&[]), sb.slot(r).unwrap_or(&[]));
+                    check_slices(&format!("{r:?}"), x, y)
+                })
+            })
+            .map_err(|e| format!("group {k}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Runs `opt` for `steps` closure steps on the [`standard_groups`] in `f32`, as [`NdGroup`]s and
+/// as reference buffers side by side with the [`oracle`] gradients, asserting after every step
+/// that they agree bit for bit ([`assert_groups_same`]); returns the gradient evaluations.
+pub fn assert_nd_runs_as_reference<O: Optimizer + Clone>(opt: &O, steps: usize) -> u64 {
+    use sam_ndarray::NdError;
+    use std::cell::Cell;
+    let (nds, stores, opts) = standard_groups::<f32>();
+    let mut a = groups(nds, &opts);
+    let mut b = groups(stores, &opts);
+    let (mut oa, mut ob) = (opt.clone(), opt.clone());
+    let (ca, cb) = (Cell::new(0u64), Cell::new(0u64));
+    for _ in 0..steps {
+        let ra = oa.step(&mut a, |gs: &mut [Group<NdGroup<f32>>]| {
+            write_grads_nd(gs, ca.replace(ca.get() + 1), None);
+            Ok::<_, Error<NdError>>(())
+        });
+        let rb = ob.step(&mut b, |gs: &mut [Group<VecBuffer<f32>>]| {
+            write_grads_ref(gs, cb.replace(cb.get() + 1), None);
+            Ok::<_, Error<SliceError>>(())
+        });
+        match (ra, rb) {
+            (Ok(x), Ok(y)) => assert_eq!(x.status, y.status),
+            (x, y) => panic!("steps failed: {:?} / {:?}", x.err(), y.err()),
+        }
+        assert_groups_same(&a, &b);
+    }
+    assert_eq!(ca.get(), cb.get());
+    ca.get()
 }

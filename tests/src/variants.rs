@@ -1,8 +1,9 @@
 //! Every SAM-family variant under a name, for tests that run one check per variant.
 
 use sam_core::{
-    GroupOptions, Gsam, GsamConfig, Perturbation, Proportional, RhoSchedule, Sam, SamConfig,
-    Schedule, ScheduleConfig, ScheduleShape, Timeline, Wasam, Wsam, WsamConfig,
+    GroupOptions, Gsam, GsamConfig, LookSam, LookSamConfig, Perturbation, Proportional,
+    RhoSchedule, Sam, SamConfig, Schedule, ScheduleConfig, ScheduleShape, Timeline, Wasam, Wsam,
+    WsamConfig,
 };
 
 /// A change to group options.
@@ -17,6 +18,18 @@ pub const NAMES: [(&str, MapOptions); 6] = [
     ("GSAM-warmup", no_overrides),
     ("WSAM", keep),
     ("WASAM", keep),
+];
+
+/// [`NAMES`] and LookSAM, whose steps alternate between one and two gradients on their own
+/// (the checks of SAM every `k` steps, which assume a two-gradient inner step, use [`NAMES`]).
+pub const ALL_NAMES: [(&str, MapOptions); 7] = [
+    NAMES[0],
+    NAMES[1],
+    NAMES[2],
+    NAMES[3],
+    NAMES[4],
+    NAMES[5],
+    ("LookSAM", keep),
 ];
 
 /// The options unchanged.
@@ -87,8 +100,17 @@ pub fn wasam() -> Wasam {
     Wasam::new(SamConfig::default(), &[0, 2]).expect("WASAM")
 }
 
+/// LookSAM refreshing every 3 steps, α = 0.7, SAM's default climb.
+pub fn looksam() -> LookSam {
+    LookSam::new(LookSamConfig {
+        k: 3,
+        ..LookSamConfig::default()
+    })
+    .expect("LookSAM")
+}
+
 /// Runs `$body` with `$opt` bound to a fresh optimizer of the variant named `$name` (one of
-/// [`NAMES`]).
+/// [`ALL_NAMES`]).
 #[macro_export]
 macro_rules! with_variant {
     ($name:expr, |$opt:ident| $body:block) => {
@@ -115,6 +137,10 @@ macro_rules! with_variant {
             }
             "WASAM" => {
                 let $opt = $crate::variants::wasam();
+                $body
+            }
+            "LookSAM" => {
+                let $opt = $crate::variants::looksam();
                 $body
             }
             other => panic!("unknown variant {other}"),

@@ -11,12 +11,13 @@
 //!   steps the weights agree to a relative 1e-12 (the f64 rounding of 32-term sums, a few ulps,
 //!   carried through 10 steps of a contracting quadratic).
 //! - The two-call form with the storage zeroed between the two accumulations (GSAM and WSAM's
-//!   final pass needs the clean gradient: it is stashed, not read back from the storage).
+//!   final pass needs the clean gradient: it is stashed, not read back from the storage; so
+//!   does LookSAM's refresh, whose stored direction persists across the steps between).
 
 use sam_core::reference::{SliceError, VecBuffer};
 use sam_core::{Error, Group, Interval, Optimizer, SamOptimizer, StepStatus};
 use sam_ndarray::NdGroup;
-use sam_tests::variants::{MapOptions, NAMES, gsam, wsam};
+use sam_tests::variants::{ALL_NAMES, MapOptions, gsam, looksam, wsam};
 use sam_tests::{assert_slices, groups, standard_groups, with_variant};
 
 /// Samples in a batch.
@@ -83,7 +84,7 @@ fn run<O: Optimizer>(mut opt: O, map: MapOptions, micro: usize, linear: bool) ->
 
 /// Every variant and SAM every 2 steps, whole batch against `micro` micro-batches.
 fn compare(micro: usize, linear: bool, check: impl Fn(&str, &[f64], &[f64])) {
-    for (name, map) in NAMES {
+    for (name, map) in ALL_NAMES {
         let (whole, split, every_whole, every_split) = with_variant!(name, |opt| {
             (
                 run(opt.clone(), map, 1, linear),
@@ -180,5 +181,6 @@ fn two_call_form_with_the_storage_zeroed_between_the_accumulations() {
     for micro in [2, 8] {
         check("GSAM", steps(&gsam(), 1), steps(&gsam(), micro));
         check("WSAM", steps(&wsam(), 1), steps(&wsam(), micro));
+        check("LookSAM", steps(&looksam(), 1), steps(&looksam(), micro));
     }
 }

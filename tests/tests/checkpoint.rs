@@ -13,7 +13,7 @@ use sam_core::{
     StepStatus,
 };
 use sam_ndarray::{NdError, NdGroup};
-use sam_tests::variants::{MapOptions, NAMES, gsam, keep, sam};
+use sam_tests::variants::{ALL_NAMES, MapOptions, gsam, keep, sam};
 use sam_tests::{groups, standard_groups, with_variant, write_grads_nd, write_grads_ref};
 
 type Groups = Vec<Group<VecBuffer<f64>>>;
@@ -54,7 +54,7 @@ fn set_weights(gs: &mut Groups, bits: &[Vec<u64>]) {
 
 /// The cases: a name, the options change, and whether SAM-every-3 wraps the variant.
 fn cases() -> Vec<(String, MapOptions, bool)> {
-    let mut v: Vec<_> = NAMES
+    let mut v: Vec<_> = ALL_NAMES
         .iter()
         .flat_map(|&(n, m)| [(n.to_string(), m, false), (n.to_string(), m, true)])
         .collect();

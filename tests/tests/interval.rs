@@ -14,11 +14,10 @@ use sam_core::{
     BaseOptimizer, Error, Group, GroupOptions, Interval, Optimizer, OptimizerState, Sam, SamConfig,
     SkipReason, StepStatus, Wasam, Wsam, WsamConfig,
 };
-use sam_ndarray::{NdError, NdGroup};
 use sam_tests::variants::{MapOptions, NAMES, gsam, keep, no_overrides};
 use sam_tests::{
-    assert_groups_same, check_slices, groups, standard_groups, with_variant, write_grads_nd,
-    write_grads_ref,
+    assert_nd_runs_as_reference, check_same_state, check_slices, groups, oracle_step,
+    standard_groups, with_variant, write_grads_ref,
 };
 
 type Groups = Vec<Group<VecBuffer<f64>>>;
@@ -29,38 +28,13 @@ fn reference_groups(map: MapOptions) -> Groups {
     groups(stores, &opts)
 }
 
-/// One step with the oracle gradient of call `c` (and then `c + 1`).
 fn step<O: Optimizer>(opt: &mut O, gs: &mut Groups, calls: &Cell<u64>) -> StepStatus {
-    opt.step(gs, |gs: &mut [Group<VecBuffer<f64>>]| {
-        write_grads_ref(gs, calls.replace(calls.get() + 1), None);
-        Ok::<_, Error<SliceError>>(())
-    })
-    .unwrap()
-    .status
+    oracle_step(opt, gs, calls)
 }
 
-/// Weights and base-rule state (and averages, with `averages`) of two reference group sets, bit
-/// for bit (the backup and stash are scratch: written before they are read in every climbing
-/// step).
 fn assert_same_state(a: &Groups, b: &Groups, averages: bool, what: &str) {
-    for (k, (ga, gb)) in a.iter().zip(b).enumerate() {
-        let (sa, sb) = (&ga.buffer, &gb.buffer);
-        let mut roles = vec![];
-        if let Some(spec) = sa.spec() {
-            roles.extend((0..spec.state).map(Slot::State));
-            if averages {
-                roles.extend((0..spec.averages).map(Slot::Average));
-            }
-        }
-        let check = check_slices("w", sa.weights(), sb.weights()).and_then(|_| {
-            roles.iter().try_for_each(|&r| {
-                let (x, y) = (sa.slot(r).unwrap_or(&[]), sb.slot(r).unwrap_or(&[]));
-                check_slices(&format!("{r:?}"), x, y)
-            })
-        });
-        if let Err(e) = check {
-            panic!("{what}: group {k}: {e}");
-        }
+    if let Err(e) = check_same_state(a, b, averages) {
+        panic!("{what}: {e}");
     }
 }
 
@@ -257,23 +231,6 @@ fn interval_zero_is_refused() {
 
 #[test]
 fn ndarray_equals_the_reference_with_an_interval() {
-    let (nds, stores, opts) = standard_groups::<f32>();
-    let mut a = groups(nds, &opts);
-    let mut b = groups(stores, &opts);
-    let mut oa = Interval::new(Wsam::new(WsamConfig::default()).unwrap(), 2).unwrap();
-    let mut ob = oa.clone();
-    let (ca, cb) = (Cell::new(0u64), Cell::new(0u64));
-    for _ in 0..6 {
-        oa.step(&mut a, |gs: &mut [Group<NdGroup<f32>>]| {
-            write_grads_nd(gs, ca.replace(ca.get() + 1), None);
-            Ok::<_, Error<NdError>>(())
-        })
-        .unwrap();
-        ob.step(&mut b, |gs: &mut [Group<VecBuffer<f32>>]| {
-            write_grads_ref(gs, cb.replace(cb.get() + 1), None);
-            Ok::<_, Error<SliceError>>(())
-        })
-        .unwrap();
-        assert_groups_same(&a, &b);
-    }
+    let opt = Interval::new(Wsam::new(WsamConfig::default()).unwrap(), 2).unwrap();
+    assert_eq!(assert_nd_runs_as_reference(&opt, 6), 6 + 3);
 }
