@@ -1,6 +1,7 @@
 //! The `checkpoint` check: hostile checkpoint files into `sam_core::checkpoint::Checkpoint::load`.
 //!
-//! The input picks a variant (SAM, GSAM, WASAM: both host-state types), a storage type and a
+//! The input picks a variant (SAM, GSAM, WASAM, LookSAM: both host-state types, and a stash
+//! that persists), a storage type and a
 //! step count, runs that many steps on a fixed set of groups (reference backend), and saves a
 //! checkpoint as JSON. It then mutates the JSON tree and its text (as the `case_json` check
 //! does: odd values, dropped and added keys, resized arrays, odd number tokens, truncation,
@@ -18,8 +19,8 @@
 use sam_core::checkpoint::Checkpoint;
 use sam_core::reference::{SliceError, VecBuffer};
 use sam_core::{
-    BaseRule, Error, Group, GroupOptions, Gsam, GsamConfig, Optimizer, RhoSchedule, Sam, SamConfig,
-    Schedule, SgdConfig, Wasam,
+    BaseRule, Error, Group, GroupOptions, Gsam, GsamConfig, LookSam, LookSamConfig, Optimizer,
+    RhoSchedule, Sam, SamConfig, Schedule, SgdConfig, Wasam,
 };
 
 use crate::case_json::{mutate, text_mutate};
@@ -29,13 +30,20 @@ use crate::{Policy, Violation};
 /// Runs the check on one input.
 pub fn check(data: &[u8], policy: &Policy) {
     let mut s = Src::new(data);
-    let r = match s.int(0, 2) {
+    let r = match s.int(0, 3) {
         0 => with_variant(&mut s, || Sam::new(SamConfig::default())),
         1 => with_variant(&mut s, || {
             let rho = RhoSchedule::Schedule(Schedule::constant(0.05)?);
             Gsam::new(GsamConfig::new(rho))
         }),
-        _ => with_variant(&mut s, || Wasam::new(SamConfig::default(), &[0, 1])),
+        2 => with_variant(&mut s, || Wasam::new(SamConfig::default(), &[0, 1])),
+        // Its checkpoints also hold the stored direction (the stash slot).
+        _ => with_variant(&mut s, || {
+            LookSam::new(LookSamConfig {
+                k: 2,
+                ..LookSamConfig::default()
+            })
+        }),
     };
     if let Err(v) = r {
         policy.report(v);

@@ -87,21 +87,21 @@ impl Resume for WasamState {
     }
 }
 
-type Groups<T> = Vec<Group<VecBuffer<T>>>;
+pub(crate) type Groups<T> = Vec<Group<VecBuffer<T>>>;
 
-fn groups<T: Real>(s: &mut Src<'_>) -> Result<Groups<T>, Violation> {
+pub(crate) fn groups<T: Real>(s: &mut Src<'_>) -> Result<Groups<T>, Violation> {
     let lens = [s.usize(0, 6), s.usize(0, 6)];
     sgd_adam_groups(lens, |_| palette::element(s))
 }
 
 /// One call's gradients: palette values, or `w − 0.5` (finite for finite weights).
 #[derive(Clone)]
-enum Grad {
+pub(crate) enum Grad {
     Values(Vec<Vec<f64>>),
     Quadratic,
 }
 
-fn draw_grad(s: &mut Src<'_>, lens: &[usize]) -> Grad {
+pub(crate) fn draw_grad(s: &mut Src<'_>, lens: &[usize]) -> Grad {
     if s.chance(1, 2) {
         return Grad::Quadratic;
     }
@@ -112,7 +112,7 @@ fn draw_grad(s: &mut Src<'_>, lens: &[usize]) -> Grad {
     )
 }
 
-fn write<T: Real>(gs: &mut [Group<VecBuffer<T>>], grad: &Grad) {
+pub(crate) fn write<T: Real>(gs: &mut [Group<VecBuffer<T>>], grad: &Grad) {
     for (k, g) in gs.iter_mut().enumerate() {
         let (w, out) = g.buffer.weights_and_grad();
         for (i, (o, w)) in out.iter_mut().zip(w).enumerate() {
@@ -126,11 +126,29 @@ fn write<T: Real>(gs: &mut [Group<VecBuffer<T>>], grad: &Grad) {
 
 /// One closure step with the drawn gradients (two calls on climbing steps): the outcome as
 /// text, and the number of closure calls made.
-fn step<O: Optimizer, T: Real>(opt: &mut O, gs: &mut Groups<T>, grads: &[Grad]) -> (String, usize) {
-    let mut calls = 0;
+pub(crate) fn step<O: Optimizer, T: Real>(
+    opt: &mut O,
+    gs: &mut Groups<T>,
+    grads: &[Grad],
+) -> (String, usize) {
+    let (out, seen) = step_seen(opt, gs, grads);
+    (out, seen.len())
+}
+
+/// [`step`], also returning the gradient each closure call wrote (flat over the groups, as
+/// stored).
+pub(crate) fn step_seen<O: Optimizer, T: Real>(
+    opt: &mut O,
+    gs: &mut Groups<T>,
+    grads: &[Grad],
+) -> (String, Vec<Vec<f64>>) {
+    let mut seen: Vec<Vec<f64>> = Vec::new();
     let r = opt.step(gs, |gs: &mut [Group<VecBuffer<T>>]| {
-        write(gs, &grads[calls.min(grads.len() - 1)]);
-        calls += 1;
+        write(gs, &grads[seen.len().min(grads.len() - 1)]);
+        let flat = gs
+            .iter()
+            .flat_map(|g| g.buffer.grad().iter().map(|x| x.to_f64()));
+        seen.push(flat.collect());
         Ok::<_, Error<SliceError>>(())
     });
     let out = match r {
@@ -140,11 +158,17 @@ fn step<O: Optimizer, T: Real>(opt: &mut O, gs: &mut Groups<T>, grads: &[Grad]) 
         },
         Err(e) => format!("error: {e}"),
     };
-    (out, calls)
+    (out, seen)
 }
 
 /// Weights and base-state slots as bits (NaNs all alike).
-fn state_bits<T: Real>(gs: &Groups<T>) -> Vec<Vec<u64>> {
+pub(crate) fn state_bits<T: Real>(gs: &Groups<T>) -> Vec<Vec<u64>> {
+    slot_bits(gs, false)
+}
+
+/// Weights, the stash when `stash` (and prepared), and the base-state slots, as bits (NaNs all
+/// alike).
+pub(crate) fn slot_bits<T: Real>(gs: &Groups<T>, stash: bool) -> Vec<Vec<u64>> {
     let canon = |x: &T| {
         let v = x.to_f64();
         if v.is_nan() { u64::MAX } else { v.to_bits() }
@@ -154,8 +178,9 @@ fn state_bits<T: Real>(gs: &Groups<T>) -> Vec<Vec<u64>> {
             let b = &g.buffer;
             let mut v: Vec<u64> = b.weights().iter().map(canon).collect();
             if let Some(spec) = b.spec() {
-                for k in 0..spec.state {
-                    v.extend(b.slot(Slot::State(k)).unwrap_or(&[]).iter().map(canon));
+                let stash = (stash && spec.stash).then_some(Slot::Stash);
+                for r in stash.into_iter().chain((0..spec.state).map(Slot::State)) {
+                    v.extend(b.slot(r).unwrap_or(&[]).iter().map(canon));
                 }
             }
             v

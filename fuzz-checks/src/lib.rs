@@ -14,6 +14,7 @@
 //! | `ndarray_step` | [`check_ndarray_step`] | the same sequences on `sam-ndarray` in lockstep with the reference backend: same outcomes, bit-identical storage |
 //! | `case_json` | [`check_case_json`] | arbitrary bytes and mutations of valid case files into `sam_verification::run_bytes`: a result or a clear error, never a panic |
 //! | `interval` | [`check_interval`] | SAM every k steps of every variant against a composition of the base optimizer and the variant, with hostile gradients and checkpoint resumes: same outcomes, same bits |
+//! | `looksam` | [`check_looksam`] | LookSAM with hostile gradients and checkpoint resumes: a resumed run equals the uninterrupted one bit for bit; α = 0 and `k = 1` equal a composition of SAM and the base optimizer; skips change nothing; the stored direction is orthogonal to the clean gradient |
 //! | `checkpoint` | [`check_checkpoint`] | mutated checkpoint files into `Checkpoint::load`: never a panic; a refusal changes nothing; an accepted load saves back to itself |
 //!
 //! # The finiteness class
@@ -56,6 +57,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod inspect;
 pub mod interval;
+pub mod looksam;
 pub mod palette;
 pub mod src;
 pub mod step;
@@ -241,6 +243,7 @@ pub fn check_with(target: &str) -> Option<fn(&[u8], &Policy)> {
         "case_json" => case_json::check,
         "checkpoint" => checkpoint::check,
         "interval" => interval::check,
+        "looksam" => looksam::check,
         _ => return None,
     })
 }
@@ -275,8 +278,13 @@ pub fn check_interval(data: &[u8]) {
     interval::check(data, &Policy::from_env());
 }
 
+/// The `looksam` target: see [`looksam`].
+pub fn check_looksam(data: &[u8]) {
+    looksam::check(data, &Policy::from_env());
+}
+
 /// The check of a target by name (`config`, `step`, `ndarray_step`, `case_json`,
-/// `checkpoint`, `interval`).
+/// `checkpoint`, `interval`, `looksam`).
 pub fn check_for(target: &str) -> Option<fn(&[u8])> {
     Some(match target {
         "config" => check_config,
@@ -285,6 +293,7 @@ pub fn check_for(target: &str) -> Option<fn(&[u8])> {
         "case_json" => check_case_json,
         "checkpoint" => check_checkpoint,
         "interval" => check_interval,
+        "looksam" => check_looksam,
         _ => return None,
     })
 }
@@ -297,4 +306,5 @@ pub const TARGETS: &[&str] = &[
     "case_json",
     "checkpoint",
     "interval",
+    "looksam",
 ];

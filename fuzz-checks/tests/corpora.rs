@@ -119,6 +119,16 @@ fn random_interval() {
 }
 
 #[test]
+fn corpus_looksam() {
+    replay("looksam");
+}
+
+#[test]
+fn random_looksam() {
+    smoke("looksam", 0x5eed_0007, 800, 256);
+}
+
+#[test]
 fn random_checkpoint() {
     smoke("checkpoint", 0x5eed_0005, 600, 96);
 }
