@@ -168,13 +168,18 @@ fn run(cfg: &Config) -> Result<(), Box<dyn std::error::Error>> {
         ),
         format!(
             "variants: SAM rho {rho}; ASAM rho {} eta {}; GSAM rho {rho}->{} (follows the lr) alpha {}; \
-             WSAM rho {rho} gamma {}; WASAM rho {rho}, averaging from {:.0}% of the steps",
+             WSAM rho {rho} gamma {}; WASAM rho {rho}, averaging from {:.0}% of the steps; \
+             SAM every k: SAM rho {rho} on every k-th step (k = {}), SGD on the others; \
+             LookSAM: SAM rho {rho} every k-th step (k = {}), alpha {} in between",
             h.asam_rho,
             h.asam_eta,
             h.gsam_rho_min,
             h.gsam_alpha,
             h.wsam_gamma,
             100.0 * h.swa_start,
+            h.sam_interval,
+            h.looksam_k,
+            h.looksam_alpha,
             rho = h.rho,
         ),
     ];
@@ -213,7 +218,7 @@ fn run(cfg: &Config) -> Result<(), Box<dyn std::error::Error>> {
                 "test acc {:.2}%  train loss {:.4}  {:.2} ms/step",
                 100.0 * out.test_acc.last().copied().unwrap_or(f64::NAN),
                 out.final_train_loss,
-                1e3 * stats::median(&out.step_seconds)
+                1e3 * stats::median(&report::epoch_means(&out))
             );
             pb.finish_with_message(msg.clone());
             if log_lines {

@@ -9,9 +9,9 @@ use candle_nn::Optimizer as _;
 use sam_candle::{SamCandle, VarBuffer};
 use sam_core::reference::VecBuffer;
 use sam_core::{
-    AdamConfig, BaseOptimizer, BaseRule, Group, GroupOptions, Gsam, GsamConfig, Optimizer,
-    Perturbation, RhoSchedule, Sam, SamConfig, SamOptimizer, Schedule, SgdConfig, StepStatus,
-    Wasam, Wsam, WsamConfig,
+    AdamConfig, BaseOptimizer, BaseRule, Group, GroupOptions, Gsam, GsamConfig, LookSam,
+    LookSamConfig, Optimizer, Perturbation, RhoSchedule, Sam, SamConfig, SamOptimizer, Schedule,
+    SgdConfig, StepStatus, Wasam, Wsam, WsamConfig,
 };
 
 /// Shapes of the two groups' Vars.
@@ -209,6 +209,21 @@ fn wsam_matches_the_reference_bit_for_bit() {
         };
         two_call(make, &overridden_opts(), 8);
     }
+}
+
+/// LookSAM's refreshes write the stored direction in the update pass; its other steps take one
+/// gradient (the second `GradStore` of the two-call form replaces the first, as in the
+/// reference run).
+#[test]
+fn looksam_matches_the_reference_bit_for_bit() {
+    let make = || {
+        LookSam::new(LookSamConfig {
+            k: 3,
+            ..LookSamConfig::default()
+        })
+        .expect("valid")
+    };
+    two_call(make, &overridden_opts(), 8);
 }
 
 #[test]

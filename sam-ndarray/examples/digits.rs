@@ -218,7 +218,8 @@ fn run(cfg: &Config) -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "variants: SAM rho {rho}; ASAM rho {} eta {}; GSAM rho {rho}->{} (follows the lr) alpha {};\n          \
          WSAM rho {rho} gamma {}; WASAM rho {rho}, averaging from {:.0}% of the steps;\n          \
-         SAM every k: SAM rho {rho} on every k-th step (k = {}), SGD on the others\n",
+         SAM every k: SAM rho {rho} on every k-th step (k = {}), SGD on the others;\n          \
+         LookSAM: SAM rho {rho} every k-th step (k = {}), alpha {} in between\n",
         h.asam_rho,
         h.asam_eta,
         h.gsam_rho_min,
@@ -226,6 +227,8 @@ fn run(cfg: &Config) -> Result<(), Box<dyn std::error::Error>> {
         h.wsam_gamma,
         100.0 * h.swa_start,
         h.sam_interval,
+        h.looksam_k,
+        h.looksam_alpha,
         rho = h.rho,
     );
 

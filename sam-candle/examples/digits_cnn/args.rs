@@ -46,16 +46,18 @@ USAGE:
 OPTIONS:
     --label-noise F       flip a fraction F of the training labels, each to a different class
                           chosen at random (fixed seed; test labels stay clean) [default: 0]
-    --optimizers LIST     comma-separated subset of sgd,sam,asam,gsam,wsam,wasam,sam-every-k [default: all]
+    --optimizers LIST     comma-separated subset of sgd,sam,asam,gsam,wsam,wasam,sam-every-k,looksam
+                          [default: all]
     --seeds N             runs per optimizer; seed s fixes the initialisation and the
                           mini-batch order, the same for every optimizer [default: 3]
     --epochs N            epochs [default: 20]
     --batch-size N        mini-batch size [default: 64]
     --lr F                peak learning rate of SGD with momentum 0.9 (the base optimizer of
                           every variant), cosine-decayed to 0 over the run [default: 0.2]
-    --rho F               rho of SAM, WSAM, WASAM and GSAM's rho_max [default: 0.05]
+    --rho F               rho of SAM, WSAM, WASAM, LookSAM and GSAM's rho_max [default: 0.05]
                           (ASAM: rho 0.5, eta 0.01; GSAM: rho follows the lr down to 0.02,
-                          alpha 0.4; WSAM: gamma 0.9; WASAM: averages from 75% of the steps)
+                          alpha 0.4; WSAM: gamma 0.9; WASAM: averages from 75% of the steps;
+                          SAM every k: k 2; LookSAM: k 5, alpha 0.3)
     --out DIR             where results.json and accuracy.svg go, created if needed
                           [default: target/digits_cnn]
     --quiet               only the table: no progress bars and no per-run lines
@@ -97,6 +99,8 @@ fn defaults() -> Config {
             gsam_alpha: 0.4,
             wsam_gamma: 0.9,
             sam_interval: 2,
+            looksam_k: 5,
+            looksam_alpha: 0.3,
             swa_start: 0.75,
         },
         out: PathBuf::from("target/digits_cnn"),
@@ -164,7 +168,7 @@ mod tests {
     #[test]
     fn defaults_quick_and_overrides() {
         let c = run(&[]).unwrap();
-        assert_eq!((c.seeds, c.hyper.epochs, c.optimizers.len()), (3, 20, 7));
+        assert_eq!((c.seeds, c.hyper.epochs, c.optimizers.len()), (3, 20, 8));
         assert_eq!(c.out, PathBuf::from("target/digits_cnn"));
         let q = run(&["--quick"]).unwrap();
         assert_eq!((q.seeds, q.hyper.epochs, q.quick), (1, 2, true));

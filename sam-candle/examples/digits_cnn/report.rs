@@ -43,16 +43,19 @@ pub struct Study<'a> {
     pub setup: Vec<String>,
 }
 
+/// The mean step time of each epoch of a run, in seconds.
+pub fn epoch_means(out: &crate::train::RunOutput) -> Vec<f64> {
+    let per_epoch = (out.step_seconds.len() / out.test_acc.len().max(1)).max(1);
+    out.step_seconds.chunks(per_epoch).map(mean).collect()
+}
+
 impl Study<'_> {
     fn of(&self, kind: Kind) -> impl Iterator<Item = &Run> {
         self.runs.iter().filter(move |r| r.kind == kind)
     }
 
     fn ms_per_step(&self, kind: Kind) -> f64 {
-        let all: Vec<f64> = self
-            .of(kind)
-            .flat_map(|r| r.out.step_seconds.iter().copied())
-            .collect();
+        let all: Vec<f64> = self.of(kind).flat_map(|r| epoch_means(&r.out)).collect();
         1e3 * median(&all)
     }
 
@@ -86,7 +89,7 @@ impl Study<'_> {
         let mut t = String::new();
         let _ = writeln!(
             t,
-            "| optimizer | test acc % (mean ± std) | Δ vs SGD, pts (paired, mean ± std) | final train loss | ms/step (median) | cost × SGD |"
+            "| optimizer | test acc % (mean ± std) | Δ vs SGD, pts (paired, mean ± std) | final train loss | ms/step | cost × SGD |"
         );
         let _ = writeln!(t, "|---|---|---|---|---|---|");
         for s in self.summaries() {
@@ -117,8 +120,10 @@ impl Study<'_> {
             "\n{n} seed{} per optimizer; seed s gives every optimizer the same initialisation and \
              mini-batch order, so Δ is the mean ± std of the per-seed differences. Test accuracy at \
              the last epoch. Final train loss: mean cross-entropy of a full pass over the training \
-             split at the final weights{}. ms/step: median wall time of a training step (forward, \
-             backward(s) and the optimizer's passes; no evaluation); cost × SGD: its ratio to SGD's.{wasam}",
+             split at the final weights{}. ms/step: the mean wall time of an epoch's training steps \
+             (forward, backward(s) and the optimizer's passes; no evaluation), median over epochs and \
+             seeds (a mean within the epoch, since SAM every k and LookSAM alternate steps of one and \
+             two gradients); cost × SGD: its ratio to SGD's.{wasam}",
             if n == 1 { "" } else { "s" },
             if self.cfg.label_noise > 0.0 {
                 ", on the noisy labels trained on"
@@ -141,7 +146,7 @@ impl Study<'_> {
                     "seed": r.seed,
                     "test_accuracy_per_epoch": r.out.test_acc,
                     "final_train_loss": r.out.final_train_loss,
-                    "ms_per_step_median": 1e3 * median(&r.out.step_seconds),
+                    "ms_per_step": 1e3 * median(&epoch_means(&r.out)),
                     "steps": r.out.step_seconds.len(),
                     "skipped_steps": r.out.skipped,
                 })
@@ -158,7 +163,7 @@ impl Study<'_> {
                     "delta_vs_sgd_pts_mean": s.delta.as_deref().map(mean),
                     "delta_vs_sgd_pts_std": s.delta.as_deref().map(std),
                     "final_train_loss_mean": mean(&s.train_loss),
-                    "ms_per_step_median": s.ms_per_step,
+                    "ms_per_step": s.ms_per_step,
                     "cost_vs_sgd": s.cost,
                 })
             })
@@ -182,6 +187,8 @@ impl Study<'_> {
                 "wsam_gamma": h.wsam_gamma,
                 "swa_start": h.swa_start,
                 "sam_interval": h.sam_interval,
+                "looksam_k": h.looksam_k,
+                "looksam_alpha": h.looksam_alpha,
                 "quick": self.cfg.quick,
             },
             "runs": runs,

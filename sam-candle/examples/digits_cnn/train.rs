@@ -6,8 +6,8 @@ use std::time::Instant;
 use indicatif::ProgressBar;
 use sam_candle::{SamCandle, VarBuffer};
 use sam_core::{
-    BaseOptimizer, BaseRule, Group, Gsam, Optimizer, Sam, Schedule, SgdConfig, StepStatus, Wasam,
-    Wsam,
+    BaseOptimizer, BaseRule, Group, Gsam, LookSam, Optimizer, Sam, Schedule, SgdConfig, StepStatus,
+    Wasam, Wsam,
 };
 
 use crate::model::{Cnn, Split};
@@ -47,6 +47,7 @@ impl EvalWeights for Sam {}
 impl EvalWeights for Gsam {}
 impl EvalWeights for Wsam {}
 impl EvalWeights for sam_core::Interval<Sam> {}
+impl EvalWeights for LookSam {}
 
 impl EvalWeights for Wasam {
     fn at_eval_weights<R>(
@@ -92,6 +93,7 @@ pub fn train(
         Built::Wsam(o) => run.fit(o),
         Built::Wasam(o) => run.fit(o),
         Built::Interval(o) => run.fit(o),
+        Built::LookSam(o) => run.fit(o),
     }
 }
 
@@ -198,6 +200,8 @@ mod tests {
             gsam_alpha: 0.4,
             wsam_gamma: 0.9,
             sam_interval: 2,
+            looksam_k: 5,
+            looksam_alpha: 0.3,
             swa_start: 0.5,
         }
     }

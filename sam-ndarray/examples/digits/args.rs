@@ -86,7 +86,8 @@ MODEL:
     --activation A        relu or tanh [default: relu]
 
 TRAINING:
-    --optimizers LIST     comma-separated subset of sgd,sam,asam,gsam,wsam,wasam,sam-every-k [default: all]
+    --optimizers LIST     comma-separated subset of sgd,sam,asam,gsam,wsam,wasam,sam-every-k,looksam
+                          [default: all]
     --seeds N             runs per optimizer; seed s fixes the initialisation and the
                           mini-batch order, the same for every optimizer [default: 5]
     --epochs N            epochs [default: 100]
@@ -95,7 +96,8 @@ TRAINING:
                           variant), cosine-decayed to 0 over the run [default: 0.1]
     --momentum F          SGD momentum [default: 0.9]
     --weight-decay F      L2 weight decay [default: 5e-4]
-    --rho F               rho of SAM, WSAM and WASAM, and GSAM's rho_max [default: 0.05]
+    --rho F               rho of SAM, WSAM, WASAM and LookSAM, and GSAM's rho_max
+                          [default: 0.05]
     --asam-rho F          rho of ASAM [default: 0.5]
     --asam-eta F          eta of ASAM (T = |w| + eta) [default: 0.01]
     --gsam-rho-min F      GSAM's rho when the lr reaches 0 (rho follows the lr) [default: 0.02]
@@ -105,6 +107,9 @@ TRAINING:
                           [default: 0.75]
     --sam-interval K      SAM every k: a SAM step on every K-th step, SGD on the others
                           [default: 2]
+    --looksam-k K         LookSAM: a SAM step on every K-th step, the stored sharpness
+                          direction reused on the others [default: 5]
+    --looksam-alpha F     LookSAM's alpha (weight of the stored direction) [default: 0.3]
 
 OUTPUT:
     --out DIR             where results.json, accuracy.svg and landscape.svg go, created if
@@ -148,6 +153,9 @@ const VALUE_FLAGS: &[&str] = &[
     "--gsam-alpha",
     "--wsam-gamma",
     "--swa-start",
+    "--sam-interval",
+    "--looksam-k",
+    "--looksam-alpha",
     "--subset",
 ];
 
@@ -180,6 +188,8 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             gsam_alpha: 0.4,
             wsam_gamma: 0.9,
             sam_interval: 2,
+            looksam_k: 5,
+            looksam_alpha: 0.3,
             swa_start: 0.75,
         },
         out: PathBuf::from("target/digits-demo"),
@@ -249,6 +259,10 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             "--sam-interval" => {
                 c.hyper.sam_interval = cli::count(&flag, &value()?, 1, 1 << 20)? as u64
             }
+            "--looksam-k" => c.hyper.looksam_k = cli::count(&flag, &value()?, 1, 1 << 20)? as u64,
+            "--looksam-alpha" => {
+                c.hyper.looksam_alpha = cli::float(&flag, &value()?, 0.0, INF, false)?
+            }
             "--subset" => subset = Some(cli::count(&flag, &value()?, 20, usize::MAX)?),
             other => return Err(format!("unknown option {other}")),
         }
@@ -285,7 +299,7 @@ mod tests {
     #[test]
     fn defaults_quick_and_overrides() {
         let c = run(&[]).unwrap();
-        assert_eq!((c.seeds, c.hyper.epochs, c.optimizers.len()), (5, 100, 7));
+        assert_eq!((c.seeds, c.hyper.epochs, c.optimizers.len()), (5, 100, 8));
         let q = run(&["--quick"]).unwrap();
         assert_eq!((q.seeds, q.hyper.epochs, q.subset), (1, 6, Some(600)));
         let q = run(&[
@@ -299,6 +313,26 @@ mod tests {
         .unwrap();
         assert_eq!((q.seeds, q.label_noise), (2, 0.4));
         assert_eq!(q.optimizers, vec![Kind::Sgd, Kind::Wasam]);
+        assert_eq!((c.hyper.looksam_k, c.hyper.looksam_alpha), (5, 0.3));
+        let l = run(&[
+            "--optimizers",
+            "looksam,sam-every-k",
+            "--sam-interval",
+            "3",
+            "--looksam-k=4",
+            "--looksam-alpha",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(l.optimizers, vec![Kind::SamInterval, Kind::LookSam]);
+        assert_eq!(
+            (
+                l.hyper.sam_interval,
+                l.hyper.looksam_k,
+                l.hyper.looksam_alpha
+            ),
+            (3, 4, 0.0)
+        );
         assert!(matches!(
             parse(["-h"].map(OsString::from)),
             Ok(Command::Help)
@@ -319,6 +353,9 @@ mod tests {
             &["--optimizers", "sgd,adam"],
             &["--activation", "gelu"],
             &["--data="],
+            &["--looksam-k", "0"],
+            &["--looksam-alpha", "-0.1"],
+            &["--looksam-alpha", "inf"],
         ] {
             assert!(run(bad).is_err(), "{bad:?}");
         }

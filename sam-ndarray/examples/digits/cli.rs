@@ -101,7 +101,7 @@ pub fn optimizers(flag: &str, v: &str) -> Result<Vec<Kind>, String> {
     for name in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let k = Kind::parse(name).ok_or_else(|| {
             format!(
-                "{flag}: unknown optimizer {name:?} (expected sgd, sam, asam, gsam, wsam, wasam)"
+                "{flag}: unknown optimizer {name:?} (expected sgd, sam, asam, gsam, wsam, wasam, sam-every-k, looksam)"
             )
         })?;
         if !list.contains(&k) {

@@ -2,8 +2,9 @@
 //! storage backend (shared by sam-ndarray's `digits` and sam-candle's `digits_cnn`).
 
 use sam_core::{
-    BaseOptimizer, Gsam, GsamConfig, Interval, Perturbation, Proportional, RhoSchedule, Sam,
-    SamConfig, Schedule, ScheduleConfig, ScheduleShape, Timeline, Wasam, Wsam, WsamConfig,
+    BaseOptimizer, Gsam, GsamConfig, Interval, LookSam, LookSamConfig, Perturbation, Proportional,
+    RhoSchedule, Sam, SamConfig, Schedule, ScheduleConfig, ScheduleShape, Timeline, Wasam, Wsam,
+    WsamConfig,
 };
 
 /// The optimizers compared.
@@ -17,11 +18,13 @@ pub enum Kind {
     Wasam,
     /// SAM on every `sam_interval`-th step, SGD on the others.
     SamInterval,
+    /// LookSAM: SAM every `looksam_k`-th step, its sharpness direction reused in between.
+    LookSam,
 }
 
 impl Kind {
     /// All of them, in table order.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Sgd,
         Kind::Sam,
         Kind::Asam,
@@ -29,6 +32,7 @@ impl Kind {
         Kind::Wsam,
         Kind::Wasam,
         Kind::SamInterval,
+        Kind::LookSam,
     ];
 
     /// Lower-case name (command line, JSON).
@@ -41,6 +45,7 @@ impl Kind {
             Kind::Wsam => "wsam",
             Kind::Wasam => "wasam",
             Kind::SamInterval => "sam-every-k",
+            Kind::LookSam => "looksam",
         }
     }
 
@@ -54,6 +59,7 @@ impl Kind {
             Kind::Wsam => "WSAM",
             Kind::Wasam => "WASAM",
             Kind::SamInterval => "SAM every k",
+            Kind::LookSam => "LookSAM",
         }
     }
 
@@ -78,7 +84,7 @@ pub struct Hyper {
     pub momentum: f64,
     /// L2 weight decay.
     pub weight_decay: f64,
-    /// ρ of SAM, WSAM, WASAM and GSAM's ρ_max.
+    /// ρ of SAM, WSAM, WASAM, LookSAM and GSAM's ρ_max.
     pub rho: f64,
     /// ρ of ASAM.
     pub asam_rho: f64,
@@ -94,6 +100,10 @@ pub struct Hyper {
     pub swa_start: f64,
     /// "SAM every k": SAM on every k-th step.
     pub sam_interval: u64,
+    /// LookSAM's refresh interval k: a SAM step on every k-th step.
+    pub looksam_k: u64,
+    /// LookSAM's α: the weight of the stored direction between refreshes.
+    pub looksam_alpha: f64,
 }
 
 /// Steps in a run of `h.epochs` epochs over `n` training samples.
@@ -129,6 +139,8 @@ pub enum Built {
     Wasam(Wasam),
     /// SAM every k steps.
     Interval(Interval<Sam>),
+    /// LookSAM.
+    LookSam(LookSam),
 }
 
 /// Optimizer `kind` with the hyperparameters `h`, for a run of `total` steps.
@@ -162,5 +174,10 @@ pub fn build(kind: Kind, h: &Hyper, total: u64) -> Result<Built, sam_core::Error
             Built::Wasam(Wasam::new(sam(h.rho), &[start.min(total - 1)])?)
         }
         Kind::SamInterval => Built::Interval(Interval::new(Sam::new(sam(h.rho))?, h.sam_interval)?),
+        Kind::LookSam => Built::LookSam(LookSam::new(LookSamConfig {
+            perturbation: Perturbation::sam(h.rho),
+            k: h.looksam_k,
+            alpha: h.looksam_alpha,
+        })?),
     })
 }

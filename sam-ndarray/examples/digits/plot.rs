@@ -6,7 +6,7 @@ use std::path::Path;
 use plotters::prelude::*;
 
 /// One colour per optimizer, in `Kind::ALL` order (matplotlib's tab10, SGD in black).
-pub const COLORS: [RGBColor; 7] = [
+pub const COLORS: [RGBColor; 8] = [
     RGBColor(0, 0, 0),
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
@@ -14,6 +14,7 @@ pub const COLORS: [RGBColor; 7] = [
     RGBColor(214, 39, 40),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
 ];
 
 /// A named curve.

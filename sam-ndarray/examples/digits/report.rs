@@ -284,6 +284,9 @@ impl Study<'_> {
                 "wasam_rho": h.rho,
                 "wasam_swa_start_fraction": h.swa_start,
                 "sam_every_k_interval": h.sam_interval,
+                "looksam_rho": h.rho,
+                "looksam_k": h.looksam_k,
+                "looksam_alpha": h.looksam_alpha,
             },
             "sharpness": {
                 "lambda_max": format!(

@@ -96,6 +96,7 @@ pub fn train(
         Built::Wsam(mut o) => run.fit(&mut o, evaluate_live),
         Built::Wasam(mut o) => run.fit(&mut o, evaluate_average),
         Built::Interval(mut o) => run.fit(&mut o, evaluate_live),
+        Built::LookSam(mut o) => run.fit(&mut o, evaluate_live),
     }
 }
 
