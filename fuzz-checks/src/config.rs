@@ -438,6 +438,56 @@ impl VariantRaw {
     }
 }
 
+/// A wrapper around the drawn variant: LookSAM with the variant's climb, or SAM every `k` steps
+/// of the variant (the efficiency variants of `sam-core`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Wrap {
+    /// The variant as drawn.
+    None,
+    /// `Interval::new(variant, k)` (SAM, GSAM, WSAM, WASAM).
+    Interval(u64),
+    /// `LookSam` with the variant's perturbation (SAM, WSAM, WASAM), refresh interval `k` and
+    /// weight `alpha`.
+    LookSam {
+        /// The refresh interval.
+        k: u64,
+        /// The weight of the stored direction.
+        alpha: f64,
+    },
+}
+
+impl Wrap {
+    /// Draws a wrapper for `variant` ([`Wrap::None`] where it does not apply).
+    pub fn generate(s: &mut Src<'_>, wild: bool, variant: &VariantRaw) -> Self {
+        let k = |s: &mut Src<'_>| if wild { palette::count(s) } else { s.int(1, 4) };
+        let w = match s.int(0, 2) {
+            0 => Wrap::None,
+            1 => Wrap::Interval(k(s)),
+            _ => Wrap::LookSam {
+                k: k(s),
+                alpha: if wild {
+                    hyper(s, 0.0, 10.0)
+                } else {
+                    s.pick(&[0.0, 0.3, 0.7, 1.0, 3.5])
+                },
+            },
+        };
+        match (w, variant) {
+            (Wrap::Interval(_), VariantRaw::Base) => Wrap::None,
+            (Wrap::LookSam { .. }, VariantRaw::Gsam(_) | VariantRaw::Base) => Wrap::None,
+            _ => w,
+        }
+    }
+
+    /// The normal ranges of the finiteness class: LookSAM's `α ∈ [0, 10]`.
+    pub fn normal(&self) -> bool {
+        match *self {
+            Wrap::LookSam { alpha, .. } => (0.0..=10.0).contains(&alpha),
+            _ => true,
+        }
+    }
+}
+
 /// Group options before validation.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GroupRaw {

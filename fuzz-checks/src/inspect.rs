@@ -2,6 +2,7 @@
 //! backend ([`SliceBuffer`]) and for `sam-ndarray` ([`NdGroup`]).
 
 use sam_core::backend::{ParamBuffer, Real, Slot};
+use sam_core::checkpoint::SlotAccess;
 use sam_core::reference::SliceBuffer;
 use sam_ndarray::NdGroup;
 
@@ -11,8 +12,9 @@ pub fn kept(role: Slot) -> bool {
     matches!(role, Slot::State(_) | Slot::Average(_))
 }
 
-/// Storage access the checks need, on top of [`ParamBuffer`].
-pub trait Inspect: ParamBuffer {
+/// Storage access the checks need, on top of [`ParamBuffer`]
+/// and checkpoints' [`SlotAccess`].
+pub trait Inspect: SlotAccess {
     /// The weights, widened to `f64`, in the flat element order.
     fn weights_f64(&self) -> Vec<f64>;
     /// The gradient, widened.
@@ -23,6 +25,10 @@ pub trait Inspect: ParamBuffer {
     fn set_grads(&mut self, g: &[f64]);
     /// Overwrites the weights (as a framework might between steps).
     fn set_weights(&mut self, w: &[f64]);
+    /// Makes the buffer as a fresh one holding the same weights and gradient, for a checkpoint
+    /// round trip: `sam-ndarray` builds a new `NdGroup` (no slots); the reference backend
+    /// cannot forget its slot layout and overwrites every prepared slot with `fill` instead.
+    fn refresh(&mut self, fill: f64);
 }
 
 fn widen<T: Real>(v: &[T]) -> Vec<f64> {
@@ -51,6 +57,16 @@ impl<T: Real> Inspect for SliceBuffer<'_, T> {
     fn set_weights(&mut self, w: &[f64]) {
         for (d, s) in self.weights_mut().iter_mut().zip(w) {
             *d = T::from_f64(*s);
+        }
+    }
+
+    fn refresh(&mut self, fill: f64) {
+        let values = vec![T::from_f64(fill); self.len()];
+        for role in Slot::ALL {
+            if self.slot(role).is_some() {
+                // A prepared slot of the group's length: cannot fail.
+                let _ = self.write_slot(role, &values);
+            }
         }
     }
 }
@@ -90,6 +106,12 @@ impl<T: Real> Inspect for NdGroup<T> {
             for (d, s) in a.iter_mut().zip(&mut it) {
                 *d = T::from_f64(*s);
             }
+        }
+    }
+
+    fn refresh(&mut self, _: f64) {
+        if let Ok(fresh) = NdGroup::with_grads(self.weights().to_vec(), self.grads().to_vec()) {
+            *self = fresh;
         }
     }
 }

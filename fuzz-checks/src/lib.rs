@@ -10,7 +10,7 @@
 //! | target | check | what it asserts |
 //! |---|---|---|
 //! | `config` | [`check_config`] | construction from hostile hyperparameters never panics and succeeds exactly inside the documented domain; validated objects compute finite values |
-//! | `step` | [`check_step`] | sequences of calls on the reference backend: exact outcome prediction, nothing changes on `Err`/skip, bit-exact restore, perturbation norm, finite outputs for the finiteness class |
+//! | `step` | [`check_step`] | sequences of calls on the reference backend, every variant including LookSAM and SAM every k steps, with accumulated gradients and checkpoint round trips: exact outcome prediction, nothing changes on `Err`/skip, the gradient storage untouched, bit-exact restore, perturbation norm, finite outputs for the finiteness class, a resumed run equal to an uninterrupted one bit for bit |
 //! | `ndarray_step` | [`check_ndarray_step`] | the same sequences on `sam-ndarray` in lockstep with the reference backend: same outcomes, bit-identical storage |
 //! | `case_json` | [`check_case_json`] | arbitrary bytes and mutations of valid case files into `sam_verification::run_bytes`: a result or a clear error, never a panic |
 //! | `interval` | [`check_interval`] | SAM every k steps of every variant against a composition of the base optimizer and the variant, with hostile gradients and checkpoint resumes: same outcomes, same bits |
@@ -31,7 +31,7 @@
 //!   `momentum, dampening, weight_decay ∈ [0, 1]`; Adam/AdamW `lr ∈ [0, 10]`, any accepted
 //!   `β1, β2`, `eps ∈ [1e-12, 1e10]`, `weight_decay ∈ [0, 1]`; GSAM `α ∈ [0, 10]`, lr-schedule
 //!   values in `[-10, 10]` and the lr a step uses in `[-10, 10]` (a negative one is refused);
-//!   WSAM `γ ∈ [0, 0.99]`; every other accepted value (ρ, η, ε of every variant, `max_norm`,
+//!   WSAM `γ ∈ [0, 0.99]`; LookSAM `α ∈ [0, 10]`; every other accepted value (ρ, η, ε of every variant, `max_norm`,
 //!   schedules of ρ, WASAM starts) without restriction;
 //! - no call prepared a buffer for another slot layout than the one it held (a layout change is
 //!   refused with `InvalidGroups`, except right after a checkpoint load, where the reference

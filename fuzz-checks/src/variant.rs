@@ -9,11 +9,11 @@
 use std::fmt::Debug;
 
 use sam_core::{
-    BaseOptimizer, Error, GroupOptions, Gsam, Optimizer, Perturbation, Sam, SamOptimizer, Wasam,
-    WasamState, Wsam,
+    BaseOptimizer, Error, GroupOptions, Gsam, Interval, LookSam, LookSamConfig, Optimizer,
+    Perturbation, Sam, SamOptimizer, Wasam, WasamState, Wsam,
 };
 
-use crate::config::{BaseRaw, VariantRaw};
+use crate::config::{BaseRaw, VariantRaw, Wrap};
 
 /// How a variant perturbs one group: `(ρ, Some(η) if adaptive, ε)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -46,12 +46,24 @@ pub enum Form<'a, S> {
 }
 
 /// An optimizer the checks can drive: the `sam_core` interface plus the facts about the drawn
-/// variant that the predictions depend on. Implemented by the five optimizer types.
+/// variant that the predictions depend on. Implemented by the five optimizer types, by
+/// `LookSam` and by `Interval` over the four SAM variants.
+///
+/// The answers are about the **next** step: LookSAM and `Interval` alternate between climbing
+/// (two-gradient) steps and steps that take one gradient.
 pub trait Drawn: Optimizer + Clone + Debug {
-    /// How the next first step perturbs a group (`None` for the base optimizer).
+    /// How the next first step perturbs a group (`None` for the base optimizer and for a step
+    /// that does not climb).
     fn perturb_params(&self, o: &GroupOptions) -> Option<PerturbParams>;
 
-    /// Whether the clean gradient is stashed (GSAM, WSAM).
+    /// Whether the next step climbs (takes two gradients); the base optimizer's does not, but it
+    /// has no two-call form either ([`Form::Base`]).
+    fn climbs(&self) -> bool {
+        true
+    }
+
+    /// Whether the next step's first half stashes the clean gradient (GSAM, WSAM, a LookSAM
+    /// refresh).
     fn stashes(&self) -> bool {
         false
     }
@@ -59,10 +71,22 @@ pub trait Drawn: Optimizer + Clone + Debug {
     /// Whether a non-finite second gradient is guaranteed to skip the step.
     fn checks_second(&self) -> bool;
 
-    /// Whether the base step takes the second gradient as it is (SAM, WASAM), so that an
-    /// external finish leaves exactly that gradient in the buffers.
+    /// Whether the base step takes the second gradient as it is (SAM, WASAM, a plain step of
+    /// `Interval`), so that an external finish leaves exactly that gradient in the buffers.
     fn is_sam_like(&self) -> bool {
         false
+    }
+
+    /// Whether the next step is a LookSAM refresh (which can refuse a projection coefficient
+    /// beyond `f64`, `NormOverflow`).
+    fn looksam_refresh(&self) -> bool {
+        false
+    }
+
+    /// Whether WASAM's swaps and `update_averages` can be called (not through `Interval`, which
+    /// does not hand out its inner optimizer mutably).
+    fn swappable(&self) -> bool {
+        self.wasam().is_some()
     }
 
     /// The lr the next step uses in a group.
@@ -214,6 +238,84 @@ impl Drawn for Wasam {
     }
 }
 
+impl Drawn for LookSam {
+    fn perturb_params(&self, o: &GroupOptions) -> Option<PerturbParams> {
+        self.refreshes()
+            .then(|| PerturbParams::of_group(&self.config().perturbation, o))
+    }
+    fn climbs(&self) -> bool {
+        self.refreshes()
+    }
+    fn stashes(&self) -> bool {
+        self.refreshes()
+    }
+    fn checks_second(&self) -> bool {
+        self.refreshes()
+    }
+    fn is_sam_like(&self) -> bool {
+        // Between refreshes an external finish leaves `g + α·(‖g‖/‖g_v‖)·g_v`.
+        self.refreshes()
+    }
+    fn looksam_refresh(&self) -> bool {
+        self.refreshes()
+    }
+    fn form(&mut self) -> Form<'_, impl SamOptimizer> {
+        Form::Sam(self)
+    }
+    fn edit_state(s: &mut Self::State, steps: Option<u64>, _: Option<u64>, _: bool) -> bool {
+        edit_steps(s, steps)
+    }
+}
+
+/// The inner variant's answers on climbing steps; a plain base step with the current gradient
+/// otherwise.
+impl<O: Drawn + SamOptimizer> Drawn for Interval<O> {
+    fn perturb_params(&self, o: &GroupOptions) -> Option<PerturbParams> {
+        self.will_climb()
+            .then(|| self.inner().perturb_params(o))
+            .flatten()
+    }
+    fn climbs(&self) -> bool {
+        self.will_climb()
+    }
+    fn stashes(&self) -> bool {
+        self.will_climb() && self.inner().stashes()
+    }
+    fn checks_second(&self) -> bool {
+        self.will_climb() && self.inner().checks_second()
+    }
+    fn is_sam_like(&self) -> bool {
+        !self.will_climb() || self.inner().is_sam_like()
+    }
+    fn looksam_refresh(&self) -> bool {
+        self.will_climb() && self.inner().looksam_refresh()
+    }
+    fn swappable(&self) -> bool {
+        false
+    }
+    fn form(&mut self) -> Form<'_, impl SamOptimizer> {
+        Form::Sam(self)
+    }
+    fn gsam(&self) -> Option<&Gsam> {
+        self.will_climb().then(|| self.inner().gsam()).flatten()
+    }
+    fn wsam(&self) -> Option<&Wsam> {
+        self.will_climb().then(|| self.inner().wsam()).flatten()
+    }
+    /// Always the inner WASAM (its fold owed and its averages are read on every step).
+    fn wasam(&self) -> Option<&Wasam> {
+        self.inner().wasam()
+    }
+    fn edit_state(
+        state: &mut Self::State,
+        steps: Option<u64>,
+        counts: Option<u64>,
+        flip: bool,
+    ) -> bool {
+        O::edit_state(state, steps, counts, flip)
+    }
+}
+
 impl Drawn for BaseOptimizer {
     fn perturb_params(&self, _: &GroupOptions) -> Option<PerturbParams> {
         None
@@ -242,12 +344,44 @@ pub trait WithDrawn {
 impl VariantRaw {
     /// Validates through `sam-core` and runs `f` on the optimizer built.
     pub fn build_into<W: WithDrawn>(&self, f: W) -> Result<W::Out, Error> {
-        Ok(match self {
-            VariantRaw::Sam(c) => f.run(Sam::new(*c)?),
-            VariantRaw::Gsam(g) => f.run(g.build()?),
-            VariantRaw::Wsam(c) => f.run(Wsam::new(*c)?),
-            VariantRaw::Wasam(c, starts) => f.run(Wasam::new(*c, starts)?),
-            VariantRaw::Base => f.run(BaseOptimizer::new()),
+        self.build_wrapped(Wrap::None, f)
+    }
+
+    /// The climb of a variant that has one of its own (SAM, WSAM, WASAM), for LookSAM.
+    fn perturbation(&self) -> Option<Perturbation> {
+        match self {
+            VariantRaw::Sam(c) | VariantRaw::Wasam(c, _) => Some(c.perturbation),
+            VariantRaw::Wsam(c) => Some(c.perturbation),
+            VariantRaw::Gsam(_) | VariantRaw::Base => None,
+        }
+    }
+
+    /// [`build_into`](Self::build_into) with the variant wrapped as `wrap` says (a wrapper
+    /// that does not apply to the variant is ignored).
+    pub fn build_wrapped<W: WithDrawn>(&self, wrap: Wrap, f: W) -> Result<W::Out, Error> {
+        if let (Wrap::LookSam { k, alpha }, Some(perturbation)) = (wrap, self.perturbation()) {
+            return Ok(f.run(LookSam::new(LookSamConfig {
+                perturbation,
+                k,
+                alpha,
+            })?));
+        }
+        let every = match wrap {
+            Wrap::Interval(k) => Some(k),
+            _ => None,
+        };
+        Ok(match (self, every) {
+            (VariantRaw::Sam(c), None) => f.run(Sam::new(*c)?),
+            (VariantRaw::Sam(c), Some(k)) => f.run(Interval::new(Sam::new(*c)?, k)?),
+            (VariantRaw::Gsam(g), None) => f.run(g.build()?),
+            (VariantRaw::Gsam(g), Some(k)) => f.run(Interval::new(g.build()?, k)?),
+            (VariantRaw::Wsam(c), None) => f.run(Wsam::new(*c)?),
+            (VariantRaw::Wsam(c), Some(k)) => f.run(Interval::new(Wsam::new(*c)?, k)?),
+            (VariantRaw::Wasam(c, starts), None) => f.run(Wasam::new(*c, starts)?),
+            (VariantRaw::Wasam(c, starts), Some(k)) => {
+                f.run(Interval::new(Wasam::new(*c, starts)?, k)?)
+            }
+            (VariantRaw::Base, _) => f.run(BaseOptimizer::new()),
         })
     }
 }

@@ -17,7 +17,9 @@ use crate::schedule::Schedule;
 /// gradient evaluations on average instead of 2.
 ///
 /// [`Optimizer::step`] calls the closure twice on climbing steps and once on the others;
-/// [`will_climb`](Self::will_climb) says which the next step is. Every other part of a step
+/// [`will_climb`](Self::will_climb) says which the next step is. In the two-call form
+/// ([`SamOptimizer`]), the guard of a plain step holds the clean weights and its `second_step`
+/// uses the gradient already in the buffers (accumulate it once, before `first_step`). Every other part of a step
 /// (checks, skips on non-finite gradients, learning-rate schedules and their timeline,
 /// checkpoints) is the inner variant's: plain steps use the inner variant's scheduled lr. Plain steps run the base rule only: WASAM folds its averages on climbing steps
 /// only, and GSAM/WSAM's gradient decomposition applies on climbing steps only.
@@ -152,3 +154,5 @@ impl<O: SamOptimizer> Optimizer for Interval<O> {
         self.inner.load_state(state)
     }
 }
+
+impl<O: SamOptimizer> SamOptimizer for Interval<O> {}

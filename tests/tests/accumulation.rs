@@ -17,7 +17,7 @@
 use sam_core::reference::{SliceError, VecBuffer};
 use sam_core::{Error, Group, Interval, Optimizer, SamOptimizer, StepStatus};
 use sam_ndarray::NdGroup;
-use sam_tests::variants::{ALL_NAMES, MapOptions, gsam, looksam, wsam};
+use sam_tests::variants::{ALL_NAMES, MapOptions, gsam, looksam, sam, wsam};
 use sam_tests::{assert_slices, groups, standard_groups, with_variant};
 
 /// Samples in a batch.
@@ -182,5 +182,7 @@ fn two_call_form_with_the_storage_zeroed_between_the_accumulations() {
         check("GSAM", steps(&gsam(), 1), steps(&gsam(), micro));
         check("WSAM", steps(&wsam(), 1), steps(&wsam(), micro));
         check("LookSAM", steps(&looksam(), 1), steps(&looksam(), micro));
+        let every = Interval::new(sam(), 2).unwrap();
+        check("SAM every 2", steps(&every, 1), steps(&every, micro));
     }
 }

@@ -19,6 +19,7 @@ pub(crate) fn guarded<V: SamOptimizer, B: Inspect>(
         Err((got, name)) => {
             let now = snaps(groups);
             judge_first_error(j, got, name, &before, &now, "first_step")?;
+            check_grads(&now, &g1, "first_step")?;
             return Ok(format!("first_step: {name}"));
         }
         Ok(out) => out,
@@ -32,8 +33,22 @@ pub(crate) fn guarded<V: SamOptimizer, B: Inspect>(
     // What the step starts from once its first half passed the checks: a WASAM fold owed is
     // applied then.
     let base = apply_fold(&before, j.fold.as_ref(), j.is_f64);
-    check_perturbation(&before, &out.perturbed, params, j.stashes, j.is_f64)?;
-    check_same(&base, &out.perturbed, "first_step", false, None)?;
+    // A first half reads the gradient storage and leaves it as it is (gradient accumulation).
+    check_grads(&out.perturbed, &g1, "first_step")?;
+    if j.climbs {
+        check_perturbation(&before, &out.perturbed, params, j.stashes, j.is_f64)?;
+        check_same(&base, &out.perturbed, "first_step", false, None)?;
+    } else {
+        check_unchanged(&base, &out.perturbed, "first_step (no climb)")?;
+        check_stash(
+            j,
+            &before,
+            &out.perturbed,
+            &g1,
+            false,
+            "first_step (no climb)",
+        )?;
+    }
     let g2 = out.g2;
     let now = snaps(groups);
     let phase = opt.phase();
@@ -44,7 +59,7 @@ pub(crate) fn guarded<V: SamOptimizer, B: Inspect>(
         Finish::Drop => "drop",
         Finish::Forget => "forget",
     };
-    if finish == Finish::Forget {
+    if finish == Finish::Forget && j.climbs {
         if phase != Phase::Perturbed {
             return Err(Violation::new(
                 None,
@@ -81,9 +96,15 @@ pub(crate) fn guarded<V: SamOptimizer, B: Inspect>(
             format!("{label}: optimizer not idle afterwards"),
         ));
     }
+    // Not applied: nothing changed but the scratch slots (and the gradient the caller wrote).
+    let unchanged = |what: &str| -> Result<(), Violation> {
+        check_unchanged(&base, &now, what)?;
+        check_stash(j, &before, &now, &g1, j.climbs, what)?;
+        check_grads(&now, &g2, what)
+    };
     let result = match (out.result, finish) {
         (None, _) | (Some(Ok(_)), Finish::Cancel) => {
-            check_unchanged(&base, &now, label)?;
+            unchanged(label)?;
             return Ok(label.into());
         }
         (Some(Err(e)), Finish::Cancel) => {
@@ -98,29 +119,28 @@ pub(crate) fn guarded<V: SamOptimizer, B: Inspect>(
             if external {
                 check_unchanged(&base, &now, "restore_with_gradient")?;
                 if j.is_sam_like {
-                    for (i, (n, g)) in now.iter().zip(&g2).enumerate() {
-                        if !same(&n.g, g) {
-                            return Err(Violation::new(
-                                None,
-                                format!(
-                                    "restore_with_gradient: group {i} gradient is not g2 ({})",
-                                    first_diff(&n.g, g)
-                                ),
-                            ));
-                        }
-                    }
+                    check_grads(
+                        &now,
+                        &g2,
+                        "restore_with_gradient (the final gradient is g2)",
+                    )?;
                 }
+            } else {
+                check_grads(&now, &g2, label)?;
+            }
+            if !j.climbs {
+                check_stash(j, &before, &now, &g1, false, label)?;
             }
             let class = judge_applied(j, &before, &now, &g1, &g2, external, label)?;
             m.in_class &= class;
             Ok(format!("{label}: applied"))
         }
         (Ok(StepStatus::Skipped(r)), Ok(Some(p))) if r == p => {
-            check_unchanged(&base, &now, label)?;
+            unchanged(label)?;
             Ok(format!("{label}: skipped {r:?}"))
         }
         (Err(e), Err(name)) if e == name => {
-            check_unchanged(&base, &now, label)?;
+            unchanged(label)?;
             Ok(format!("{label}: {e}"))
         }
         (r, p) => Err(Violation::new(
@@ -164,26 +184,39 @@ pub(crate) fn closure<V: SamOptimizer, B: Inspect>(
             ),
         ));
     }
-    if seen.len() == 2 && j.pred() != Pred::Ok {
+    if seen.len() == 2 && (j.pred() != Pred::Ok || !j.climbs) {
         return Err(Violation::new(
             None,
             format!(
-                "closure step called the closure twice, predicted {:?}",
-                j.pred()
+                "closure step called the closure twice, predicted {:?} (climbs: {})",
+                j.pred(),
+                j.climbs
             ),
         ));
     }
+    // The step's gradient evaluations: two when it climbs, else one.
+    let calls = if j.climbs { 2 } else { 1 };
     let g1 = seen.first().cloned().unwrap_or_default();
     let g2 = seen.get(1).cloned().unwrap_or_default();
-    // After a first half that passed its checks (the second closure call), a fold owed happened.
-    let base = if seen.len() == 2 {
+    // The optimizer never writes the gradient storage: it holds the closure's last gradient.
+    if let Some(last) = seen.last() {
+        check_grads(&now, last, "closure step")?;
+    }
+    // After a climbing first half that passed its checks (the second closure call), a fold owed
+    // happened, and the stash holds the clean gradient.
+    let climbed = seen.len() == 2;
+    let base = if climbed {
         apply_fold(&before, j.fold.as_ref(), j.is_f64)
     } else {
         before.clone()
     };
+    let unchanged = |what: &str| -> Result<(), Violation> {
+        check_unchanged(&base, &now, what)?;
+        check_stash(j, &before, &now, &g1, climbed, what)
+    };
     match r {
         Err(Fail::Closure) => {
-            check_unchanged(&base, &now, "closure step (closure failed)")?;
+            unchanged("closure step (closure failed)")?;
             Ok("closure: closure error".into())
         }
         Err(Fail::Core(e)) => {
@@ -195,7 +228,7 @@ pub(crate) fn closure<V: SamOptimizer, B: Inspect>(
             let expect = predict_second(j, Finish::Second, &g1, &g2)?;
             match expect.against(Err(name)) {
                 Err(p) if p == name => {
-                    check_unchanged(&base, &now, "closure step")?;
+                    unchanged("closure step")?;
                     Ok(format!("closure: {name}"))
                 }
                 p => Err(Violation::new(
@@ -226,7 +259,7 @@ pub(crate) fn closure<V: SamOptimizer, B: Inspect>(
                 Ok("closure: skipped clean".into())
             }
             status => {
-                if j.pred() != Pred::Ok || seen.len() != 2 {
+                if j.pred() != Pred::Ok || seen.len() != calls {
                     return Err(Violation::new(
                         None,
                         format!(
@@ -239,13 +272,16 @@ pub(crate) fn closure<V: SamOptimizer, B: Inspect>(
                 let expect = predict_second(j, Finish::Second, &g1, &g2)?;
                 match (status, expect.against(outcome_of(&Ok(status)))) {
                     (StepStatus::Applied, Ok(None)) => {
+                        if !j.climbs {
+                            check_stash(j, &before, &now, &g1, false, "closure step")?;
+                        }
                         let class =
                             judge_applied(j, &before, &now, &g1, &g2, false, "closure step")?;
                         m.in_class &= class;
                         Ok("closure: applied".into())
                     }
                     (StepStatus::Skipped(r), Ok(Some(p))) if r == p => {
-                        check_unchanged(&base, &now, "closure step (skipped)")?;
+                        unchanged("closure step (skipped)")?;
                         Ok(format!("closure: skipped {r:?}"))
                     }
                     (s, p) => Err(Violation::new(
@@ -269,6 +305,7 @@ pub(crate) fn base_step<B: Inspect>(
     let g1: Vec<Vec<f64>> = before.iter().map(|s| s.g.clone()).collect();
     let r = b.apply(groups);
     let now = snaps(groups);
+    check_grads(&now, &g1, "base step")?;
     match r {
         Err(e) => {
             let (got, name) = (kind(&e), err_name(&e));
@@ -338,10 +375,12 @@ pub fn apply<B: Inspect, O: Drawn>(
                 .act()
                 .iter()
                 .enumerate()
-                .map(|(gi, g)| match g1.values(gi, &g.buffer.weights_f64()) {
-                    Some(v) => v.into_iter().map(|x| round_to(x, is_f64)).collect(),
-                    None => g.buffer.grads_f64(),
-                })
+                .map(
+                    |(gi, g)| match g1.values(gi, &g.buffer.weights_f64(), is_f64) {
+                        Some(v) => v,
+                        None => g.buffer.grads_f64(),
+                    },
+                )
                 .collect();
             let mut j = judge(w, m, &g1v);
             // A closure that fails on its first call stops the step before the optimizer runs.
@@ -411,7 +450,7 @@ pub fn apply<B: Inspect, O: Drawn>(
         }
         Op::Swap { k, touch, end } => swap(w, m, *k, touch.as_ref(), *end, lockstep),
         Op::UpdateAverages => {
-            let Some(v) = w.opt.wasam() else {
+            let Some(v) = w.opt.wasam().filter(|_| w.opt.swappable()) else {
                 return Ok("update_averages: n/a".into());
             };
             let fold = owed_fold(v);
@@ -472,6 +511,12 @@ pub fn apply<B: Inspect, O: Drawn>(
             check_unchanged(&before, &snaps(&w.groups), "checkpoint")?;
             Ok(out)
         }
+        Op::Resume { fill } => {
+            if lockstep && w.respec() {
+                return Ok(format!("resume: {SKIPPED_RESPEC}"));
+            }
+            resume(w, m, if lockstep { 0.0 } else { *fill })
+        }
         Op::Active(k) => {
             if !leaked {
                 w.active = (*k).min(w.groups.len());
@@ -517,7 +562,7 @@ pub(crate) fn swap<B: Inspect, O: Drawn>(
     end: SwapEnd,
     lockstep: bool,
 ) -> Result<Outcome, Violation> {
-    let Some(v) = w.opt.wasam() else {
+    let Some(v) = w.opt.wasam().filter(|_| w.opt.swappable()) else {
         return Ok("swap: n/a".into());
     };
     let n = w.active;
@@ -683,6 +728,115 @@ pub(crate) fn checkpoint<O: Drawn>(
             ),
         )),
     }
+}
+
+/// A checkpoint round trip ([`Op::Resume`]): save, make the active buffers fresh
+/// ([`Inspect::refresh`]), load into a freshly built optimizer, go on with that one.
+///
+/// Predicted: `WrongPhase` unless idle (nothing changes); otherwise the load succeeds, the
+/// optimizer's host state is the saved one, and every weight, gradient, base-state slot,
+/// average and persistent stash holds the bits it held (zeros for a group whose buffer was
+/// not prepared for the layout its options need, as `Checkpoint::save` documents). Groups
+/// whose slot memory is too small for their layout are not resumed (`n/a`).
+pub(crate) fn resume<B: Inspect, O: Drawn>(
+    w: &mut World<B, O>,
+    m: &mut Model,
+    fill: f64,
+) -> Result<Outcome, Violation> {
+    let n = w.active;
+    if (0..n).any(|i| w.spec(i).count().saturating_mul(w.groups[i].buffer.len()) > w.caps[i]) {
+        return Ok("resume: n/a (slot memory)".into());
+    }
+    let ckpt = match Checkpoint::save(&w.opt, w.act()) {
+        Ok(c) => c,
+        Err(e) => {
+            if m.leaked.is_some() && matches!(e, Error::WrongPhase { .. }) {
+                return Ok("resume: WrongPhase".into());
+            }
+            return Err(Violation::new(
+                None,
+                format!("Checkpoint::save when idle: {}", err_name(&e)),
+            ));
+        }
+    };
+    if m.leaked.is_some() {
+        return Err(Violation::new(
+            None,
+            "Checkpoint::save succeeded with a guard leaked".into(),
+        ));
+    }
+    let before = snaps(w.act());
+    // What the loaded buffers must hold: the saved roles as they were (zeros where the buffer
+    // held another layout or none), the scratch roles whatever they hold.
+    let keeps_stash = w.opt.keeps_stash();
+    let want: Vec<GroupSnap> = before
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let spec = w.spec(i);
+            let saved = w.prepared[i] == Some(spec);
+            let mut s = b.clone();
+            for (k, role) in Slot::ALL.iter().enumerate() {
+                let persistent = kept(*role) || (keeps_stash && *role == Slot::Stash);
+                s.slots[k] = (spec.index(*role).is_some() && persistent).then(|| {
+                    if saved {
+                        b.slots[k].clone().unwrap_or_default()
+                    } else {
+                        vec![0.0; b.w.len()]
+                    }
+                });
+            }
+            s
+        })
+        .collect();
+    for g in &mut w.groups[..n] {
+        g.buffer.refresh(fill);
+    }
+    let mut fresh = w.initial.clone();
+    if let Err(e) = ckpt.load(&mut fresh, &mut w.groups[..n]) {
+        return Err(Violation::new(
+            None,
+            format!("Checkpoint::load of its own checkpoint: {}", err_name(&e)),
+        ));
+    }
+    if fresh.state().ok() != w.opt.state().ok() {
+        return Err(Violation::new(
+            None,
+            "the resumed optimizer's host state differs from the saved one".into(),
+        ));
+    }
+    let now = snaps(w.act());
+    for (i, (x, y)) in want.iter().zip(&now).enumerate() {
+        let mut diffs = Vec::new();
+        if !same(&x.w, &y.w) || !same(&x.g, &y.g) {
+            diffs.push("weights or gradient".to_string());
+        }
+        for (k, role) in Slot::ALL.iter().enumerate() {
+            if let Some(v) = &x.slots[k] {
+                match &y.slots[k] {
+                    Some(u) if same(u, v) => {}
+                    Some(u) => diffs.push(format!("slot {role:?} ({})", first_diff(u, v))),
+                    None => diffs.push(format!("slot {role:?} missing")),
+                }
+            }
+        }
+        if !diffs.is_empty() {
+            return Err(Violation::new(
+                None,
+                format!(
+                    "resume: group {i} does not hold what was saved: {}",
+                    diffs.join(", ")
+                ),
+            ));
+        }
+    }
+    w.opt = fresh;
+    for i in 0..n {
+        w.prepared[i] = Some(w.spec(i));
+    }
+    // A fresh optimizer learns the groups again at its next step.
+    m.shape = None;
+    Ok("resume: loaded".into())
 }
 
 /// With `SAM_FUZZ_TRACE=1`, prints each operation and its outcome to stderr.

@@ -135,9 +135,14 @@ pub(crate) fn check_same(
     Ok(())
 }
 
+/// Every weight (and gradient, with `grads_too`) and every slot that holds state is finite. The
+/// scratch slots (the backup; the stash unless `keeps_stash`) are not judged: a step that does
+/// not climb leaves them as they were, which after a checkpoint round trip is whatever fresh
+/// memory held (they are checked where they are written, in [`check_perturbation`]).
 pub(crate) fn check_finite(
     now: &[GroupSnap],
     grads_too: bool,
+    keeps_stash: bool,
     what: &str,
 ) -> Result<(), Violation> {
     for (i, n) in now.iter().enumerate() {
@@ -162,6 +167,10 @@ pub(crate) fn check_finite(
             }
         }
         for (k, s) in n.slots.iter().enumerate() {
+            let role = Slot::ALL[k];
+            if role == Slot::Backup || (role == Slot::Stash && !keeps_stash) {
+                continue;
+            }
             if let Some(j) = s
                 .as_ref()
                 .and_then(|s| s.iter().position(|x| !x.is_finite()))
@@ -216,6 +225,12 @@ pub(crate) struct Judge {
     pub(crate) wsam_decoupled: bool,
     pub(crate) is_sam_like: bool,
     pub(crate) is_f64: bool,
+    /// The step climbs (two gradients); else it takes the gradient in the buffers once.
+    pub(crate) climbs: bool,
+    /// The stash carries state between steps (LookSAM's stored direction).
+    pub(crate) keeps_stash: bool,
+    /// The step is a LookSAM refresh.
+    pub(crate) looksam_refresh: bool,
 }
 
 impl Judge {
@@ -226,9 +241,11 @@ impl Judge {
 
 pub(crate) fn judge<B: Inspect, O: Drawn>(w: &World<B, O>, m: &Model, g1: &[Vec<f64>]) -> Judge {
     let first = w.predict_first(m, g1);
+    let climbs = w.opt.climbs();
     Judge {
         first,
-        fold: w.opt.wasam().and_then(owed_fold),
+        // Only a climbing first half applies the fold (a plain step of `Interval` leaves it owed).
+        fold: w.opt.wasam().filter(|_| climbs).and_then(owed_fold),
         gsam: w
             .opt
             .gsam()
@@ -241,7 +258,72 @@ pub(crate) fn judge<B: Inspect, O: Drawn>(w: &World<B, O>, m: &Model, g1: &[Vec<
         wsam_decoupled: w.opt.wsam().is_some_and(|v| v.config().decouple),
         is_sam_like: w.opt.is_sam_like(),
         is_f64: w.f64,
+        climbs,
+        keeps_stash: w.opt.keeps_stash(),
+        looksam_refresh: w.opt.looksam_refresh(),
     }
+}
+
+/// The gradient storage holds `want` bit for bit: the optimizers read it only inside their
+/// passes and never zero or write it (except `restore_with_gradient`, by request), which is
+/// what gradient accumulation relies on.
+pub(crate) fn check_grads(
+    now: &[GroupSnap],
+    want: &[Vec<f64>],
+    what: &str,
+) -> Result<(), Violation> {
+    for (i, (n, g)) in now.iter().zip(want).enumerate() {
+        if !same(&n.g, g) {
+            return Err(Violation::new(
+                None,
+                format!(
+                    "{what}: the optimizer wrote the gradient storage of group {i} ({})",
+                    first_diff(&n.g, g)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The persistent stash (LookSAM's stored direction) after a step that was not applied, or did
+/// not climb: as before the call, or the clean gradient `g1` once a climbing first half passed
+/// its checks (a skipped or refused refresh leaves it there, as `LookSam` documents).
+pub(crate) fn check_stash(
+    j: &Judge,
+    before: &[GroupSnap],
+    now: &[GroupSnap],
+    g1: &[Vec<f64>],
+    climbed: bool,
+    what: &str,
+) -> Result<(), Violation> {
+    if !j.keeps_stash {
+        return Ok(());
+    }
+    for (i, (b, n)) in before.iter().zip(now).enumerate() {
+        let want = if climbed {
+            Some(&g1[i][..])
+        } else {
+            b.slot(Slot::Stash)
+        };
+        if let (Some(want), Some(got)) = (want, n.slot(Slot::Stash)) {
+            if !same(want, got) {
+                return Err(Violation::new(
+                    None,
+                    format!(
+                        "{what}: the stored direction of group {i} is not {} ({})",
+                        if climbed {
+                            "the clean gradient"
+                        } else {
+                            "as before"
+                        },
+                        first_diff(got, want)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Judges an applied step: in the finiteness class, every weight and slot (and, for an
@@ -258,7 +340,7 @@ pub(crate) fn judge_applied(
 ) -> Result<bool, Violation> {
     let class = j.class && all_within(g1, BOUND_VALUE) && all_within(g2, BOUND_VALUE);
     if class {
-        check_finite(now, external, what)?;
+        check_finite(now, external, j.keeps_stash, what)?;
         if j.lr_zero && !external {
             for (i, (b, n)) in before.iter().zip(now).enumerate() {
                 if !same(&b.w, &n.w) {
@@ -292,5 +374,7 @@ pub(crate) fn judge_first_error(
             format!("{what} returned {name}, predicted {:?}", j.pred()),
         ));
     }
-    check_unchanged(before, now, &format!("{what} ({name})"))
+    let what = format!("{what} ({name})");
+    check_unchanged(before, now, &what)?;
+    check_stash(j, before, now, &[], false, &what)
 }

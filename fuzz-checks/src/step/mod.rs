@@ -1,25 +1,47 @@
 //! The `step` check (reference backend) and the `ndarray_step` check (`sam-ndarray` in lockstep
 //! with the reference backend).
 //!
-//! An input decodes into a [`Setup`]: element type, variant and hyperparameters, 0–4 groups of
-//! 0–16 elements (sometimes a few hundred, sometimes just over a reduction block of 4096),
-//! values from [`palette`], and up to 16 operations: closure steps, `first_step` finished by
-//! `second_step` / `restore_with_gradient` / `cancel` / drop / `mem::forget` (then `recover`),
-//! WASAM swaps (back, dropped, leaked), external optimizer updates, checkpoint save/load with
-//! hostile states, group sets that change between steps, and option changes. Every call is
+//! An input decodes into a [`Setup`]: element type, variant and hyperparameters (SAM, ASAM,
+//! GSAM, WSAM, WASAM, the base optimizer; wrapped, by the extensions below, as LookSAM with the
+//! climb of SAM, WSAM or WASAM, or as SAM every `k` steps (`Interval`) of the four SAM
+//! variants), 0–4 groups of 0–16 elements (sometimes a few hundred, sometimes just over a
+//! reduction block of 4096), values from [`palette`], and up to 16 operations: closure steps,
+//! `first_step` finished by `second_step` / `restore_with_gradient` / `cancel` / drop /
+//! `mem::forget` (then `recover`), WASAM swaps (back, dropped, leaked), external optimizer
+//! updates, checkpoint save/load with hostile states, group sets that change between steps,
+//! and option changes. The extensions (after a marker byte, [`EXTENSIONS`], so that inputs
+//! written before them decode as before) add the wrapper, gradients accumulated over
+//! micro-batches ([`Recipe::Sum`], in both the closure and the two-call form) and checkpoint
+//! round trips into fresh buffers and a fresh optimizer ([`Op::Resume`]). Every call is
 //! checked against an exact prediction of its outcome (see [`World::predict_first`],
-//! [`World::predict_begin`]; GSAM's second half by an independent model, [`gsam_second`],
-//! exact except within a stated margin of an overflow threshold) and the contract:
+//! [`World::predict_begin`]; GSAM's second half by an independent model, [`gsam_second`], and
+//! a LookSAM refresh's by [`looksam_refresh`], exact except within a stated margin of an
+//! overflow threshold) and the contract:
 //!
 //! - nothing panics;
 //! - after every `Err` or skip, the weights and the base-state and average slots are bit for bit
 //!   what they were before the call (backup and stash are scratch); a WASAM fold owed after
-//!   `restore_with_gradient` is applied exactly when a call passes its checks (`first_step`,
-//!   `update_averages`, `swap`), and its result is predicted bit for bit;
+//!   `restore_with_gradient` is applied exactly when a call passes its checks (`first_step`
+//!   of a climbing step, `update_averages`, `swap`), and its result is predicted bit for bit;
+//! - the gradient storage holds what the caller last wrote after every call except
+//!   `restore_with_gradient` (the optimizers never zero or write it: what gradient accumulation
+//!   relies on), and `first_step` leaves it as it found it;
 //! - restore (drop, cancel, recover, skip) is bit-exact; swap twice is the identity, and
 //!   `recover` swaps a leaked swap back;
-//! - after a first step, the backup is the clean weights, the stash the clean gradient, and the
-//!   perturbation norm of each group is `ρ_g·‖T_g⊙g_g‖/(n+ε)` (see [`check_perturbation`]);
+//! - after a climbing first step, the backup is the clean weights, the stash the clean
+//!   gradient, and the perturbation norm of each group is `ρ_g·‖T_g⊙g_g‖/(n+ε)` (see
+//!   [`check_perturbation`]); a step that does not climb (LookSAM between refreshes, a plain
+//!   step of `Interval`) moves no weight in its first half, leaves the optimizer idle even when
+//!   its guard is leaked, calls the closure once, and is applied with whatever gradient the
+//!   buffers hold;
+//! - LookSAM's stored direction (a persistent stash) is unchanged by a step that does not climb
+//!   and by every call that fails before a refresh's climb, and is the clean gradient after a
+//!   refresh that climbed but was not applied;
+//! - a checkpoint round trip ([`Op::Resume`]) gives back every weight, gradient, base-state
+//!   slot, average and persistent stash and the host state; from there the resumed run and an
+//!   uninterrupted twin (the same operations without the round trips) have the same outcomes and
+//!   the same bits after every call (until a change of the group set, which the resumed
+//!   optimizer, not having seen the groups, accepts where the twin refuses it);
 //! - after every applied step whose inputs are in the finiteness class (crate docs), every
 //!   weight and slot is finite, and a step whose lr is 0 everywhere leaves the weights unchanged.
 
@@ -27,6 +49,7 @@ use std::mem;
 
 use ndarray::{ArrayD, IxDyn};
 use sam_core::backend::{MAX_AVERAGES, ParamBuffer, Real, Slot, SlotSpec};
+use sam_core::checkpoint::Checkpoint;
 use sam_core::reference::{SliceBuffer, SliceError};
 use sam_core::{Error, Group, Optimizer, Phase, SamOptimizer, SkipReason, StepStatus};
 use sam_ndarray::NdGroup;
@@ -66,7 +89,7 @@ pub(crate) fn new_model(setup: &Setup) -> Model {
         leaked: None,
         in_class: true,
         coherent: true,
-        normal: setup.variant.normal(),
+        normal: setup.variant.normal() && setup.wrap.normal(),
     }
 }
 
@@ -130,6 +153,7 @@ pub(crate) fn reference_world<'a, T: Real, O: Drawn>(
         groups,
         caps,
         active,
+        initial: opt.clone(),
         opt,
         f64: setup.f64,
     })
@@ -141,7 +165,10 @@ pub(crate) fn with_variant<W: WithDrawn<Out = Result<(), Violation>>>(
     setup: &Setup,
     check: W,
 ) -> Result<(), Violation> {
-    setup.variant.build_into(check).unwrap_or(Ok(()))
+    setup
+        .variant
+        .build_wrapped(setup.wrap, check)
+        .unwrap_or(Ok(()))
 }
 
 /// The `step` check on element type `T`.
@@ -153,15 +180,118 @@ impl<T: Real> WithDrawn for Reference<'_, T> {
     fn run<O: Drawn>(self, opt: O) -> Self::Out {
         let setup = self.0;
         let mut st = stores::<T>(setup);
-        let mut world = reference_world(setup, &mut st, opt)?;
+        let mut world = reference_world(setup, &mut st, opt.clone())?;
         let mut m = new_model(setup);
-        for op in &setup.ops {
+        // With checkpoint round trips, an uninterrupted twin runs every other operation and
+        // must hold the same bits after each: a resumed run continues as if never stopped.
+        let mut twin_st = stores::<T>(setup);
+        let mut twin = if setup.ops.iter().any(|o| matches!(o, Op::Resume { .. })) {
+            Some((reference_world(setup, &mut twin_st, opt)?, new_model(setup)))
+        } else {
+            None
+        };
+        let mut resumed = false;
+        for (i, op) in setup.ops.iter().enumerate() {
+            // Groups changed since the optimizer recorded them, or a buffer prepared for
+            // another layout than its options need: the resumed optimizer accepts the groups
+            // and the load zeroes that buffer, where the twin refuses them or reinterprets the
+            // buffer's memory at its next step. The runs part at such a resume.
+            let parts = world.respec() || m.shape.as_ref().is_some_and(|s| *s != world.shape());
             let out = apply(&mut world, &mut m, op, false);
             trace(op, &out);
-            out?;
+            let out = out?;
+            let Some((tw, tm)) = twin.as_mut() else {
+                continue;
+            };
+            match op {
+                Op::Resume { .. } => {
+                    if out == "resume: loaded" {
+                        resumed = true;
+                        if parts {
+                            twin = None;
+                        }
+                    }
+                    continue;
+                }
+                // The resumed optimizer has not seen the groups yet, the twin refuses a change
+                // of them: the runs part here too.
+                Op::Active(_) | Op::Permute(..) | Op::Options { .. } if resumed => {
+                    twin = None;
+                    continue;
+                }
+                _ => {}
+            }
+            let ot = apply(tw, tm, op, false).map_err(|v| Violation {
+                message: format!("uninterrupted twin: {}", v.message),
+                ..v
+            })?;
+            let keeps_stash = world.opt.keeps_stash();
+            let persistent = |r: Slot| kept(r) || (keeps_stash && r == Slot::Stash);
+            let diff = diff_groups(
+                &snaps(&world.groups),
+                &snaps(&tw.groups),
+                persistent,
+                same,
+                true,
+            );
+            if ot != out || diff.is_some() {
+                return Err(Violation::new(
+                    None,
+                    format!(
+                        "op {i} ({op:?}): the resumed run (`{out}`) and the uninterrupted one \
+                         (`{ot}`) differ: {}",
+                        diff.unwrap_or_else(|| "in outcome".into())
+                    ),
+                ));
+            }
         }
         Ok(())
     }
+}
+
+/// How two runs' groups differ (weights, gradients, and the slot roles `roles` selects, compared
+/// with `eq`), or `None`. A role that one run holds and the other does not is a difference,
+/// unless `absent_is_zero` and it holds zeros (a checkpoint load prepares buffers that the
+/// uninterrupted run prepares at its next step, from zeroed memory).
+pub(crate) fn diff_groups(
+    a: &[GroupSnap],
+    b: &[GroupSnap],
+    roles: impl Fn(Slot) -> bool,
+    eq: fn(&[f64], &[f64]) -> bool,
+    absent_is_zero: bool,
+) -> Option<String> {
+    if a.len() != b.len() {
+        return Some(format!("{} groups and {}", a.len(), b.len()));
+    }
+    for (gi, (x, y)) in a.iter().zip(b).enumerate() {
+        let mut diffs = Vec::new();
+        if !eq(&x.w, &y.w) {
+            diffs.push(format!("weights ({})", first_diff(&x.w, &y.w)));
+        }
+        if !eq(&x.g, &y.g) {
+            diffs.push(format!("gradient ({})", first_diff(&x.g, &y.g)));
+        }
+        for (k, role) in Slot::ALL.iter().enumerate() {
+            if !roles(*role) {
+                continue;
+            }
+            match (&x.slots[k], &y.slots[k]) {
+                (Some(p), Some(q)) if !eq(p, q) => {
+                    diffs.push(format!("slot {role:?} ({})", first_diff(p, q)))
+                }
+                (Some(p), None) | (None, Some(p))
+                    if !(absent_is_zero && p.iter().all(|x| x.to_bits() == 0)) =>
+                {
+                    diffs.push(format!("slot {role:?} held by one run only"))
+                }
+                _ => {}
+            }
+        }
+        if !diffs.is_empty() {
+            return Some(format!("group {gi}: {}", diffs.join(", ")));
+        }
+    }
+    None
 }
 
 pub(crate) fn run_reference<T: Real>(setup: &Setup) -> Result<(), Violation> {
@@ -172,17 +302,19 @@ pub(crate) fn run_reference<T: Real>(setup: &Setup) -> Result<(), Violation> {
 /// and element type (for selecting seed inputs by what they exercise); stops at a violation.
 pub fn outcomes(data: &[u8]) -> Vec<String> {
     let setup = Setup::decode(data, false);
-    let tag = format!(
-        "{}/{}",
-        match setup.variant {
-            VariantRaw::Sam(_) => "sam",
-            VariantRaw::Gsam(_) => "gsam",
-            VariantRaw::Wsam(_) => "wsam",
-            VariantRaw::Wasam(..) => "wasam",
-            VariantRaw::Base => "base",
-        },
-        if setup.f64 { "f64" } else { "f32" }
-    );
+    let inner = match setup.variant {
+        VariantRaw::Sam(_) => "sam",
+        VariantRaw::Gsam(_) => "gsam",
+        VariantRaw::Wsam(_) => "wsam",
+        VariantRaw::Wasam(..) => "wasam",
+        VariantRaw::Base => "base",
+    };
+    let variant = match setup.wrap {
+        crate::config::Wrap::None => inner.to_string(),
+        crate::config::Wrap::Interval(_) => format!("interval-{inner}"),
+        crate::config::Wrap::LookSam { .. } => "looksam".to_string(),
+    };
+    let tag = format!("{variant}/{}", if setup.f64 { "f64" } else { "f32" });
     struct Go<'s, T>(&'s Setup, &'s str, std::marker::PhantomData<T>);
     impl<T: Real> WithDrawn for Go<'_, T> {
         type Out = Vec<String>;
@@ -204,13 +336,15 @@ pub fn outcomes(data: &[u8]) -> Vec<String> {
         }
     }
     let r = if setup.f64 {
-        setup
-            .variant
-            .build_into(Go::<f64>(&setup, &tag, std::marker::PhantomData))
+        setup.variant.build_wrapped(
+            setup.wrap,
+            Go::<f64>(&setup, &tag, std::marker::PhantomData),
+        )
     } else {
-        setup
-            .variant
-            .build_into(Go::<f32>(&setup, &tag, std::marker::PhantomData))
+        setup.variant.build_wrapped(
+            setup.wrap,
+            Go::<f32>(&setup, &tag, std::marker::PhantomData),
+        )
     };
     r.unwrap_or_default()
 }
@@ -308,6 +442,7 @@ fn lockstep<T: Real, O: Drawn>(setup: &Setup, opt: O) -> Result<(), Violation> {
         groups,
         caps,
         active,
+        initial: opt.clone(),
         opt,
         f64: setup.f64,
     };
@@ -331,35 +466,17 @@ fn lockstep<T: Real, O: Drawn>(setup: &Setup, opt: O) -> Result<(), Violation> {
                 format!("op {i} ({op:?}): reference `{oa}`, ndarray `{ob}`"),
             ));
         }
-        let (sa, sb) = (snaps(&a.groups), snaps(&b.groups));
-        for (gi, (x, y)) in sa.iter().zip(&sb).enumerate() {
-            let mut diffs = Vec::new();
-            if !same_modulo_nan(&x.w, &y.w) {
-                diffs.push(format!("weights ({})", first_diff(&x.w, &y.w)));
-            }
-            if !same_modulo_nan(&x.g, &y.g) {
-                diffs.push(format!("gradient ({})", first_diff(&x.g, &y.g)));
-            }
-            for (k, role) in Slot::ALL.iter().enumerate() {
-                match (&x.slots[k], &y.slots[k]) {
-                    (Some(p), Some(q)) if !same_modulo_nan(p, q) => {
-                        diffs.push(format!("slot {role:?} ({})", first_diff(p, q)))
-                    }
-                    (Some(_), None) | (None, Some(_)) => {
-                        diffs.push(format!("slot {role:?} held by one backend only"))
-                    }
-                    _ => {}
-                }
-            }
-            if !diffs.is_empty() {
-                return Err(Violation::new(
-                    None,
-                    format!(
-                        "op {i} ({op:?}) `{oa}`: group {gi} differs between the backends: {}",
-                        diffs.join(", ")
-                    ),
-                ));
-            }
+        if let Some(d) = diff_groups(
+            &snaps(&a.groups),
+            &snaps(&b.groups),
+            |_| true,
+            same_modulo_nan,
+            false,
+        ) {
+            return Err(Violation::new(
+                None,
+                format!("op {i} ({op:?}) `{oa}`: the backends differ: {d}"),
+            ));
         }
     }
     Ok(())

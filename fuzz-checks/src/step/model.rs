@@ -333,6 +333,13 @@ pub(crate) fn predict_second(
     g1: &[Vec<f64>],
     g2: &[Vec<f64>],
 ) -> Result<SecondPred, Violation> {
+    if !j.climbs {
+        // One gradient: `plain_step` applies whatever the buffers hold.
+        return Ok(SecondPred::of(Ok(None)));
+    }
+    if j.looksam_refresh {
+        return Ok(looksam_refresh(g1, g2, j.is_f64));
+    }
     if finish == Finish::External && j.wsam_decoupled {
         return Ok(SecondPred::of(Err("InvalidGroups")));
     }
@@ -377,6 +384,53 @@ pub fn gsam_second(alpha: f64, eps: f64, g1: &[Vec<f64>], g2: &[Vec<f64>]) -> Se
             finding: None,
         },
         _ => coefficient(alpha, eps, &a, &b, ln_n1, ln_n2),
+    }
+}
+
+/// The prediction of a LookSAM refresh's second half for clean gradient `g1` (the stash) and
+/// SAM gradient `g2`, from `LookSam`'s documented rules, by an independent model in logarithms:
+/// a skip (`NonFiniteSecond`) if either holds a NaN/±∞; `NormOverflow` when the projection
+/// coefficient at the reduction's scale, `s·⟨g₁, g₂⟩/‖g₁‖²` with `s` the power of two that
+/// brings `max |g₂|` into `[½, 1)` (`f64` storage, at most `2^997`-ish; `1` for `f32`), is beyond
+/// `f64::MAX`; else applied. Within a factor 8 of the threshold (the model brackets `s` and the
+/// dot product, which may cancel) both outcomes are accepted.
+pub fn looksam_refresh(g1: &[Vec<f64>], g2: &[Vec<f64>], is_f64: bool) -> SecondPred {
+    if any_nonfinite(g1) || any_nonfinite(g2) {
+        return SecondPred::of(Ok(Some(SkipReason::NonFiniteSecond)));
+    }
+    let (applied, overflow): (SecondOutcome, SecondOutcome) = (Ok(None), Err("NormOverflow"));
+    let (a, b) = (g1.concat(), g2.concat());
+    let ma = a.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    let mb = b.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    if ma == 0.0 || mb == 0.0 {
+        return SecondPred::of(applied);
+    }
+    // ⟨a,b⟩ and Σ|aᵢbᵢ| relative to max|a|·max|b|.
+    let (d, sum) = a.iter().zip(&b).fold((0.0f64, 0.0f64), |(d, s), (x, y)| {
+        let p = (x / ma) * (y / mb);
+        (d + p, s + p.abs())
+    });
+    let ln_rest = ma.ln() + mb.ln() - 2.0 * ln_norm(&a);
+    // ln s: scale_for(mb) lies in (½/mb, 1/mb], capped near 1e300 for tiny mb.
+    let ln_s = if is_f64 {
+        (-mb.ln()).min(1e300f64.ln() + std::f64::consts::LN_2)
+    } else {
+        0.0
+    };
+    let margin = 8f64.ln();
+    let hi = sum.ln() + ln_rest + ln_s;
+    let lo = (d.abs() - 1e-6 * sum).max(0.0).ln() + ln_rest + ln_s;
+    let max = f64::MAX.ln();
+    if hi < max - margin {
+        SecondPred::of(applied)
+    } else if lo > max + margin {
+        SecondPred::of(overflow)
+    } else {
+        SecondPred {
+            outcome: applied,
+            also: Some(overflow),
+            finding: None,
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! operations to run, drawn from the fuzzer's bytes.
 
 use super::*;
+use crate::config::Wrap;
 
 /// How gradient values are filled in.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +53,10 @@ pub enum Recipe {
     Fill(Fill, Vec<(usize, usize, f64)>),
     /// `g = c·w + shift` (the gradient of a quadratic at the current weights), then overrides.
     Linear(f64, f64, Vec<(usize, usize, f64)>),
+    /// Gradient accumulation: zero the storage, then add each part's values (rounded to the
+    /// element type, as a framework's micro-batch gradient is) in order, each sum rounded to the
+    /// element type (`Keep` adds nothing).
+    Sum(Vec<Recipe>),
 }
 
 impl Recipe {
@@ -79,11 +84,23 @@ impl Recipe {
         }
     }
 
-    /// The values for group `gi` with weights `w`, or `None` to keep the current ones.
-    pub fn values(&self, gi: usize, w: &[f64]) -> Option<Vec<f64>> {
+    /// The values for group `gi` with weights `w`, or `None` to keep the current ones, in
+    /// element type `f64` or `f32` (`is_f64`): rounded as storing them rounds them.
+    pub fn values(&self, gi: usize, w: &[f64], is_f64: bool) -> Option<Vec<f64>> {
         let n = w.len();
         let (mut g, over): (Vec<f64>, _) = match self {
             Recipe::Keep => return None,
+            Recipe::Sum(parts) => {
+                let mut acc = vec![0.0; n];
+                for p in parts {
+                    if let Some(v) = p.values(gi, w, is_f64) {
+                        for (a, x) in acc.iter_mut().zip(v) {
+                            *a = round_to(*a + x, is_f64);
+                        }
+                    }
+                }
+                return Some(acc);
+            }
             Recipe::Fill(f, over) => ((0..n).map(|i| f.at(gi, i)).collect(), over),
             Recipe::Linear(c, shift, over) => (w.iter().map(|x| c * x + shift).collect(), over),
         };
@@ -92,7 +109,7 @@ impl Recipe {
                 g[idx % n] = v;
             }
         }
-        Some(g)
+        Some(g.into_iter().map(|x| round_to(x, is_f64)).collect())
     }
 }
 
@@ -172,6 +189,14 @@ pub enum Op {
         /// Flip WASAM's pending fold.
         flip_pending: bool,
     },
+    /// A checkpoint round trip: `Checkpoint::save` of the active groups, every prepared slot of
+    /// those groups overwritten with `fill` (the reference backend; `sam-ndarray` gets fresh
+    /// buffers holding the same weights and gradient), `Checkpoint::load` into a freshly built
+    /// optimizer, which goes on from there.
+    Resume {
+        /// What the slots of the "fresh" reference buffers hold.
+        fill: f64,
+    },
     /// Pass only the first `n` groups from now on.
     Active(usize),
     /// Exchange two groups.
@@ -211,6 +236,8 @@ pub struct Setup {
     pub tame: bool,
     /// The optimizer.
     pub variant: VariantRaw,
+    /// Its wrapper (LookSAM, SAM every `k` steps).
+    pub wrap: Wrap,
     /// The groups.
     pub groups: Vec<GroupSetup>,
     /// The operations.
@@ -242,6 +269,25 @@ pub(crate) fn shapes_for(s: &mut Src<'_>, n: usize) -> Vec<Vec<usize>> {
     out
 }
 
+/// The marker byte after the operations that starts the extensions (wrapper, checkpoint round
+/// trips, accumulation).
+pub const EXTENSIONS: u64 = 0xE5;
+
+/// Splits the gradients of a step into micro-batches: each becomes a [`Recipe::Sum`] of itself
+/// and 1–3 more parts.
+fn accumulate(op: Option<&mut Op>, s: &mut Src<'_>, tame: bool) {
+    let (Some(Op::Step { g1, g2, .. }) | Some(Op::Closure { g1, g2, .. })) = op else {
+        return;
+    };
+    for g in [g1, g2] {
+        let mut parts = vec![std::mem::replace(g, Recipe::Keep)];
+        for _ in 0..s.usize(1, 3) {
+            parts.push(Recipe::generate(s, tame));
+        }
+        *g = Recipe::Sum(parts);
+    }
+}
+
 impl Setup {
     /// Decodes an input; `lockstep` restricts it to what both backends must agree on.
     pub fn decode(data: &[u8], lockstep: bool) -> Self {
@@ -268,10 +314,10 @@ impl Setup {
             };
             let zeros = vec![0.0; len];
             let w = Recipe::Fill(Fill::generate(&mut s, tame), vec![])
-                .values(0, &zeros)
+                .values(0, &zeros, true)
                 .unwrap_or_default();
             let g = Recipe::Fill(Fill::generate(&mut s, tame), vec![])
-                .values(0, &zeros)
+                .values(0, &zeros, true)
                 .unwrap_or_default();
             let slot_values = if !lockstep && s.chance(1, 10) {
                 s.usize(0, 9 * len)
@@ -347,10 +393,29 @@ impl Setup {
             };
             ops.push(op);
         }
+        // Extensions, drawn after everything else behind a marker byte, so that inputs written
+        // before they existed decode as before (an exhausted input draws no marker).
+        let mut wrap = Wrap::None;
+        if s.int(0, 255) == EXTENSIONS {
+            wrap = Wrap::generate(&mut s, wild_variant, &variant);
+            for _ in 0..s.usize(0, 6) {
+                let at = s.index(ops.len() + 1);
+                match s.int(0, 2) {
+                    0 => ops.insert(
+                        at,
+                        Op::Resume {
+                            fill: s.pick(&[0.0, f64::NAN, 1e30, -7.5]),
+                        },
+                    ),
+                    _ => accumulate(ops.get_mut(at), &mut s, tame),
+                }
+            }
+        }
         Setup {
             f64,
             tame,
             variant,
+            wrap,
             groups,
             ops,
         }

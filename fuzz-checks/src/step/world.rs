@@ -37,6 +37,8 @@ pub struct World<B, O> {
     pub active: usize,
     /// The optimizer.
     pub opt: O,
+    /// The optimizer as first built (what a resumed run builds before loading a checkpoint).
+    pub initial: O,
     /// Values are `f64` (else `f32`).
     pub f64: bool,
 }
@@ -69,6 +71,12 @@ impl<B: Inspect, O: Drawn> World<B, O> {
     /// The slot layout group `i` needs now.
     pub(crate) fn spec(&self, i: usize) -> SlotSpec {
         self.opt.slot_spec(&self.groups[i].options)
+    }
+
+    /// Whether an active group's buffer was last prepared for another slot layout than the one
+    /// its options need now.
+    pub(crate) fn respec(&self) -> bool {
+        (0..self.active).any(|i| self.prepared[i].is_some_and(|p| p != self.spec(i)))
     }
 
     /// What `Engine::begin` would record for the active groups now.
@@ -164,7 +172,24 @@ impl<B: Inspect, O: Drawn> World<B, O> {
     /// at this step), then [`predict_begin`](Self::predict_begin), then `NonFinite` if a
     /// gradient (or an adaptive group's weight) is NaN/±∞, `NormOverflow` if an adaptive
     /// group's `(|w|+η)·g` overflows for finite operands, else `Ok`.
+    ///
+    /// A step that does not climb (LookSAM between refreshes, a plain step of `Interval`)
+    /// checks that the lr each group uses is `≥ 0` and finite (`InvalidHyperparameter`), then
+    /// [`predict_begin`](Self::predict_begin), then that the gradient is finite.
     pub fn predict_first(&self, m: &Model, g1: &[Vec<f64>]) -> First {
+        if !self.opt.climbs() {
+            if self.act().iter().any(|g| {
+                let lr = self.opt.lr_used(&g.options);
+                !(lr >= 0.0 && lr.is_finite())
+            }) {
+                return First::refused(Pred::InvalidHyper);
+            }
+            let mut f = self.predict_begin(m);
+            if f.pred == Pred::Ok && any_nonfinite(g1) {
+                f.pred = Pred::NonFinite;
+            }
+            return f;
+        }
         if let Some(v) = self.opt.gsam() {
             if self
                 .act()
@@ -211,11 +236,30 @@ impl<B: Inspect, O: Drawn> World<B, O> {
     }
 }
 
+/// Writes the gradient recipe `r` into the groups' gradient storage (a [`Recipe::Sum`] the way a
+/// framework accumulates micro-batches: zeroes the storage, then adds each part in place).
 pub(crate) fn write_recipe<B: Inspect>(groups: &mut [Group<B>], r: &Recipe) {
+    let is_f64 = <B::Scalar as Real>::NAME == "f64";
     for (gi, g) in groups.iter_mut().enumerate() {
         let w = g.buffer.weights_f64();
-        if let Some(v) = r.values(gi, &w) {
-            g.buffer.set_grads(&v);
+        let Recipe::Sum(parts) = r else {
+            if let Some(v) = r.values(gi, &w, is_f64) {
+                g.buffer.set_grads(&v);
+            }
+            continue;
+        };
+        g.buffer.set_grads(&vec![0.0; w.len()]);
+        for p in parts {
+            if let Some(v) = p.values(gi, &w, is_f64) {
+                let sum: Vec<f64> = g
+                    .buffer
+                    .grads_f64()
+                    .iter()
+                    .zip(&v)
+                    .map(|(a, x)| a + x)
+                    .collect();
+                g.buffer.set_grads(&sum);
+            }
         }
     }
 }
@@ -322,7 +366,7 @@ pub(crate) fn run_swap<B: Inspect>(
     if let Some(t) = touch {
         for (gi, g) in guard.groups_mut().iter_mut().enumerate() {
             let cur = g.buffer.weights_f64();
-            if let Some(vals) = t.values(gi, &cur) {
+            if let Some(vals) = t.values(gi, &cur, <B::Scalar as Real>::NAME == "f64") {
                 g.buffer.set_weights(&vals);
             }
         }
