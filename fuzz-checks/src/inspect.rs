@@ -12,6 +12,12 @@ pub fn kept(role: Slot) -> bool {
     matches!(role, Slot::State(_) | Slot::Average(_))
 }
 
+/// Whether a role carries state from one step to the next (what a checkpoint saves): the
+/// [`kept`] roles, and the stash of an optimizer that keeps it (LookSAM's stored direction).
+pub fn persistent(role: Slot, keeps_stash: bool) -> bool {
+    kept(role) || (keeps_stash && role == Slot::Stash)
+}
+
 /// Storage access the checks need, on top of [`ParamBuffer`]
 /// and checkpoints' [`SlotAccess`].
 pub trait Inspect: SlotAccess {

@@ -777,14 +777,14 @@ pub(crate) fn resume<B: Inspect, O: Drawn>(
             let saved = w.prepared[i] == Some(spec);
             let mut s = b.clone();
             for (k, role) in Slot::ALL.iter().enumerate() {
-                let persistent = kept(*role) || (keeps_stash && *role == Slot::Stash);
-                s.slots[k] = (spec.index(*role).is_some() && persistent).then(|| {
-                    if saved {
-                        b.slots[k].clone().unwrap_or_default()
-                    } else {
-                        vec![0.0; b.w.len()]
-                    }
-                });
+                s.slots[k] =
+                    (spec.index(*role).is_some() && persistent(*role, keeps_stash)).then(|| {
+                        if saved {
+                            b.slots[k].clone().unwrap_or_default()
+                        } else {
+                            vec![0.0; b.w.len()]
+                        }
+                    });
             }
             s
         })
@@ -805,30 +805,12 @@ pub(crate) fn resume<B: Inspect, O: Drawn>(
             "the resumed optimizer's host state differs from the saved one".into(),
         ));
     }
-    let now = snaps(w.act());
-    for (i, (x, y)) in want.iter().zip(&now).enumerate() {
-        let mut diffs = Vec::new();
-        if !same(&x.w, &y.w) || !same(&x.g, &y.g) {
-            diffs.push("weights or gradient".to_string());
-        }
-        for (k, role) in Slot::ALL.iter().enumerate() {
-            if let Some(v) = &x.slots[k] {
-                match &y.slots[k] {
-                    Some(u) if same(u, v) => {}
-                    Some(u) => diffs.push(format!("slot {role:?} ({})", first_diff(u, v))),
-                    None => diffs.push(format!("slot {role:?} missing")),
-                }
-            }
-        }
-        if !diffs.is_empty() {
-            return Err(Violation::new(
-                None,
-                format!(
-                    "resume: group {i} does not hold what was saved: {}",
-                    diffs.join(", ")
-                ),
-            ));
-        }
+    let held = |r| persistent(r, keeps_stash);
+    if let Some(d) = diff_groups(&want, &snaps(w.act()), held, same, false) {
+        return Err(Violation::new(
+            None,
+            format!("resume: the loaded buffers do not hold what was saved: {d}"),
+        ));
     }
     w.opt = fresh;
     for i in 0..n {

@@ -55,7 +55,7 @@ use sam_core::{Error, Group, Optimizer, Phase, SamOptimizer, SkipReason, StepSta
 use sam_ndarray::NdGroup;
 
 use crate::config::{GroupRaw, VariantRaw};
-use crate::inspect::{GroupSnap, Inspect, first_diff, kept, same, same_modulo_nan};
+use crate::inspect::{GroupSnap, Inspect, first_diff, kept, persistent, same, same_modulo_nan};
 use crate::palette;
 use crate::src::Src;
 use crate::variant::{Drawn, Form, PerturbParams, WithDrawn, base_raw};
@@ -226,11 +226,10 @@ impl<T: Real> WithDrawn for Reference<'_, T> {
                 ..v
             })?;
             let keeps_stash = world.opt.keeps_stash();
-            let persistent = |r: Slot| kept(r) || (keeps_stash && r == Slot::Stash);
             let diff = diff_groups(
                 &snaps(&world.groups),
                 &snaps(&tw.groups),
-                persistent,
+                |r| persistent(r, keeps_stash),
                 same,
                 true,
             );
