@@ -1,4 +1,5 @@
-//! A `#![no_std]` library that runs SAM steps on f32 and f64 slices through `sam-core`.
+//! A `#![no_std]` library that runs SAM steps on f32, f64 and bf16 slices through `sam-core`
+//! (with its `half` feature).
 #![no_std]
 
 use sam_core::Optimizer as _;
@@ -12,6 +13,12 @@ pub extern "C" fn sam_nostd_run(steps: u32) -> f64 {
     run::<f32>(steps)
         .and_then(|a| run::<f64>(steps).map(|b| a + b))
         .unwrap_or(-1.0)
+}
+
+/// The same in bf16 storage: the final distance to the minimum, or a negative number on error.
+#[unsafe(no_mangle)]
+pub extern "C" fn sam_nostd_run_bf16(steps: u32) -> f64 {
+    run::<half::bf16>(steps).unwrap_or(-1.0)
 }
 
 fn run<T: sam_core::backend::Real>(steps: u32) -> Option<f64> {

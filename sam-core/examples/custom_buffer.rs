@@ -78,7 +78,8 @@ impl ParamBuffer for MyParams {
         for i in 0..self.w.len() {
             self.slots[b][i] = self.w[i];
             if let Some(s) = s {
-                self.slots[s][i] = self.grad[i];
+                // The unscaled gradient (a copy when no loss scale is set).
+                self.slots[s][i] = kernel::stashed(spec, f64::from(self.grad[i])) as f32;
             }
             self.w[i] = kernel::perturb(spec, f64::from(self.w[i]), f64::from(self.grad[i])) as f32;
         }

@@ -117,6 +117,10 @@ pub struct ReduceSpec {
     pub scale_grad: f64,
     /// Scale `s_s`.
     pub scale_stash: f64,
+    /// The factor every gradient value is multiplied by as it is read, before anything else
+    /// (`1/S` under a loss scale `S`, see [`Optimizer::set_grad_scale`](crate::Optimizer::set_grad_scale);
+    /// `1` otherwise). Set by the optimizer for every pass.
+    pub unscale: f64,
 }
 
 impl ReduceSpec {
@@ -129,6 +133,7 @@ impl ReduceSpec {
         scale_perturb: 1.0,
         scale_grad: 1.0,
         scale_stash: 1.0,
+        unscale: 1.0,
     };
 
     /// Whether the pass reads the stash slot.
@@ -200,7 +205,7 @@ pub(crate) fn max(a: f64, b: f64) -> f64 {
 }
 
 /// The perturb pass: back up `w` exactly, optionally stash `g`, then
-/// `w ← w + T·(((T·g)·s)·c)`.
+/// `w ← w + T·(((T·g)·s)·c)`, with `g` the stored gradient times [`unscale`](Self::unscale).
 ///
 /// With the norm computed at scale `s` (a power of two, `1` except for extreme `f64` input),
 /// `c = ρ/(‖s·T⊙g‖ + ε·s)`, so that `((T·g)·s)·c` never overflows even when `ρ/‖T⊙g‖` would.
@@ -214,6 +219,9 @@ pub struct PerturbSpec {
     pub scale: f64,
     /// The coefficient `c` (`0` for a zero gradient).
     pub coeff: f64,
+    /// The factor the stored gradient is multiplied by as it is read (see
+    /// [`ReduceSpec::unscale`]); the stash receives the product.
+    pub unscale: f64,
 }
 
 /// The final gradient fed to the base rule: `d = g` or `d = a·g + b·stash`.
@@ -277,6 +285,9 @@ pub struct UpdateSpec {
     pub restash: Option<PostMix>,
     /// Averages to fold the new weights into.
     pub average: AverageFold,
+    /// The factor the stored gradient is multiplied by as it is read (see
+    /// [`ReduceSpec::unscale`]).
+    pub unscale: f64,
 }
 
 impl UpdateSpec {
@@ -296,7 +307,9 @@ impl UpdateSpec {
 /// Contract for implementors:
 /// - every pass covers all [`len`](Self::len) elements and computes exactly what the matching
 ///   element function of [`kernel`](crate::backend::kernel) computes (same operations, same rounding
-///   points); reductions follow the canonical order of [`kernel::pairwise`](crate::backend::kernel::pairwise)
+///   points); the element functions take the *stored* gradient and apply the spec's `unscale`
+///   themselves, and the perturb pass writes [`kernel::stashed`](crate::backend::kernel::stashed)
+///   to the stash; reductions follow the canonical order of [`kernel::pairwise`](crate::backend::kernel::pairwise)
 ///   over [`kernel::reduce_block`](crate::backend::kernel::reduce_block) if the backend promises bit
 ///   identity with the reference backend, or document their order and tolerance otherwise;
 /// - [`prepare`](Self::prepare) is called before any other pass of a step; it may allocate

@@ -41,6 +41,14 @@ pub enum StepStatus {
     Skipped(SkipReason),
 }
 
+impl StepStatus {
+    /// Whether the step was skipped (its gradients held NaN/∞: under loss scaling, an
+    /// overflow, see [`LossScaler::update`](crate::LossScaler::update)).
+    pub fn is_skipped(&self) -> bool {
+        matches!(self, StepStatus::Skipped(_))
+    }
+}
+
 /// Why a step was skipped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SkipReason {
@@ -77,6 +85,9 @@ pub struct Norms {
     pub grad_scale: f64,
     pub stash_scale: f64,
     pub finite: bool,
+    /// The factor the stored gradients were multiplied by ([`ReduceSpec::unscale`]); the
+    /// passes that follow read them with the same factor.
+    pub unscale: f64,
 }
 
 /// When a variant reads its learning-rate schedule (and GSAM its ρ schedule).
@@ -101,6 +112,9 @@ pub struct Engine {
     /// The learning-rate schedule applied to every group, if any, and when it is read.
     pub lr_schedule: Option<Schedule>,
     pub timeline: Timeline,
+    /// The loss scale `S` the stored gradients carry (`1`: none), and `1/S`.
+    grad_scale: f64,
+    unscale: f64,
     shape: Option<(usize, usize, u64)>,
 }
 
@@ -111,8 +125,35 @@ impl Engine {
             steps: 0,
             lr_schedule: None,
             timeline: Timeline::Synced,
+            grad_scale: 1.0,
+            unscale: 1.0,
             shape: None,
         }
+    }
+
+    /// The loss scale the stored gradients carry.
+    pub fn grad_scale(&self) -> f64 {
+        self.grad_scale
+    }
+
+    /// `1/S`, the factor every pass multiplies the stored gradients by.
+    pub fn unscale(&self) -> f64 {
+        self.unscale
+    }
+
+    /// Sets the loss scale (only when idle): `S` finite and positive, `1/S` a normal number.
+    pub fn set_grad_scale(&mut self, scale: f64) -> Result<(), Error> {
+        self.expect(Phase::Idle)?;
+        let unscale = 1.0 / scale;
+        if !(scale > 0.0 && scale.is_finite() && unscale.is_normal()) {
+            return Err(Error::InvalidHyperparameter {
+                name: "grad_scale",
+                message: "the loss scale must be positive and finite, with a normal reciprocal",
+            });
+        }
+        self.grad_scale = scale;
+        self.unscale = unscale;
+        Ok(())
     }
 
     /// The lr step `t` uses in a group whose own lr is `group_lr`.
@@ -207,28 +248,35 @@ impl Engine {
         Ok(())
     }
 
-    /// One reduce pass over all groups (combined in group order).
+    /// One reduce pass over all groups (combined in group order), reading the gradients times
+    /// `unscale`.
     fn reduce_once<B: ParamBuffer>(
         groups: &mut [Group<B>],
+        unscale: f64,
         spec: &impl Fn(&GroupOptions, [f64; 3]) -> ReduceSpec,
         scales: [f64; 3],
     ) -> Result<Reduction, Error<B::Error>> {
         let mut total = Reduction::ZERO;
         for g in groups.iter_mut() {
-            let s = spec(&g.options, scales);
+            let s = ReduceSpec {
+                unscale,
+                ..spec(&g.options, scales)
+            };
             let r = g.buffer.reduce(&s).map_err(Error::Backend)?;
             total = total.combine(r);
         }
         Ok(total)
     }
 
-    /// Global norms with the rescaling fallback of [`kernel::needs_rescale`].
-    /// `spec(options, [s_p, s_g, s_s])` builds each group's reduce spec with these scales.
+    /// Global norms of the gradients read times `unscale`, with the rescaling fallback of
+    /// [`kernel::needs_rescale`]. `spec(options, [s_p, s_g, s_s])` builds each group's reduce
+    /// spec with these scales.
     pub fn norms<B: ParamBuffer>(
         groups: &mut [Group<B>],
+        unscale: f64,
         spec: impl Fn(&GroupOptions, [f64; 3]) -> ReduceSpec,
     ) -> Result<Norms, Error<B::Error>> {
-        let mut r = Self::reduce_once(groups, &spec, [1.0; 3])?;
+        let mut r = Self::reduce_once(groups, unscale, &spec, [1.0; 3])?;
         let mut scales = [1.0; 3];
         if r.finite
             && (kernel::needs_rescale(r.perturb_sq, r.perturb_max)
@@ -241,7 +289,7 @@ impl Engine {
                 kernel::scale_for(r.grad_max),
                 kernel::scale_for(r.stash_max),
             ];
-            r = Self::reduce_once(groups, &spec, scales)?;
+            r = Self::reduce_once(groups, unscale, &spec, scales)?;
         }
         Ok(Norms {
             perturb_scaled: libm::sqrt(r.perturb_sq),
@@ -265,6 +313,7 @@ impl Engine {
             grad_scale: scales[1],
             stash_scale: scales[2],
             finite: r.finite,
+            unscale,
         })
     }
 
@@ -301,14 +350,18 @@ impl Engine {
     /// Runs the restore-and-step pass on every group. If a backend fails on group `i` (leaving it
     /// unchanged, i.e. still perturbed), groups `i..` are restored from their backups when
     /// `restore_on_error` (the weights of groups already stepped stay stepped: their base state
-    /// has moved on with them).
+    /// has moved on with them). The gradients are read times `unscale`.
     pub fn update_all<B: ParamBuffer>(
         groups: &mut [Group<B>],
         restore_on_error: bool,
+        unscale: f64,
         spec: impl Fn(usize, &GroupOptions) -> UpdateSpec,
     ) -> Result<(), Error<B::Error>> {
         for i in 0..groups.len() {
-            let s = spec(i, &groups[i].options);
+            let s = UpdateSpec {
+                unscale,
+                ..spec(i, &groups[i].options)
+            };
             if let Err(e) = groups[i].buffer.update(&s) {
                 if restore_on_error {
                     let _ = Self::restore_all(&mut groups[i..]);

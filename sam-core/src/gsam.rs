@@ -198,7 +198,7 @@ impl sealed::Core for Gsam {
         finish: Finish,
     ) -> Result<StepStatus, Error<B::Error>> {
         // The decomposition reads g₂ in full, so its finiteness is always checked (free here).
-        let n = phases::second_norms(groups, |_, s| ReduceSpec {
+        let n = phases::second_norms(groups, self.engine.unscale(), |_, s| ReduceSpec {
             grad: true,
             stash: true,
             dot: true,

@@ -48,6 +48,7 @@
 //! |---|---|---|
 //! | `alloc` | no | `reference::VecBuffer` and `checkpoint` (host state plus slots, bit-exact resume) |
 //! | `serde` | no | `Serialize`/`Deserialize` for configurations, optimizer state and checkpoints |
+//! | `half` | no | `half::bf16` and `half::f16` as storage types ([`backend::Real`]), rounded once from `f64` |
 //!
 //! # Variants
 //!
@@ -123,6 +124,7 @@ mod gsam;
 mod guard;
 mod interval;
 mod looksam;
+mod loss_scale;
 mod optimizer;
 mod perturbation;
 mod phases;
@@ -142,6 +144,7 @@ pub use gsam::{Gsam, GsamConfig, RhoSchedule};
 pub use guard::Perturbed;
 pub use interval::Interval;
 pub use looksam::{LookSam, LookSamConfig};
+pub use loss_scale::{LossScaler, LossScalerConfig, LossScalerState};
 pub use optimizer::{Optimizer, SamOptimizer};
 pub use perturbation::Perturbation;
 pub use plain::BaseOptimizer;

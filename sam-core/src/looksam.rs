@@ -192,7 +192,7 @@ impl sealed::Core for LookSam {
             scale_stash: s[2],
             ..ReduceSpec::FINITE_ONLY
         })?;
-        if !n.finite && !Engine::norms(groups, |_, _| ReduceSpec::FINITE_ONLY)?.finite {
+        if !n.finite && !Engine::norms(groups, n.unscale, |_, _| ReduceSpec::FINITE_ONLY)?.finite {
             return Err(Error::NonFiniteGradient);
         }
         // A non-finite flag from here on is the stored direction's: `mix` drops it.
@@ -210,7 +210,7 @@ impl sealed::Core for LookSam {
             return phases::plain_step(&mut self.engine, groups, grad, finish);
         }
         // g_s in the gradient storage, the clean g in the stash.
-        let n = phases::second_norms(groups, |_, s| ReduceSpec {
+        let n = phases::second_norms(groups, self.engine.unscale(), |_, s| ReduceSpec {
             grad: true,
             stash: true,
             dot: true,

@@ -124,6 +124,52 @@ pub trait Optimizer: sealed::Core {
         self.engine().lr_at(t, group_lr)
     }
 
+    /// The loss scale `S` the stored gradients carry (`1` unless set).
+    fn grad_scale(&self) -> f64 {
+        self.engine().grad_scale()
+    }
+
+    /// Declares that the gradients written from now on are those of the loss times `scale`
+    /// (mixed-precision training with loss scaling, see [`LossScaler`](crate::LossScaler)).
+    /// Every pass then reads each stored gradient value `g` as `g·(1/S)` in `f64` before any
+    /// other use, so the perturbation, the norms and the base step are those of the unscaled
+    /// gradient, and the stash and an external final gradient
+    /// ([`Perturbed::restore_with_gradient`]) hold unscaled values. For a power of two `S` the
+    /// unscaling is exact: the step is then bit for bit the step on gradients `g/S` with scale
+    /// `1`. A gradient that overflowed (NaN or ±∞ in either gradient of a step) skips the step
+    /// with every buffer as it was ([`StepStatus::Skipped`] from [`step`](Self::step), or
+    /// [`Error::NonFiniteGradient`] from the first half of the two-call form).
+    ///
+    /// Only between steps; `scale` finite and positive with a normal reciprocal; nothing
+    /// changes on error. Not part of [`state`](Self::state): the scaler that chooses `S` is
+    /// saved on its own, and the scale is set again before each step.
+    ///
+    /// ```
+    /// use sam_core::{BaseRule, Group, Optimizer, Sam, SamConfig, SgdConfig, StepStatus};
+    /// use sam_core::reference::SliceBuffer;
+    /// let mut w = [1.0_f32, -2.0];
+    /// let mut g = [0.0_f32; 2];
+    /// let mut slots = [0.0_f32; 2]; // backup
+    /// let base = BaseRule::sgd(SgdConfig { lr: 0.1, ..Default::default() })?;
+    /// let mut groups = [Group::new(SliceBuffer::new(&mut w, &mut g, &mut slots)?, base)];
+    /// let mut sam = Sam::new(SamConfig::default())?;
+    /// sam.set_grad_scale(1024.0)?;
+    /// let report = sam.step(&mut groups, |gs| {
+    ///     let (w, g) = gs[0].buffer.weights_and_grad();
+    ///     for (gi, wi) in g.iter_mut().zip(w) {
+    ///         *gi = 1024.0 * wi; // ∇ of 1024 · ½‖w‖²
+    ///     }
+    ///     Ok::<_, sam_core::Error<_>>(())
+    /// })?;
+    /// assert_eq!(report.status, StepStatus::Applied);
+    /// assert!(groups[0].buffer.weights()[0] < 1.0 && groups[0].buffer.weights()[0] > 0.8);
+    /// assert!(sam.set_grad_scale(0.0).is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    fn set_grad_scale(&mut self, scale: f64) -> Result<(), Error> {
+        self.engine_mut().set_grad_scale(scale)
+    }
+
     /// A whole step driven by a closure that writes the gradient at the current weights into
     /// every buffer and returns the loss. A SAM-family optimizer calls it twice, at the clean
     /// weights (its loss is reported) and at the perturbed weights; the base optimizer once,

@@ -116,6 +116,7 @@ pub(crate) fn perturb_spec(
         weighting,
         scale,
         coeff,
+        unscale: norms.unscale,
     }
 }
 

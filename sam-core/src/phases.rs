@@ -43,7 +43,7 @@ pub(crate) fn climb_norms<B: ParamBuffer>(
 ) -> Result<Norms, Error<B::Error>> {
     engine.check_lr(groups)?;
     engine.begin(groups, layout)?;
-    let norms = Engine::norms(groups, |o, s| ReduceSpec {
+    let norms = Engine::norms(groups, engine.unscale(), |o, s| ReduceSpec {
         perturb: Some(weighting(o)),
         grad: grad_norm,
         scale_perturb: s[0],
@@ -75,13 +75,14 @@ pub(crate) fn climb<B: ParamBuffer>(
     })
 }
 
-/// The reduce over the second gradient (with the weights perturbed). `Ok(Err(skip))` when it
-/// holds NaN/∞: every group is then restored and the step is skipped.
+/// The reduce over the second gradient (with the weights perturbed), read times `unscale`.
+/// `Ok(Err(skip))` when it holds NaN/∞: every group is then restored and the step is skipped.
 pub(crate) fn second_norms<B: ParamBuffer>(
     groups: &mut [Group<B>],
+    unscale: f64,
     spec: impl Fn(&GroupOptions, [f64; 3]) -> ReduceSpec,
 ) -> Result<Result<Norms, StepStatus>, Error<B::Error>> {
-    let norms = Engine::norms(groups, spec);
+    let norms = Engine::norms(groups, unscale, spec);
     let norms = Engine::or_restore(groups, norms)?;
     if norms.finite {
         return Ok(Ok(norms));
@@ -93,12 +94,13 @@ pub(crate) fn second_norms<B: ParamBuffer>(
 /// The finiteness check of the second gradient alone, if `check` (see [`second_norms`]).
 pub(crate) fn check_second<B: ParamBuffer>(
     groups: &mut [Group<B>],
+    unscale: f64,
     check: bool,
 ) -> Result<Option<StepStatus>, Error<B::Error>> {
     if !check {
         return Ok(None);
     }
-    Ok(second_norms(groups, |_, _| ReduceSpec::FINITE_ONLY)?.err())
+    Ok(second_norms(groups, unscale, |_, _| ReduceSpec::FINITE_ONLY)?.err())
 }
 
 /// The base step of a group in the final pass: its rule at the scheduled lr, or External.
@@ -141,7 +143,7 @@ pub(crate) fn restore_and_step<B: ParamBuffer>(
     combine: impl Fn(f64) -> Combine,
 ) -> Result<StepStatus, Error<B::Error>> {
     let e = &*engine;
-    Engine::update_all(groups, true, |_, o| {
+    Engine::update_all(groups, true, e.unscale(), |_, o| {
         let (base, lr) = base_step(e, o, finish);
         let c = combine(lr);
         UpdateSpec {
@@ -151,6 +153,7 @@ pub(crate) fn restore_and_step<B: ParamBuffer>(
             post: c.post,
             restash: c.restash,
             average,
+            unscale: 1.0, // set by update_all
         }
     })?;
     engine.steps = engine.steps.saturating_add(1);
@@ -167,7 +170,7 @@ pub(crate) fn plain_begin<B: ParamBuffer>(
 ) -> Result<Norms, Error<B::Error>> {
     engine.check_lr(groups)?;
     engine.begin(groups, layout)?;
-    Engine::norms(groups, spec)
+    Engine::norms(groups, engine.unscale(), spec)
 }
 
 /// [`plain_begin`] with the finiteness check of the gradient alone
@@ -194,13 +197,14 @@ pub(crate) fn plain_step<B: ParamBuffer>(
     finish: Finish,
 ) -> Result<StepStatus, Error<B::Error>> {
     let e = &*engine;
-    Engine::update_all(groups, false, |_, o| UpdateSpec {
+    Engine::update_all(groups, false, e.unscale(), |_, o| UpdateSpec {
         restore: false,
         grad,
         base: base_step(e, o, finish).0,
         post: None,
         restash: None,
         average: AverageFold::NONE,
+        unscale: 1.0, // set by update_all
     })?;
     engine.steps = engine.steps.saturating_add(1);
     Ok(StepStatus::Applied)

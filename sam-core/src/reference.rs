@@ -45,6 +45,13 @@ pub enum SliceError {
         /// Number of gradient values.
         grads: usize,
     },
+    /// The model copy of the weights has another length than the weights.
+    ModelLengthMismatch {
+        /// Number of weights.
+        weights: usize,
+        /// Number of values in the model copy.
+        model: usize,
+    },
     /// The slot memory is too small for the slots the optimizer needs.
     SlotsTooSmall {
         /// Values needed (`slots · len`).
@@ -71,6 +78,9 @@ impl fmt::Display for SliceError {
             SliceError::LengthMismatch { weights, grads } => {
                 write!(f, "{weights} weights but {grads} gradient values")
             }
+            SliceError::ModelLengthMismatch { weights, model } => {
+                write!(f, "{weights} weights but {model} values in the model copy")
+            }
             SliceError::SlotsTooSmall { needed, provided } => {
                 write!(
                     f,
@@ -91,11 +101,24 @@ impl fmt::Display for SliceError {
 impl core::error::Error for SliceError {}
 
 /// A parameter group stored in caller-provided slices.
+///
+/// The weights and the slots have the element type `T`; the gradient has its own, `G` (by
+/// default `T`). The layouts of mixed-precision training (see the crate docs):
+///
+/// - `T` everywhere ([`new`](Self::new)): `f32`, `f64`, or a 16-bit type for a model trained
+///   in pure `bf16`;
+/// - `f32` weights and slots with 16-bit gradients ([`mixed`](Self::mixed)), for a framework
+///   that keeps `f32` parameters and computes the backward pass in `bf16`/`f16`;
+/// - `f32` master weights with a 16-bit copy of them, the one the model computes with, and
+///   16-bit gradients ([`with_model_copy`](Self::with_model_copy)): every pass that writes a
+///   weight writes the copy too, as the `G` rounding of the stored master weight, so the copy
+///   is always the rounding of the master (and a restore restores both bit for bit).
 #[derive(Debug)]
-pub struct SliceBuffer<'a, T: Real> {
+pub struct SliceBuffer<'a, T: Real, G: Real = T> {
     w: &'a mut [T],
-    g: &'a mut [T],
+    g: &'a mut [G],
     slots: &'a mut [T],
+    model: Option<&'a mut [G]>,
     spec: Option<SlotSpec>,
 }
 
@@ -103,6 +126,26 @@ impl<'a, T: Real> SliceBuffer<'a, T> {
     /// Wraps weights, gradient and slot memory. The gradient must be as long as the weights;
     /// the slot memory is checked when the optimizer says which slots it needs.
     pub fn new(w: &'a mut [T], g: &'a mut [T], slots: &'a mut [T]) -> Result<Self, SliceError> {
+        SliceBuffer::mixed(w, g, slots)
+    }
+}
+
+impl<'a, T: Real, G: Real> SliceBuffer<'a, T, G> {
+    /// Wraps weights and slot memory of type `T` and a gradient of type `G` (which must be as
+    /// long as the weights).
+    ///
+    /// ```
+    /// # #[cfg(feature = "half")] {
+    /// use half::bf16;
+    /// use sam_core::reference::SliceBuffer;
+    /// let mut w = [1.0_f32, 2.0];
+    /// let mut g = [bf16::ZERO; 2];
+    /// let mut slots = [0.0_f32; 2];
+    /// let buf = SliceBuffer::mixed(&mut w, &mut g, &mut slots).unwrap();
+    /// assert_eq!(buf.grad(), &[bf16::ZERO; 2]);
+    /// # }
+    /// ```
+    pub fn mixed(w: &'a mut [T], g: &'a mut [G], slots: &'a mut [T]) -> Result<Self, SliceError> {
         if w.len() != g.len() {
             return Err(SliceError::LengthMismatch {
                 weights: w.len(),
@@ -113,33 +156,89 @@ impl<'a, T: Real> SliceBuffer<'a, T> {
             w,
             g,
             slots,
+            model: None,
             spec: None,
         })
     }
 
-    /// The weights.
+    /// Adds the model's copy of the weights in the gradient's type, and sets it to the rounding
+    /// of the (master) weights now; from then on every pass keeps it so. To start from a model
+    /// whose weights exist only in 16 bits, widen them into the master weights first (exact).
+    ///
+    /// ```
+    /// # #[cfg(feature = "half")] {
+    /// use half::bf16;
+    /// use sam_core::reference::SliceBuffer;
+    /// let mut model = [bf16::from_f32(0.1), bf16::from_f32(-3.0)];
+    /// let mut master: Vec<f32> = model.iter().map(|x| x.to_f32()).collect();
+    /// let mut g = [bf16::ZERO; 2];
+    /// let mut slots = [0.0_f32; 2];
+    /// let buf = SliceBuffer::mixed(&mut master, &mut g, &mut slots)
+    ///     .unwrap()
+    ///     .with_model_copy(&mut model)
+    ///     .unwrap();
+    /// assert_eq!(buf.model().unwrap()[1], bf16::from_f32(-3.0));
+    /// # }
+    /// ```
+    pub fn with_model_copy(mut self, model: &'a mut [G]) -> Result<Self, SliceError> {
+        if model.len() != self.w.len() {
+            return Err(SliceError::ModelLengthMismatch {
+                weights: self.w.len(),
+                model: model.len(),
+            });
+        }
+        for (m, w) in model.iter_mut().zip(self.w.iter()) {
+            *m = G::from_f64(w.to_f64());
+        }
+        self.model = Some(model);
+        Ok(self)
+    }
+
+    /// The weights (the master weights when there is a model copy).
     pub fn weights(&self) -> &[T] {
         self.w
     }
 
-    /// The weights, mutably (to initialise them; not during a step).
+    /// The weights, mutably (to initialise them; not during a step). With a model copy, call
+    /// [`refresh_model`](Self::refresh_model) afterwards.
     pub fn weights_mut(&mut self) -> &mut [T] {
         self.w
     }
 
+    /// The model copy of the weights, if any.
+    pub fn model(&self) -> Option<&[G]> {
+        self.model.as_deref()
+    }
+
+    /// Rounds the weights into the model copy again (after [`weights_mut`](Self::weights_mut)).
+    pub fn refresh_model(&mut self) {
+        if let Some(m) = self.model.as_deref_mut() {
+            for (m, w) in m.iter_mut().zip(self.w.iter()) {
+                *m = G::from_f64(w.to_f64());
+            }
+        }
+    }
+
     /// The gradient.
-    pub fn grad(&self) -> &[T] {
+    pub fn grad(&self) -> &[G] {
         self.g
     }
 
-    /// The gradient, mutably: the framework writes `∇L(w)` here.
-    pub fn grad_mut(&mut self) -> &mut [T] {
+    /// The gradient, mutably: the framework writes `∇L(w)` here (times the loss scale, if one
+    /// is set).
+    pub fn grad_mut(&mut self) -> &mut [G] {
         self.g
     }
 
     /// Weights (read) and gradient (write) at once, for a backward pass.
-    pub fn weights_and_grad(&mut self) -> (&[T], &mut [T]) {
+    pub fn weights_and_grad(&mut self) -> (&[T], &mut [G]) {
         (self.w, self.g)
+    }
+
+    /// The model copy (read, if any) and the gradient (write) at once, for a backward pass of a
+    /// model that computes in `G`.
+    pub fn model_and_grad(&mut self) -> (Option<&[G]>, &mut [G]) {
+        (self.model.as_deref(), self.g)
     }
 
     /// The values of one slot, if prepared (`Slot::Average(0)` holds the first average, …).
@@ -157,10 +256,19 @@ impl<'a, T: Real> SliceBuffer<'a, T> {
             .ok_or(SliceError::MissingSlot)?;
         Ok(k * n..(k + 1) * n)
     }
+
+    /// Stores weight `i`, and its rounding into the model copy.
+    #[inline]
+    fn set_weight(&mut self, i: usize, w: T) {
+        self.w[i] = w;
+        if let Some(m) = self.model.as_deref_mut() {
+            m[i] = G::from_f64(w.to_f64());
+        }
+    }
 }
 
 #[cfg(feature = "alloc")]
-impl<T: Real> crate::checkpoint::SlotAccess for SliceBuffer<'_, T> {
+impl<T: Real, G: Real> crate::checkpoint::SlotAccess for SliceBuffer<'_, T, G> {
     fn prepared(&self) -> Option<SlotSpec> {
         self.spec
     }
@@ -185,7 +293,7 @@ fn supported(spec: &SlotSpec) -> Result<(), SliceError> {
     Ok(())
 }
 
-impl<T: Real> ParamBuffer for SliceBuffer<'_, T> {
+impl<T: Real, G: Real> ParamBuffer for SliceBuffer<'_, T, G> {
     type Scalar = T;
     type Error = SliceError;
 
@@ -228,12 +336,12 @@ impl<T: Real> ParamBuffer for SliceBuffer<'_, T> {
         };
         for i in 0..self.w.len() {
             let w = self.w[i];
-            let g = self.g[i];
+            let g = self.g[i].to_f64();
             self.slots[backup.start + i] = w;
             if let Some(r) = &stash {
-                self.slots[r.start + i] = g;
+                self.slots[r.start + i] = T::from_f64(kernel::stashed(spec, g));
             }
-            self.w[i] = T::from_f64(kernel::perturb(spec, w.to_f64(), g.to_f64()));
+            self.set_weight(i, T::from_f64(kernel::perturb(spec, w.to_f64(), g)));
         }
         Ok(())
     }
@@ -241,6 +349,7 @@ impl<T: Real> ParamBuffer for SliceBuffer<'_, T> {
     fn restore(&mut self) -> Result<(), SliceError> {
         let backup = self.range(Slot::Backup)?;
         self.w.copy_from_slice(&self.slots[backup]);
+        self.refresh_model();
         Ok(())
     }
 
@@ -281,9 +390,9 @@ impl<T: Real> ParamBuffer for SliceBuffer<'_, T> {
             }
             let out = kernel::update(spec, self.w[i].to_f64(), b, self.g[i].to_f64(), s, &mut st);
             let w_new = T::from_f64(out.w);
-            self.w[i] = w_new;
+            self.set_weight(i, w_new);
             if external {
-                self.g[i] = T::from_f64(out.d);
+                self.g[i] = G::from_f64(out.d);
             }
             if let (true, Some(r)) = (spec.writes_stash(), &stash) {
                 self.slots[r.start + i] = T::from_f64(out.stash);
@@ -319,6 +428,7 @@ impl<T: Real> ParamBuffer for SliceBuffer<'_, T> {
     fn swap_average(&mut self, k: u8) -> Result<(), SliceError> {
         let r = self.range(Slot::Average(k))?;
         self.w.swap_with_slice(&mut self.slots[r]);
+        self.refresh_model();
         Ok(())
     }
 }

@@ -102,7 +102,7 @@ pub(crate) fn sam_second_half<B: ParamBuffer>(
     check: bool,
     average: AverageFold,
 ) -> Result<StepStatus, Error<B::Error>> {
-    if let Some(skip) = phases::check_second(groups, check)? {
+    if let Some(skip) = phases::check_second(groups, engine.unscale(), check)? {
         return Ok(skip);
     }
     phases::restore_and_step(engine, groups, finish, average, |_| Combine::CURRENT)

@@ -159,7 +159,7 @@ impl sealed::Core for Wsam {
         }
         let mut c1 = 1.0;
         if clip || self.cfg.check_second_gradient {
-            let n = phases::second_norms(groups, |_, s| ReduceSpec {
+            let n = phases::second_norms(groups, self.engine.unscale(), |_, s| ReduceSpec {
                 grad: clip,
                 scale_grad: s[1],
                 ..ReduceSpec::FINITE_ONLY

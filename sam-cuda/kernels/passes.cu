@@ -6,7 +6,7 @@
 // element is independent: results do not depend on the grid, and each value is computed by the
 // same f64 operations as the matching sam-core element function (see sam_common.cuh).
 
-// ---- perturb: backup = w; [stash = g]; w = perturb(w, g) (sam_core::kernel::perturb) -------
+// ---- perturb: backup = w; [stash = g/S]; w = perturb(w, g) (sam_core::kernel::perturb) -----
 
 template <typename T>
 __device__ __forceinline__ void sam_perturb(const SamPerturbArgs& a) {
@@ -20,7 +20,8 @@ __device__ __forceinline__ void sam_perturb(const SamPerturbArgs& a) {
         const T gv = g[i];
         backup[i] = wv;  // a copy of the stored value: exact
         if (do_stash) {
-            stash[i] = gv;
+            // sam_core::kernel::stashed: the unscaled gradient (a copy when unscale is 1).
+            stash[i] = sam_narrow<T>(sam_unscale(sam_widen(gv), a.unscale));
         }
         w[i] = sam_narrow<T>(sam_perturb_elem(a, sam_widen(wv), sam_widen(gv)));
     }
@@ -28,6 +29,8 @@ __device__ __forceinline__ void sam_perturb(const SamPerturbArgs& a) {
 
 extern "C" __global__ void sam_perturb_f32(const SamPerturbArgs a) { sam_perturb<float>(a); }
 extern "C" __global__ void sam_perturb_f64(const SamPerturbArgs a) { sam_perturb<double>(a); }
+extern "C" __global__ void sam_perturb_bf16(const SamPerturbArgs a) { sam_perturb<sam_bf16>(a); }
+extern "C" __global__ void sam_perturb_f16(const SamPerturbArgs a) { sam_perturb<sam_f16>(a); }
 
 // ---- update: the fused restore-and-step pass (sam_core::kernel::update + fold) --------------
 
@@ -47,7 +50,7 @@ __device__ __forceinline__ void sam_update(const SamUpdateArgs& a) {
     const bool restash = (a.flags & SAM_UPDATE_RESTASH) != 0u;
     for (sam_u64 i = sam_thread_index(); i < a.n; i += sam_grid_stride()) {
         double p = restore ? sam_widen(backup[i]) : sam_widen(w[i]);
-        const double gv = sam_widen(g[i]);
+        const double gv = sam_unscale(sam_widen(g[i]), a.unscale);
         const double sv = reads_stash ? sam_widen(stash[i]) : 0.0;
         // sam_core::kernel::mix
         const double d = mix ? a.mix_a * gv + a.mix_b * sv : gv;
@@ -89,6 +92,8 @@ __device__ __forceinline__ void sam_update(const SamUpdateArgs& a) {
 
 extern "C" __global__ void sam_update_f32(const SamUpdateArgs a) { sam_update<float>(a); }
 extern "C" __global__ void sam_update_f64(const SamUpdateArgs a) { sam_update<double>(a); }
+extern "C" __global__ void sam_update_bf16(const SamUpdateArgs a) { sam_update<sam_bf16>(a); }
+extern "C" __global__ void sam_update_f16(const SamUpdateArgs a) { sam_update<sam_f16>(a); }
 
 // ---- fold_averages: avg_k = fold(avg_k, w, weight_k) for each k in mask ----------------------
 
@@ -109,6 +114,8 @@ __device__ __forceinline__ void sam_fold_averages(const SamFoldArgs& a) {
 
 extern "C" __global__ void sam_fold_f32(const SamFoldArgs a) { sam_fold_averages<float>(a); }
 extern "C" __global__ void sam_fold_f64(const SamFoldArgs a) { sam_fold_averages<double>(a); }
+extern "C" __global__ void sam_fold_bf16(const SamFoldArgs a) { sam_fold_averages<sam_bf16>(a); }
+extern "C" __global__ void sam_fold_f16(const SamFoldArgs a) { sam_fold_averages<sam_f16>(a); }
 
 // ---- swap_average: exchange two ranges bit for bit (integer moves: NaN payloads survive) ----
 
@@ -123,5 +130,6 @@ __device__ __forceinline__ void sam_swap(const SamSwapArgs& a) {
     }
 }
 
+extern "C" __global__ void sam_swap_u16(const SamSwapArgs a) { sam_swap<unsigned short>(a); }
 extern "C" __global__ void sam_swap_u32(const SamSwapArgs a) { sam_swap<sam_u32>(a); }
 extern "C" __global__ void sam_swap_u64(const SamSwapArgs a) { sam_swap<sam_u64>(a); }

@@ -79,6 +79,14 @@ extern "C" __global__ void sam_reduce_blocks_f64(const SamReduceArgs a) {
     sam_reduce_blocks<double>(a);
 }
 
+extern "C" __global__ void sam_reduce_blocks_bf16(const SamReduceArgs a) {
+    sam_reduce_blocks<sam_bf16>(a);
+}
+
+extern "C" __global__ void sam_reduce_blocks_f16(const SamReduceArgs a) {
+    sam_reduce_blocks<sam_f16>(a);
+}
+
 // Stage 2, one pass: nodes of the pairwise tree at depth `a.depth` (2^depth of them) are
 // combined bottom-up, log2(blockDim.x) levels per pass, one block per subtree. Node j at depth d
 // is the range reached from the root [0, count) by following the d bits of j, most significant

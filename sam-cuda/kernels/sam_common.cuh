@@ -70,6 +70,7 @@ struct SamReduceArgs {
     double scale_grad;
     double scale_stash;
     double eta;        // adaptive offset
+    double unscale;    // every gradient value is read times this (1/S under a loss scale S)
     sam_u32 flags;     // SAM_RED_*
     sam_u32 pad_;
 };
@@ -94,6 +95,7 @@ struct SamPerturbArgs {
     double scale;
     double coeff;
     double eta;
+    double unscale;    // the gradient is read times this; the stash receives the product
     sam_u32 flags;     // SAM_PERTURB_*
     sam_u32 pad_;
 };
@@ -137,6 +139,7 @@ struct SamUpdateArgs {
     double post_b;
     double restash_a;  // UpdateSpec::restash's PostMix { a, b } (SAM_UPDATE_RESTASH)
     double restash_b;
+    double unscale;    // the gradient is read times this
     double avg_weight[4];
     SamSgdScalars sgd;
     SamAdamScalars adam;
@@ -194,6 +197,83 @@ template <> __device__ __forceinline__ float sam_narrow<float>(double x) {
 }
 template <> __device__ __forceinline__ double sam_narrow<double>(double x) { return x; }
 
+// 16-bit storage (sam-core feature `half`): bfloat16 and IEEE binary16 as their bit patterns,
+// converted as sam-core's real/half.rs does, line for line in integer arithmetic (no
+// cuda_fp16.h): widening is exact; narrowing rounds the f64 value once, to nearest, ties to even,
+// overflow to +-inf, NaN to a quiet NaN of the same sign.
+struct sam_bf16 {
+    unsigned short bits;
+};
+struct sam_f16 {
+    unsigned short bits;
+};
+
+// real/half.rs `round_to` for a format of FRAC fraction and EXP exponent bits.
+template <int FRAC, int EXP>
+__device__ __forceinline__ unsigned short sam_round16(double x) {
+    const sam_u64 bits = (sam_u64)__double_as_longlong(x);
+    const unsigned sign = (unsigned)((bits >> 48) & 0x8000ull);
+    const unsigned inf = ((1u << EXP) - 1u) << FRAC;
+    if (isnan(x)) {
+        return (unsigned short)(sign | inf | (1u << (FRAC - 1)));
+    }
+    const int biased = (int)((bits >> 52) & 0x7ffull);
+    if (biased == 0) {
+        return (unsigned short)sign;  // zero or an f64 subnormal
+    }
+    if (biased == 0x7ff) {
+        return (unsigned short)(sign | inf);
+    }
+    const int e = biased - 1023;
+    const sam_u64 m = (bits & ((1ull << 52) - 1ull)) | (1ull << 52);
+    const int bias = (1 << (EXP - 1)) - 1;
+    const int e_min = 1 - bias;
+    const int shift = (52 - FRAC) + (e_min - e > 0 ? e_min - e : 0);
+    if (shift > 53) {
+        return (unsigned short)sign;  // below half the smallest subnormal
+    }
+    sam_u64 q = m >> shift;
+    const sam_u64 rem = m & ((1ull << shift) - 1ull);
+    const sam_u64 half = 1ull << (shift - 1);
+    if (rem > half || (rem == half && (q & 1ull) != 0ull)) {
+        q += 1ull;
+    }
+    const sam_u64 field = e >= e_min ? ((sam_u64)(e - e_min) << FRAC) : 0ull;
+    const sam_u64 magnitude = field + q;
+    if (magnitude >= (sam_u64)inf) {
+        return (unsigned short)(sign | inf);
+    }
+    return (unsigned short)(sign | (unsigned)magnitude);
+}
+
+__device__ __forceinline__ double sam_widen(sam_bf16 x) {
+    return (double)__int_as_float((int)((unsigned)x.bits << 16));  // exact
+}
+__device__ __forceinline__ double sam_widen(sam_f16 x) {
+    const unsigned e = (x.bits >> 10) & 0x1fu;
+    const unsigned m = x.bits & 0x3ffu;
+    double v;
+    if (e == 0x1fu) {
+        v = m != 0u ? __longlong_as_double(0x7ff8000000000000ll) : __longlong_as_double(0x7ff0000000000000ll);
+    } else if (e == 0u) {
+        v = (double)m * 5.9604644775390625e-08;  // m * 2^-24: exact
+    } else {
+        // (1024 + m) * 2^(e - 25): an integer times a power of two, exact.
+        v = (double)(m | 0x400u) * __longlong_as_double((long long)(e + 998u) << 52);
+    }
+    return (x.bits & 0x8000u) != 0u ? -v : v;
+}
+template <> __device__ __forceinline__ sam_bf16 sam_narrow<sam_bf16>(double x) {
+    sam_bf16 r;
+    r.bits = sam_round16<7, 8>(x);
+    return r;
+}
+template <> __device__ __forceinline__ sam_f16 sam_narrow<sam_f16>(double x) {
+    sam_f16 r;
+    r.bits = sam_round16<10, 5>(x);
+    return r;
+}
+
 // sam-core Reduction::ZERO.
 __device__ __forceinline__ SamReduction sam_reduction_zero() {
     SamReduction r;
@@ -224,10 +304,17 @@ __device__ __forceinline__ SamReduction sam_combine(const SamReduction& l, const
     return o;
 }
 
+// sam-core kernel.rs `unscale`: a stored gradient value as the math uses it.
+__device__ __forceinline__ double sam_unscale(double g, double unscale) {
+    return g * unscale;
+}
+
 // sam-core BlockReducer::push for one element (w, g, s already widened; 0.0 when not read).
 __device__ __forceinline__ void sam_push(SamReduction& acc, const SamReduceArgs& a, double w,
                                          double g, double s) {
+    // Finiteness is that of the stored value; the math uses the unscaled one.
     bool finite = isfinite(g);
+    g = sam_unscale(g, a.unscale);
     if (a.flags & SAM_RED_PERTURB) {
         // Finiteness of the operands (a product that overflows is reported by the core as a
         // norm overflow), as sam-core's BlockReducer::push.
@@ -259,8 +346,9 @@ __device__ __forceinline__ void sam_push(SamReduction& acc, const SamReduceArgs&
     acc.finite &= finite ? 1u : 0u;
 }
 
-// sam-core kernel.rs `perturb`.
+// sam-core kernel.rs `perturb` (g is the stored gradient).
 __device__ __forceinline__ double sam_perturb_elem(const SamPerturbArgs& a, double w, double g) {
+    g = sam_unscale(g, a.unscale);
     double e;
     if (a.flags & SAM_PERTURB_ADAPTIVE) {
         double t = fabs(w) + a.eta;

@@ -22,21 +22,32 @@ pub(crate) struct Kernel {
     pub resident_blocks: u32,
 }
 
+/// The kernels of one storage type.
+#[derive(Debug)]
+pub(crate) struct TypedKernels {
+    pub reduce: Kernel,
+    pub perturb: Kernel,
+    pub update: Kernel,
+    pub fold: Kernel,
+    /// The swap of values of this size (`sam_swap_u16/u32/u64`).
+    pub swap: Kernel,
+}
+
 /// The kernels of the module, loaded once per context.
 #[derive(Debug)]
 pub(crate) struct Functions {
-    pub reduce_f32: Kernel,
-    pub reduce_f64: Kernel,
     pub combine: Kernel,
-    pub perturb_f32: Kernel,
-    pub perturb_f64: Kernel,
-    pub update_f32: Kernel,
-    pub update_f64: Kernel,
-    pub fold_f32: Kernel,
-    pub fold_f64: Kernel,
-    pub swap_u32: Kernel,
-    pub swap_u64: Kernel,
+    /// Per storage type, in the order of [`TYPES`] (`CudaReal`'s index).
+    pub typed: [TypedKernels; 4],
 }
+
+/// The storage types' kernel suffixes and swap kernels, in `Functions::typed` order.
+const TYPES: [(&str, &str); 4] = [
+    ("f32", "sam_swap_u32"),
+    ("f64", "sam_swap_u64"),
+    ("bf16", "sam_swap_u16"),
+    ("f16", "sam_swap_u16"),
+];
 
 #[derive(Debug)]
 struct Inner {
@@ -152,18 +163,19 @@ impl Context {
                 resident_blocks: sms.saturating_mul(per_sm),
             })
         };
+        let typed = |t: &str, swap: &str| -> Result<TypedKernels, CudaError> {
+            Ok(TypedKernels {
+                reduce: load(&format!("sam_reduce_blocks_{t}"))?,
+                perturb: load(&format!("sam_perturb_{t}"))?,
+                update: load(&format!("sam_update_{t}"))?,
+                fold: load(&format!("sam_fold_{t}"))?,
+                swap: load(swap)?,
+            })
+        };
+        let [a, b, c, d] = TYPES.map(|(t, swap)| typed(t, swap));
         let functions = Functions {
-            reduce_f32: load("sam_reduce_blocks_f32")?,
-            reduce_f64: load("sam_reduce_blocks_f64")?,
             combine: load("sam_reduce_combine")?,
-            perturb_f32: load("sam_perturb_f32")?,
-            perturb_f64: load("sam_perturb_f64")?,
-            update_f32: load("sam_update_f32")?,
-            update_f64: load("sam_update_f64")?,
-            fold_f32: load("sam_fold_f32")?,
-            fold_f64: load("sam_fold_f64")?,
-            swap_u32: load("sam_swap_u32")?,
-            swap_u64: load("sam_swap_u64")?,
+            typed: [a?, b?, c?, d?],
         };
         let stream = ctx.default_stream();
         Ok(Context {

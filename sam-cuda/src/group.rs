@@ -13,46 +13,56 @@ use crate::context::{Context, Functions, Kernel};
 use crate::error::CudaError;
 
 mod sealed {
-    pub trait Sealed {}
-    impl Sealed for f32 {}
-    impl Sealed for f64 {}
+    pub trait Sealed {
+        /// The index of this type's kernels in `Functions::typed` (the order of `TYPES`).
+        const KERNELS: usize;
+    }
+    impl Sealed for f32 {
+        const KERNELS: usize = 0;
+    }
+    impl Sealed for f64 {
+        const KERNELS: usize = 1;
+    }
+    #[cfg(feature = "half")]
+    impl Sealed for half::bf16 {
+        const KERNELS: usize = 2;
+    }
+    #[cfg(feature = "half")]
+    impl Sealed for half::f16 {
+        const KERNELS: usize = 3;
+    }
 }
 
-/// An element type the kernels are compiled for: `f32` or `f64`. Sealed.
+/// An element type the kernels are compiled for: `f32`, `f64`, and with the feature `half`
+/// also `half::bf16` and `half::f16` (stored as their bit patterns, converted on the device as
+/// sam-core converts them). Sealed.
 pub trait CudaReal:
     sam_core::backend::Real + DeviceRepr + ValidAsZeroBits + sealed::Sealed
 {
-    /// Whether this is `f64` (selects the `_f64`/`_u64` kernels).
-    const DOUBLE: bool;
 }
 
-impl CudaReal for f32 {
-    const DOUBLE: bool = false;
-}
-
-impl CudaReal for f64 {
-    const DOUBLE: bool = true;
-}
-
-fn pick<'a>(double: bool, f32_fn: &'a Kernel, f64_fn: &'a Kernel) -> &'a Kernel {
-    if double { f64_fn } else { f32_fn }
-}
+impl CudaReal for f32 {}
+impl CudaReal for f64 {}
+#[cfg(feature = "half")]
+impl CudaReal for half::bf16 {}
+#[cfg(feature = "half")]
+impl CudaReal for half::f16 {}
 
 impl Functions {
     fn reduce_for<T: CudaReal>(&self) -> &Kernel {
-        pick(T::DOUBLE, &self.reduce_f32, &self.reduce_f64)
+        &self.typed[T::KERNELS].reduce
     }
     fn perturb_for<T: CudaReal>(&self) -> &Kernel {
-        pick(T::DOUBLE, &self.perturb_f32, &self.perturb_f64)
+        &self.typed[T::KERNELS].perturb
     }
     fn update_for<T: CudaReal>(&self) -> &Kernel {
-        pick(T::DOUBLE, &self.update_f32, &self.update_f64)
+        &self.typed[T::KERNELS].update
     }
     fn fold_for<T: CudaReal>(&self) -> &Kernel {
-        pick(T::DOUBLE, &self.fold_f32, &self.fold_f64)
+        &self.typed[T::KERNELS].fold
     }
     fn swap_for<T: CudaReal>(&self) -> &Kernel {
-        pick(T::DOUBLE, &self.swap_u32, &self.swap_u64)
+        &self.typed[T::KERNELS].swap
     }
 }
 
@@ -639,6 +649,7 @@ impl<T: CudaReal> ParamBuffer for CudaGroup<T> {
             scale_grad: spec.scale_grad,
             scale_stash: spec.scale_stash,
             eta,
+            unscale: spec.unscale,
             flags,
             pad_: 0,
         };
@@ -714,6 +725,7 @@ impl<T: CudaReal> ParamBuffer for CudaGroup<T> {
             scale: spec.scale,
             coeff: spec.coeff,
             eta,
+            unscale: spec.unscale,
             flags,
             pad_: 0,
         };
@@ -805,6 +817,7 @@ impl<T: CudaReal> ParamBuffer for CudaGroup<T> {
             post_b,
             restash_a,
             restash_b,
+            unscale: spec.unscale,
             avg_weight,
             flags,
             n_state: n_state as u32,

@@ -298,6 +298,7 @@ fn update_specs() -> Vec<UpdateSpec> {
                     post,
                     restash,
                     average,
+                    unscale: 1.0,
                 });
             }
         }
@@ -341,24 +342,28 @@ fn every_pass_agrees<T: CudaReal>(ctx: &Context) {
             weighting: Weighting::Plain,
             scale: 1.0,
             coeff: 0.05 / 3.7,
+            unscale: 1.0,
         },
         PerturbSpec {
             stash: true,
             weighting: Weighting::Plain,
             scale: 0.5,
             coeff: 0.0,
+            unscale: 1.0,
         },
         PerturbSpec {
             stash: true,
             weighting: Weighting::Adaptive { eta: 0.01 },
             scale: 1.0,
             coeff: 0.1 / 2.9,
+            unscale: 1.0,
         },
         PerturbSpec {
             stash: false,
             weighting: Weighting::Adaptive { eta: 0.0 },
             scale: 4.0,
             coeff: 1e-3,
+            unscale: 1.0,
         },
     ];
     for (i, ps) in perturbs.into_iter().enumerate() {
@@ -788,6 +793,19 @@ fn every_variant_agrees_with_the_reference_f32() {
 fn every_variant_agrees_with_the_reference_f64() {
     if let Some(ctx) = gpu("every_variant_agrees_with_the_reference_f64") {
         variants_agree::<f64>(&ctx);
+    }
+}
+
+/// 16-bit storage: the device's conversions (sam_common.cuh) against sam-core's, every pass
+/// and every variant, bit for bit.
+#[cfg(feature = "half")]
+#[test]
+fn every_pass_and_variant_agrees_in_16_bit_storage() {
+    if let Some(ctx) = gpu("every_pass_and_variant_agrees_in_16_bit_storage") {
+        every_pass_agrees::<half::bf16>(&ctx);
+        every_pass_agrees::<half::f16>(&ctx);
+        variants_agree::<half::bf16>(&ctx);
+        variants_agree::<half::f16>(&ctx);
     }
 }
 

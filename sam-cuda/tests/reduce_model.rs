@@ -22,6 +22,7 @@ fn max(a: f64, b: f64) -> f64 {
 /// `sam_push` of sam_common.cuh.
 fn push(acc: &mut Reduction, spec: &ReduceSpec, w: f64, g: f64, s: f64) {
     let mut finite = g.is_finite();
+    let g = g * spec.unscale;
     if let Some(weighting) = spec.perturb {
         let x = match weighting {
             Weighting::Plain => g,
@@ -188,6 +189,13 @@ fn specs() -> Vec<ReduceSpec> {
             dot: true,
             scale_grad: 0.5,
             scale_stash: 4.0,
+            ..ReduceSpec::FINITE_ONLY
+        },
+        ReduceSpec {
+            perturb: Some(Weighting::Plain),
+            grad: true,
+            dot: true,
+            unscale: 2f64.powi(-16),
             ..ReduceSpec::FINITE_ONLY
         },
         ReduceSpec::FINITE_ONLY,

@@ -99,6 +99,7 @@ fn step(g: &mut NdGroup<f32>) {
         weighting: Weighting::Plain,
         scale: 1.0,
         coeff,
+        unscale: 1.0,
     })
     .expect("perturb");
     // (the second gradient would be computed here)
@@ -111,6 +112,7 @@ fn step(g: &mut NdGroup<f32>) {
         post: None,
         restash: None,
         average: AverageFold::NONE,
+        unscale: 1.0,
     };
     g.update(&spec).expect("update");
 }
@@ -307,6 +309,7 @@ fn breakdown(g: &mut NdGroup<f32>, label: &str, triad_bw: f64) -> Vec<String> {
         weighting: Weighting::Plain,
         scale: 1.0,
         coeff: 1e-3,
+        unscale: 1.0,
     };
     let update = UpdateSpec {
         restore: true,
@@ -315,6 +318,7 @@ fn breakdown(g: &mut NdGroup<f32>, label: &str, triad_bw: f64) -> Vec<String> {
         post: None,
         restash: None,
         average: AverageFold::NONE,
+        unscale: 1.0,
     };
     let figure = |name: &str, bytes: f64, t: f64| {
         let bw = bytes * n / t;

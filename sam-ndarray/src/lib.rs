@@ -660,6 +660,7 @@ mod tests {
             weighting: sam_core::backend::Weighting::Plain,
             scale: 1.0,
             coeff: 1.0,
+            unscale: 1.0,
         };
         assert_eq!(g.perturb(&spec), Err(NdError::MissingSlot(Slot::Backup)));
         assert_eq!(g.restore(), Err(NdError::MissingSlot(Slot::Backup)));

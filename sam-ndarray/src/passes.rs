@@ -112,7 +112,7 @@ fn perturb_loop<T: Real, const S: bool, const A: bool>(
         let gi = g[i];
         backup[i] = wi;
         if S {
-            stash[i] = gi;
+            stash[i] = T::from_f64(kernel::stashed(&spec, gi.to_f64()));
         }
         w[i] = T::from_f64(kernel::perturb(&spec, wi.to_f64(), gi.to_f64()));
     }
@@ -166,6 +166,7 @@ pub(crate) struct UpdateScalars {
     sgd: SgdStep,
     adam: AdamStep,
     average: [Option<f64>; MAX_AVERAGES],
+    unscale: f64,
 }
 
 /// Base-rule kinds (each with a fixed number of state slots).
@@ -221,6 +222,7 @@ impl UpdateScalars {
             sgd,
             adam,
             average: spec.average.weights,
+            unscale: spec.unscale,
         }
     }
 
@@ -274,6 +276,7 @@ impl UpdateScalars {
             // Written by `update_span` around the loop, never by the element function.
             restash: None,
             average: AverageFold::NONE,
+            unscale: self.unscale,
         }
     }
 }
@@ -363,7 +366,8 @@ fn update_span<T: Real, const R: bool, const M: bool, const P: bool, const BK: u
         let end = (start + FOLD_CHUNK).min(n);
         if let Some(m) = &k.restash {
             for ((f, gi), si) in fresh.iter_mut().zip(&g[start..end]).zip(&stash[start..end]) {
-                *f = T::from_f64(kernel::combine(m, gi.to_f64(), si.to_f64()));
+                let gi = kernel::unscale(gi.to_f64(), k.unscale);
+                *f = T::from_f64(kernel::combine(m, gi, si.to_f64()));
             }
         }
         let r = |s: &[T]| if s.is_empty() { 0..0 } else { start..end };

@@ -153,9 +153,12 @@ fn select_p<T: Real, S: Source<T>, const I: u8>(spec: &ReduceSpec) -> BlockFn<S>
 }
 
 fn select_gsd<T: Real, S: Source<T>, const P: u8, const I: u8>(spec: &ReduceSpec) -> BlockFn<S> {
-    // Unit scales (every first try) as constants: the compiler drops the multiplications by
-    // 1 (exact: `x · 1 = x`).
-    let unit = spec.scale_perturb == 1.0 && spec.scale_grad == 1.0 && spec.scale_stash == 1.0;
+    // Unit scales (every first try without a loss scale) as constants: the compiler drops the
+    // multiplications by 1 (exact: `x · 1 = x`).
+    let unit = spec.scale_perturb == 1.0
+        && spec.scale_grad == 1.0
+        && spec.scale_stash == 1.0
+        && spec.unscale == 1.0;
     match (spec.grad, spec.stash, spec.dot, unit) {
         (false, false, false, false) => block::<T, S, P, false, false, false, false, I>,
         (false, false, true, false) => block::<T, S, P, false, false, true, false, I>,
@@ -233,7 +236,8 @@ impl<
     }
 }
 
-/// The spec with constant discriminants (and the original scalars, or unit scales for `U`), so
+/// The spec with constant discriminants (and the original scalars, or unit scales and no
+/// unscaling for `U`), so
 /// the inlined element math has no per-element branches on it.
 #[inline(always)]
 fn const_spec<const P: u8, const G: bool, const S: bool, const D: bool, const U: bool>(
@@ -255,6 +259,7 @@ fn const_spec<const P: u8, const G: bool, const S: bool, const D: bool, const U:
         scale_perturb: if U { 1.0 } else { spec.scale_perturb },
         scale_grad: if U { 1.0 } else { spec.scale_grad },
         scale_stash: if U { 1.0 } else { spec.scale_stash },
+        unscale: if U { 1.0 } else { spec.unscale },
     }
 }
 

@@ -13,7 +13,7 @@
 //! use sam_ndarray::slices::{self, TensorMut};
 //! let layout = SlotSpec { backup: true, ..SlotSpec::default() };
 //! let (mut w, mut g, mut slots) = ([1.0_f32, 2.0], [0.5_f32, -0.5], [0.0_f32; 2]);
-//! let spec = PerturbSpec { stash: false, weighting: Weighting::Plain, scale: 1.0, coeff: 0.1 };
+//! let spec = PerturbSpec { stash: false, weighting: Weighting::Plain, scale: 1.0, coeff: 0.1, unscale: 1.0 };
 //! slices::perturb(&spec, &layout, TensorMut { w: &mut w, g: &mut g, slots: &mut slots })?;
 //! assert_eq!(slots, [1.0, 2.0]); // the backup
 //! assert_ne!(w, [1.0, 2.0]);
@@ -179,6 +179,7 @@ mod tests {
             weighting: Weighting::Plain,
             scale: 1.0,
             coeff: 0.1,
+            unscale: 1.0,
         };
         let backup_only = SlotSpec {
             backup: true,

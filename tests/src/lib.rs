@@ -47,6 +47,24 @@ impl Bits for f64 {
     }
 }
 
+impl Bits for half::bf16 {
+    fn bits(self) -> u64 {
+        u64::from(self.to_bits())
+    }
+    fn nan(self) -> bool {
+        self.is_nan()
+    }
+}
+
+impl Bits for half::f16 {
+    fn bits(self) -> u64 {
+        u64::from(self.to_bits())
+    }
+    fn nan(self) -> bool {
+        self.is_nan()
+    }
+}
+
 /// Whether two values are the same: equal bits, or both NaN.
 pub fn same<T: Bits>(a: T, b: T) -> bool {
     a.bits() == b.bits() || (a.nan() && b.nan())
@@ -488,19 +506,29 @@ pub fn check_same_state<T: Bits>(
 /// as reference buffers side by side with the [`oracle`] gradients, asserting after every step
 /// that they agree bit for bit ([`assert_groups_same`]); returns the gradient evaluations.
 pub fn assert_nd_runs_as_reference<O: Optimizer + Clone>(opt: &O, steps: usize) -> u64 {
+    assert_nd_runs_as_reference_in::<f32, O>(opt, variants::keep, steps)
+}
+
+/// [`assert_nd_runs_as_reference`] with storage type `T` and the group options changed by `map`.
+pub fn assert_nd_runs_as_reference_in<T: Bits, O: Optimizer + Clone>(
+    opt: &O,
+    map: variants::MapOptions,
+    steps: usize,
+) -> u64 {
     use sam_ndarray::NdError;
     use std::cell::Cell;
-    let (nds, stores, opts) = standard_groups::<f32>();
+    let (nds, stores, opts) = standard_groups::<T>();
+    let opts: Vec<GroupOptions> = opts.into_iter().map(map).collect();
     let mut a = groups(nds, &opts);
     let mut b = groups(stores, &opts);
     let (mut oa, mut ob) = (opt.clone(), opt.clone());
     let (ca, cb) = (Cell::new(0u64), Cell::new(0u64));
     for _ in 0..steps {
-        let ra = oa.step(&mut a, |gs: &mut [Group<NdGroup<f32>>]| {
+        let ra = oa.step(&mut a, |gs: &mut [Group<NdGroup<T>>]| {
             write_grads_nd(gs, ca.replace(ca.get() + 1), None);
             Ok::<_, Error<NdError>>(())
         });
-        let rb = ob.step(&mut b, |gs: &mut [Group<VecBuffer<f32>>]| {
+        let rb = ob.step(&mut b, |gs: &mut [Group<VecBuffer<T>>]| {
             write_grads_ref(gs, cb.replace(cb.get() + 1), None);
             Ok::<_, Error<SliceError>>(())
         });

@@ -67,6 +67,16 @@ pub fn coeff() -> impl Strategy<Value = f64> {
     ]
 }
 
+/// The unscaling factor `1/S` of a loss scale: mostly none (`1`), else `2^-k` for the loss
+/// scales of mixed-precision training (`k` up to 24, and scales below 1), or any factor.
+pub fn unscale() -> impl Strategy<Value = f64> {
+    prop_oneof![
+        4 => Just(1.0),
+        2 => (-4i32..=24).prop_map(|k| 2f64.powi(-k)),
+        1 => 1e-9f64..1e3,
+    ]
+}
+
 /// A weighting: plain, or adaptive with η = 0, 0.01 or random.
 pub fn weighting() -> impl Strategy<Value = Weighting> {
     prop_oneof![
@@ -85,30 +95,35 @@ pub fn reduce_spec() -> impl Strategy<Value = ReduceSpec> {
         scale(),
         scale(),
         scale(),
+        unscale(),
     )
         .prop_map(
-            |(perturb, grad, stash, dot, scale_perturb, scale_grad, scale_stash)| ReduceSpec {
-                perturb,
-                grad,
-                stash,
-                dot,
-                scale_perturb,
-                scale_grad,
-                scale_stash,
+            |(perturb, grad, stash, dot, scale_perturb, scale_grad, scale_stash, unscale)| {
+                ReduceSpec {
+                    perturb,
+                    grad,
+                    stash,
+                    dot,
+                    scale_perturb,
+                    scale_grad,
+                    scale_stash,
+                    unscale,
+                }
             },
         )
 }
 
 /// Any perturb specification.
 pub fn perturb_spec() -> impl Strategy<Value = PerturbSpec> {
-    (any::<bool>(), weighting(), scale(), coeff()).prop_map(|(stash, weighting, scale, coeff)| {
-        PerturbSpec {
+    (any::<bool>(), weighting(), scale(), coeff(), unscale()).prop_map(
+        |(stash, weighting, scale, coeff, unscale)| PerturbSpec {
             stash,
             weighting,
             scale,
             coeff,
-        }
-    })
+            unscale,
+        },
+    )
 }
 
 /// SGD per-step scalars: any combination of first step, Nesterov, weight decay, momentum,
@@ -199,15 +214,19 @@ pub fn update_spec() -> impl Strategy<Value = UpdateSpec> {
             (coeff(), coeff()).prop_map(|(a, b)| Some(PostMix { a, b }))
         ],
         prop_oneof![Just(AverageFold::NONE), average_fold()],
+        unscale(),
     )
-        .prop_map(|(restore, grad, base, post, restash, average)| UpdateSpec {
-            restore,
-            grad,
-            base,
-            post,
-            restash,
-            average,
-        })
+        .prop_map(
+            |(restore, grad, base, post, restash, average, unscale)| UpdateSpec {
+                restore,
+                grad,
+                base,
+                post,
+                restash,
+                average,
+                unscale,
+            },
+        )
 }
 
 /// One operation on a buffer.

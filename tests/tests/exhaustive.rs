@@ -89,7 +89,10 @@ fn reduce_all<T: Bits>() {
             r.prepare(&FULL).unwrap();
             for perturb in weightings() {
                 for bits in 0..8u8 {
-                    for scales in [[1.0, 1.0, 1.0], [0.5, 2f64.powi(60), 2f64.powi(-70)]] {
+                    for (scales, unscale) in [
+                        ([1.0, 1.0, 1.0], 1.0),
+                        ([0.5, 2f64.powi(60), 2f64.powi(-70)], 2f64.powi(-16)),
+                    ] {
                         let spec = ReduceSpec {
                             perturb,
                             grad: bits & 1 != 0,
@@ -98,6 +101,7 @@ fn reduce_all<T: Bits>() {
                             scale_perturb: scales[0],
                             scale_grad: scales[1],
                             scale_stash: scales[2],
+                            unscale,
                         };
                         let a = nd.reduce(&spec).unwrap();
                         let b = r.reduce(&spec).unwrap();
@@ -114,7 +118,11 @@ fn perturb_all<T: Bits>() {
     for (li, shapes) in layouts().iter().enumerate() {
         for stash in [false, true] {
             for weighting in [Weighting::Plain, Weighting::Adaptive { eta: 0.01 }] {
-                for (scale, coeff) in [(1.0, 0.3), (1.0, 0.0), (2f64.powi(-40), 7e11)] {
+                for (scale, coeff, unscale) in [
+                    (1.0, 0.3, 1.0),
+                    (1.0, 0.0, 1.0),
+                    (2f64.powi(-40), 7e11, 2f64.powi(-10)),
+                ] {
                     let (mut nd, mut r) = fixture::<T>(shapes, 100 + li as u64, Palette::Extreme);
                     r.prepare(&FULL).unwrap();
                     let spec = PerturbSpec {
@@ -122,6 +130,7 @@ fn perturb_all<T: Bits>() {
                         weighting,
                         scale,
                         coeff,
+                        unscale,
                     };
                     nd.perturb(&spec).unwrap();
                     r.perturb(&spec).unwrap();
@@ -222,6 +231,12 @@ fn update_all<T: Bits>() {
                                 post,
                                 restash,
                                 average,
+                                // Unscaling where the new stash is formed too.
+                                unscale: if restash.is_some() {
+                                    2f64.powi(-12)
+                                } else {
+                                    1.0
+                                },
                             };
                             nd.update(&spec).unwrap();
                             r.update(&spec).unwrap();

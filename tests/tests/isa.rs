@@ -94,7 +94,10 @@ fn norm_specs() -> Vec<ReduceSpec> {
         Some(Weighting::Adaptive { eta: 0.01 }),
     ] {
         for bits in 0..8u8 {
-            for (sp, sg, ss) in [(1.0, 1.0, 1.0), (0.5, 2.0f64.powi(-40), 1024.0)] {
+            for (sp, sg, ss, unscale) in [
+                (1.0, 1.0, 1.0, 1.0),
+                (0.5, 2.0f64.powi(-40), 1024.0, 2.0f64.powi(-16)),
+            ] {
                 specs.push(ReduceSpec {
                     perturb,
                     grad: bits & 1 != 0,
@@ -103,6 +106,7 @@ fn norm_specs() -> Vec<ReduceSpec> {
                     scale_perturb: sp,
                     scale_grad: sg,
                     scale_stash: ss,
+                    unscale,
                 });
             }
         }
@@ -134,6 +138,7 @@ fn check_norms<T: Bits>(level: Isa) {
                 weighting: Weighting::Plain,
                 scale: 1.0,
                 coeff: 0.0,
+                unscale: 1.0,
             };
             nd.perturb(&stash).unwrap();
             reference.perturb(&stash).unwrap();

@@ -196,12 +196,14 @@ pub fn needs_rescale(sum_sq: f64, max_abs: f64) -> bool {
 }
 
 /// One element of the perturb pass: returns the perturbed weight `w + T·(((T·g)·s)·c)`
-/// (bit-identical `w` when the perturbation is zero).
+/// (bit-identical `w` when the perturbation is zero), for the stored gradient `g` (unscaled
+/// here, see [`stashed`]).
 ///
 /// `T = 1` (plain) or `|w| + η` (adaptive). With `c = ρ/(n_s + ε·s)` and the scaled norm
 /// `n_s ≥ |s·T·g|`, the factor `((T·g)·s)·c` is at most ρ in magnitude: nothing overflows.
 #[inline(always)]
 pub fn perturb(spec: &PerturbSpec, w: f64, g: f64) -> f64 {
+    let g = stashed(spec, g);
     let e = match spec.weighting {
         Weighting::Plain => (g * spec.scale) * spec.coeff,
         Weighting::Adaptive { eta } => {
@@ -210,6 +212,19 @@ pub fn perturb(spec: &PerturbSpec, w: f64, g: f64) -> f64 {
         }
     };
     add(w, e)
+}
+
+/// A stored gradient value as the math uses it: `g · unscale` (see [`ReduceSpec::unscale`]).
+#[inline(always)]
+pub fn unscale(g: f64, unscale: f64) -> f64 {
+    g * unscale
+}
+
+/// The value the perturb pass writes to the stash for the stored gradient `g`: the unscaled
+/// gradient (the one every later pass sees).
+#[inline(always)]
+pub fn stashed(spec: &PerturbSpec, g: f64) -> f64 {
+    unscale(g, spec.unscale)
 }
 
 /// The final gradient `d` of [`GradMix`].
@@ -240,7 +255,8 @@ pub struct Updated {
 
 /// One element of the restore-and-step pass.
 ///
-/// `w` is the current (perturbed) weight, `backup` the saved one, `g` the current gradient,
+/// `w` is the current (perturbed) weight, `backup` the saved one, `g` the stored current
+/// gradient (multiplied by [`UpdateSpec::unscale`] before use),
 /// `stash` the stashed clean gradient, `state` the base rule's slots (`[buf, _, _]` for SGD,
 /// `[m, v, vmax]` for Adam), updated in place. Operands the spec does not use may be anything
 /// (pass `0.0`). Average folding uses the *stored* (rounded) new weight: see [`fold`].
@@ -253,6 +269,7 @@ pub fn update(
     stash: f64,
     state: &mut [f64; 3],
 ) -> Updated {
+    let g = unscale(g, spec.unscale);
     let p = if spec.restore { backup } else { w };
     let d = mix(&spec.grad, g, stash);
     let mut p = match &spec.base {

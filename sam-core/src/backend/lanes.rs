@@ -133,12 +133,14 @@ impl<V: LaneMath> Accumulators<V> {
         }
     }
 
-    /// Accumulates one element per lane: weight `w`, gradient `g`, stash `s` (operands the
-    /// spec does not read may hold anything).
+    /// Accumulates one element per lane: weight `w`, stored gradient `g` (multiplied by
+    /// [`ReduceSpec::unscale`] before use; finiteness is that of the stored value), stash `s`
+    /// (operands the spec does not read may hold anything).
     #[inline(always)]
     pub fn push(&mut self, spec: &ReduceSpec, w: V, g: V, s: V) {
         let zero = V::splat(0.0);
         let mut probe = g.mul(zero);
+        let g = g.mul(V::splat(spec.unscale));
         if let Some(weighting) = spec.perturb {
             let x = match weighting {
                 Weighting::Plain => g,
@@ -221,6 +223,7 @@ mod tests {
             scale_perturb: 0.5,
             scale_grad: 2.0,
             scale_stash: 1.0,
+            unscale: 0.25,
         };
         let w: [f64; LANES] = [1.0, -2.0, 3.5, f64::NAN, 0.0, -0.0, 1e300, 7.0];
         let g: [f64; LANES] = [0.5, 1.0, -1.0, 2.0, f64::INFINITY, 3.0, 1e10, -4.0];

@@ -131,6 +131,8 @@ pub struct ReduceArgs {
     pub scale_stash: f64,
     /// Adaptive offset η.
     pub eta: f64,
+    /// `ReduceSpec::unscale`.
+    pub unscale: f64,
     /// `RED_*` flags.
     pub flags: u32,
     /// Padding.
@@ -175,6 +177,8 @@ pub struct PerturbArgs {
     pub coeff: f64,
     /// Adaptive offset η.
     pub eta: f64,
+    /// `PerturbSpec::unscale`.
+    pub unscale: f64,
     /// `PERTURB_*` flags.
     pub flags: u32,
     /// Padding.
@@ -255,6 +259,8 @@ pub struct UpdateArgs {
     pub restash_a: f64,
     /// `UpdateSpec::restash`'s `PostMix::b`.
     pub restash_b: f64,
+    /// `UpdateSpec::unscale`.
+    pub unscale: f64,
     /// Fold weight of each average.
     pub avg_weight: [f64; 4],
     /// SGD scalars (with [`BASE_SGD`]).
@@ -449,6 +455,7 @@ pub fn layouts() -> Vec<StructLayout> {
                 scale_grad,
                 scale_stash,
                 eta,
+                unscale,
                 flags,
                 pad_
             ]
@@ -461,7 +468,9 @@ pub fn layouts() -> Vec<StructLayout> {
         layout!(
             "SamPerturbArgs",
             PerturbArgs,
-            [w, g, backup, stash, n, scale, coeff, eta, flags, pad_]
+            [
+                w, g, backup, stash, n, scale, coeff, eta, unscale, flags, pad_
+            ]
         ),
         layout!(
             "SamSgdScalars",
@@ -496,7 +505,7 @@ pub fn layouts() -> Vec<StructLayout> {
             UpdateArgs,
             [
                 w, g, backup, stash, state, avg, n, mix_a, mix_b, post_a, post_b, restash_a,
-                restash_b, avg_weight, sgd, adam, flags, base, n_state, avg_mask
+                restash_b, unscale, avg_weight, sgd, adam, flags, base, n_state, avg_mask
             ]
         ),
         layout!("SamFoldArgs", FoldArgs, [w, avg, n, weight, mask, pad_]),
@@ -555,10 +564,10 @@ mod tests {
     #[test]
     fn reduce_and_combine_layout() {
         let l = find("SamReduceArgs");
-        assert_eq!((l.size, l.align), (88, 8));
+        assert_eq!((l.size, l.align), (96, 8));
         assert_eq!(
             offsets("SamReduceArgs"),
-            [0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 84]
+            [0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 92]
         );
         let l = find("SamCombineArgs");
         assert_eq!((l.size, l.align), (40, 8));
@@ -568,10 +577,10 @@ mod tests {
     #[test]
     fn perturb_layout() {
         let l = find("SamPerturbArgs");
-        assert_eq!((l.size, l.align), (72, 8));
+        assert_eq!((l.size, l.align), (80, 8));
         assert_eq!(
             offsets("SamPerturbArgs"),
-            [0, 8, 16, 24, 32, 40, 48, 56, 64, 68]
+            [0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 76]
         );
     }
 
@@ -592,14 +601,15 @@ mod tests {
     fn update_layout() {
         let l = find("SamUpdateArgs");
         assert_eq!(l.align, 8);
-        // 4 pointers, state[3], avg[4], n = 12 × 8 = 96; 6 doubles = 48 → 144; avg_weight[4]
-        // = 32 → 176; sgd 40 → 216; adam 72 → 288; 4 × u32 = 16 → 304.
-        assert_eq!(l.size, 304);
+        // 4 pointers, state[3], avg[4], n = 12 × 8 = 96; 7 doubles (mix, post, restash,
+        // unscale) = 56 → 152; avg_weight[4] = 32 → 184; sgd 40 → 224; adam 72 → 296;
+        // 4 × u32 = 16 → 312.
+        assert_eq!(l.size, 312);
         assert_eq!(
             offsets("SamUpdateArgs"),
             [
-                0, 8, 16, 24, 32, 56, 88, 96, 104, 112, 120, 128, 136, 144, 176, 216, 288, 292,
-                296, 300
+                0, 8, 16, 24, 32, 56, 88, 96, 104, 112, 120, 128, 136, 144, 152, 184, 224, 296,
+                300, 304, 308
             ]
         );
     }

@@ -35,16 +35,25 @@ pub const SOURCES: [(&str, &str); 4] = [
 ];
 
 /// The entry points of the module built by [`module_source`].
-pub const KERNEL_NAMES: [&str; 11] = [
+pub const KERNEL_NAMES: [&str; 20] = [
     "sam_reduce_blocks_f32",
     "sam_reduce_blocks_f64",
+    "sam_reduce_blocks_bf16",
+    "sam_reduce_blocks_f16",
     "sam_reduce_combine",
     "sam_perturb_f32",
     "sam_perturb_f64",
+    "sam_perturb_bf16",
+    "sam_perturb_f16",
     "sam_update_f32",
     "sam_update_f64",
+    "sam_update_bf16",
+    "sam_update_f16",
     "sam_fold_f32",
     "sam_fold_f64",
+    "sam_fold_bf16",
+    "sam_fold_f16",
+    "sam_swap_u16",
     "sam_swap_u32",
     "sam_swap_u64",
 ];
