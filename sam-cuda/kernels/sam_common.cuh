@@ -198,9 +198,10 @@ template <> __device__ __forceinline__ float sam_narrow<float>(double x) {
 template <> __device__ __forceinline__ double sam_narrow<double>(double x) { return x; }
 
 // 16-bit storage (sam-core feature `half`): bfloat16 and IEEE binary16 as their bit patterns,
-// converted as sam-core's real/half.rs does, line for line in integer arithmetic (no
-// cuda_fp16.h): widening is exact; narrowing rounds the f64 value once, to nearest, ties to even,
-// overflow to +-inf, NaN to a quiet NaN of the same sign.
+// converted to the same bits as sam-core's real/half.rs (no cuda_fp16.h): widening is exact;
+// narrowing rounds the f64 value once, to nearest, ties to even, overflow to +-inf, NaN to a
+// quiet NaN. sam_round16 transcribes real/half.rs `round_to`, the integer definition the CPU's
+// fast path is tested against exhaustively.
 struct sam_bf16 {
     unsigned short bits;
 };
@@ -208,7 +209,7 @@ struct sam_f16 {
     unsigned short bits;
 };
 
-// real/half.rs `round_to` for a format of FRAC fraction and EXP exponent bits.
+// real/half.rs `round_to` (the definition) for a format of FRAC fraction and EXP exponent bits.
 template <int FRAC, int EXP>
 __device__ __forceinline__ unsigned short sam_round16(double x) {
     const sam_u64 bits = (sam_u64)__double_as_longlong(x);

@@ -27,8 +27,9 @@ impl Element for f64 {}
 /// A storage backend for the replay: builds one buffer per parameter group and moves weights and
 /// gradients between the host and the buffer.
 pub trait ReplayBackend {
-    /// The buffer type for element type `T`.
-    type Buf<T: Element>: ParamBuffer<Scalar = T>;
+    /// The buffer type for element type `T` (the type the objective computes in; the buffer
+    /// stores `T`, except in [`Storage16`](crate::deviation::Storage16)).
+    type Buf<T: Element>: ParamBuffer;
     /// The name used on the command line (`--backend NAME`).
     fn name(&self) -> &'static str;
     /// A buffer holding these initial weights (gradient zero, no slots yet), made of tensors of
@@ -85,11 +86,25 @@ impl ReplayBackend for CoreBackend {
         k: u8,
         out: &mut [T],
     ) -> Result<(), String> {
-        let avg = buf
-            .slot(Slot::Average(k))
-            .ok_or_else(|| format!("average {k} was never allocated"))?;
-        copy(out, avg)
+        copy(out, average_of(buf, k)?)
     }
+}
+
+/// Running average `k` of a reference buffer.
+pub(crate) fn average_of<H: Real>(buf: &VecBuffer<H>, k: u8) -> Result<&[H], String> {
+    buf.slot(Slot::Average(k))
+        .ok_or_else(|| format!("average {k} was never allocated"))
+}
+
+/// Copies `src` into `out` converted (one rounding, or exact when widening), checking lengths.
+pub(crate) fn convert_into<A: Real, B: Real>(out: &mut [B], src: &[A]) -> Result<(), String> {
+    if out.len() != src.len() {
+        return Err(format!("length mismatch: {} vs {}", out.len(), src.len()));
+    }
+    for (o, x) in out.iter_mut().zip(src) {
+        *o = B::from_f64(x.to_f64());
+    }
+    Ok(())
 }
 
 /// The CPU backend `sam-ndarray`: each param of a group is its own tensor.

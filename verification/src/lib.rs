@@ -5,7 +5,8 @@
 //! chosen storage backend, and compares every element with the case's tolerance.
 //!
 //! Command line: `sam-conform [--backend core] PATH...` where each path is a case file or a
-//! directory of `*.json` cases.
+//! directory of `*.json` cases; `sam-conform --storage bf16|f16 PATH...` replays the cases with
+//! 16-bit storage and prints how far each trajectory moves ([`deviation`]).
 
 #![forbid(unsafe_code)]
 
@@ -14,6 +15,7 @@ pub mod backend;
 mod candle_backend;
 pub mod case;
 pub mod compare;
+pub mod deviation;
 pub mod objective;
 pub mod replay;
 

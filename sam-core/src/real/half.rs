@@ -1,12 +1,21 @@
 //! `bf16` and `f16` storage (feature `half`): the [`Real`] impls and the one rounding from
 //! `f64` they need.
 //!
-//! The `half` crate supplies the types (layout, bit patterns, `Debug`, serde) and the exact
-//! widening to `f64`. Narrowing is done here: `half`'s `from_f64` goes through `f32` where the
-//! CPU has F16C (two roundings, so the result depends on the machine), and its software path
-//! drops the low 32 bits of the `f64` significand before rounding (a wrong result when they
-//! decide a tie). [`round_to`] rounds the exact `f64` value once, to nearest, ties to even, as
-//! IEEE 754 `convertFormat` and CUDA's `__double2half_rn` / `__double2bfloat16` do.
+//! The `half` crate supplies the types (layout, bit patterns, `Debug`, serde). The conversions
+//! are done here: `half`'s `from_f64` goes through `f32` where the CPU has F16C (two roundings
+//! to nearest, so the result depends on the machine), and its software path drops the low 32
+//! bits of the `f64` significand before rounding (a wrong result when they decide a tie). Here
+//! the exact `f64` value is rounded once, to nearest, ties to even, as IEEE 754
+//! `convertFormat` and CUDA's `__double2half_rn` / `__double2bfloat16` do.
+//!
+//! The fast path, [`narrow_bf16`]/[`narrow_f16`], rounds to `f32` *to odd* first (truncate,
+//! then set the last bit if anything was lost) and then to the 16-bit format to nearest even:
+//! with at least two more bits in the intermediate than in the target (24 against 8 or 11,
+//! and the same or more in every subnormal range), rounding to odd first gives the single
+//! rounding of the exact value (Boldo and Melquiond, *Emulation of FMA and correctly rounded
+//! sums: proved algorithms using rounding to odd*, IEEE TC 2008). The tests check it against
+//! [`round_to`], the direct integer definition (the one `sam-cuda`'s kernels transcribe), on
+//! every 16-bit value, every midpoint between neighbours and the `f64` values beside them.
 
 use half::{bf16, f16};
 
@@ -14,16 +23,98 @@ use super::Real;
 
 /// A binary floating-point format of 16 bits: `1` sign bit, `EXP` exponent bits, `FRAC`
 /// fraction bits, IEEE 754 conventions (bias `2^(EXP−1) − 1`, subnormals, ±∞, NaN).
+#[cfg(test)]
 struct Format {
     frac: u32,
     exp: u32,
 }
 
+#[cfg(test)]
 const BINARY16: Format = Format { frac: 10, exp: 5 };
+#[cfg(test)]
 const BFLOAT16: Format = Format { frac: 7, exp: 8 };
 
+/// `x` (not NaN) rounded to `f32` to odd: toward zero, with the last bit set when inexact.
+/// Branch-free, so that the passes' loops stay vectorisable.
+#[inline(always)]
+fn to_f32_odd(x: f64) -> f32 {
+    let r = x as f32; // to nearest
+    let back = f64::from(r);
+    // One step toward zero when rounding went away from zero (then r ≠ 0; ∞ steps to the
+    // largest finite), and the last bit set when anything was lost.
+    let away = u32::from(libm::fabs(back) > libm::fabs(x));
+    let inexact = u32::from(back != x);
+    f32::from_bits((r.to_bits() - away) | inexact)
+}
+
+/// The bits of `x` rounded once to bfloat16 (to nearest, ties to even).
+#[inline(always)]
+fn narrow_bf16(x: f64) -> u16 {
+    let b = to_f32_odd(x).to_bits();
+    // To nearest even at bit 16; a carry runs into the exponent (to ∞ past the largest).
+    let rounded = ((b.wrapping_add(0x7fff + ((b >> 16) & 1))) >> 16) as u16;
+    let nan = (((x.to_bits() >> 48) & 0x8000) as u16) | 0x7fc0;
+    if x.is_nan() { nan } else { rounded }
+}
+
+/// The bits of `x` rounded once to IEEE binary16 (to nearest, ties to even).
+#[inline(always)]
+fn narrow_f16(x: f64) -> u16 {
+    let f = to_f32_odd(x).to_bits();
+    let sign = ((f >> 16) & 0x8000) as u16;
+    let a = f & 0x7fff_ffff;
+    // Below 2^-14, the binary16 subnormals: adding 2^-1 (in f32, to nearest even) leaves the
+    // value rounded at 2^-24, the subnormal quantum, in the low bits.
+    let magic = f32::from_bits(126 << 23);
+    let subnormal = (f32::from_bits(a) + magic)
+        .to_bits()
+        .wrapping_sub(magic.to_bits());
+    // Normal: rebias the exponent and round at bit 13 to nearest even; a carry runs into the
+    // exponent (to ∞ from 65520 on).
+    let normal = (a
+        .wrapping_sub(112 << 23)
+        .wrapping_add(0xfff + ((a >> 13) & 1)))
+        >> 13;
+    let magnitude = if a >= (127 + 16) << 23 {
+        0x7c00 // |x| ≥ 2^16: ∞
+    } else if a < 113 << 23 {
+        subnormal
+    } else {
+        normal
+    };
+    let nan = sign | 0x7e00;
+    if x.is_nan() {
+        nan
+    } else {
+        sign | magnitude as u16
+    }
+}
+
+/// bfloat16 to `f64`, exactly.
+#[inline(always)]
+fn widen_bf16(x: bf16) -> f64 {
+    f64::from(f32::from_bits(u32::from(x.to_bits()) << 16))
+}
+
+/// binary16 to `f64`, exactly.
+#[inline(always)]
+fn widen_f16(x: f16) -> f64 {
+    let h = u32::from(x.to_bits());
+    let sign = (h & 0x8000) << 16;
+    let em = h & 0x7fff;
+    let f = if em >= 0x7c00 {
+        f32::from_bits(0x7f80_0000 | (em & 0x3ff) << 13) // ±∞, NaN
+    } else {
+        // The exponent and fraction as an f32 with exponent bias 127 − 112, rebiased by the
+        // exact product with 2^112 (subnormals included).
+        f32::from_bits(em << 13) * f32::from_bits((127 + 112) << 23)
+    };
+    f64::from(f32::from_bits(f.to_bits() | sign))
+}
+
 /// The bits of `x` rounded to `format`, to nearest, ties to even; overflow gives ±∞, NaN a
-/// quiet NaN of the same sign.
+/// quiet NaN of the same sign. The definition the fast path is tested against.
+#[cfg(test)]
 fn round_to(x: f64, format: &Format) -> u16 {
     let bits = x.to_bits();
     let sign = ((bits >> 48) & 0x8000) as u16;
@@ -76,11 +167,11 @@ impl Real for bf16 {
     const NAME: &'static str = "bf16";
     #[inline(always)]
     fn to_f64(self) -> f64 {
-        self.to_f64_const()
+        widen_bf16(self)
     }
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
-        bf16::from_bits(round_to(x, &BFLOAT16))
+        bf16::from_bits(narrow_bf16(x))
     }
 }
 
@@ -88,11 +179,11 @@ impl Real for f16 {
     const NAME: &'static str = "f16";
     #[inline(always)]
     fn to_f64(self) -> f64 {
-        self.to_f64_const()
+        widen_f16(self)
     }
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
-        f16::from_bits(round_to(x, &BINARY16))
+        f16::from_bits(narrow_f16(x))
     }
 }
 
@@ -103,6 +194,14 @@ mod tests {
     /// Checks `round` against the definition, on every finite value of the format, the midpoints
     /// between neighbours and the `f64` values on either side of each midpoint.
     fn check_format(widen: impl Fn(u16) -> f64, round: impl Fn(f64) -> u16) {
+        for b in 0..=u16::MAX {
+            let x = widen(b);
+            if x.is_nan() {
+                assert!(widen(round(x)).is_nan());
+            } else {
+                assert_eq!(round(x), b, "{x} widens and rounds back");
+            }
+        }
         let mut values = alloc_free::Sorted::new();
         for x in (0..=u16::MAX).map(&widen).filter(|x| x.is_finite()) {
             values.push(x);
@@ -160,12 +259,61 @@ mod tests {
 
     #[test]
     fn f16_rounds_once_to_nearest_even() {
-        check_format(|b| f16::from_bits(b).to_f64(), |x| round_to(x, &BINARY16));
+        // The widening against half's, the definition, then the fast path.
+        for b in 0..=u16::MAX {
+            let (x, y) = (
+                widen_f16(f16::from_bits(b)),
+                f16::from_bits(b).to_f64_const(),
+            );
+            assert!(
+                x.to_bits() == y.to_bits() || x.is_nan() && y.is_nan(),
+                "{b:#x}"
+            );
+        }
+        check_format(|b| widen_f16(f16::from_bits(b)), |x| round_to(x, &BINARY16));
+        check_format(|b| widen_f16(f16::from_bits(b)), narrow_f16);
     }
 
     #[test]
     fn bf16_rounds_once_to_nearest_even() {
-        check_format(|b| bf16::from_bits(b).to_f64(), |x| round_to(x, &BFLOAT16));
+        for b in 0..=u16::MAX {
+            let (x, y) = (
+                widen_bf16(bf16::from_bits(b)),
+                bf16::from_bits(b).to_f64_const(),
+            );
+            assert!(
+                x.to_bits() == y.to_bits() || x.is_nan() && y.is_nan(),
+                "{b:#x}"
+            );
+        }
+        check_format(
+            |b| widen_bf16(bf16::from_bits(b)),
+            |x| round_to(x, &BFLOAT16),
+        );
+        check_format(|b| widen_bf16(bf16::from_bits(b)), narrow_bf16);
+    }
+
+    /// The fast path equals the definition on random `f64` values, with exponents concentrated
+    /// around the 16-bit formats' ranges, and on random bit patterns of every exponent (the
+    /// midpoints and their neighbours are checked exhaustively above).
+    #[test]
+    fn fast_path_equals_the_definition_on_random_f64() {
+        let mut s = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..2_000_000 {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            // Exponents concentrated on the 16-bit formats' ranges and beyond.
+            let e = 1023 - 160 + (s >> 52) % 300;
+            let x = f64::from_bits((s & 0x800f_ffff_ffff_ffff) | e << 52);
+            assert_eq!(narrow_bf16(x), round_to(x, &BFLOAT16), "{x:e}");
+            assert_eq!(narrow_f16(x), round_to(x, &BINARY16), "{x:e}");
+            let y = f64::from_bits(s);
+            if !y.is_nan() {
+                assert_eq!(narrow_bf16(y), round_to(y, &BFLOAT16), "{y:e}");
+                assert_eq!(narrow_f16(y), round_to(y, &BINARY16), "{y:e}");
+            }
+        }
     }
 
     #[test]

@@ -4,14 +4,22 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use sam_verification::backend::{CoreBackend, CudaBackend, NdarrayBackend, ReplayBackend};
+use sam_verification::case::{Dtype, parse_case};
+use sam_verification::deviation::measure_named;
 use sam_verification::{collect_cases, run_file};
 
 const USAGE: &str = "usage: sam-conform [--backend core|ndarray|candle|cuda] PATH...
+       sam-conform --storage bf16|f16 PATH...
 
 Replays every conformance case (a .json file, or a directory of them) through sam-core on the
 chosen storage backend and compares the trajectory with the case's tolerance.
 Prints `PASS name` or `FAIL name: reason` per case, then `N passed, M failed`;
 exits 1 if any case failed, 2 on a usage error.
+
+With --storage, replays every case on the reference backend with weights, gradients and
+optimizer state stored in bf16 or f16 (the objective computing in the case's dtype at the
+16-bit weights) and prints the deviation from the expected trajectory as a Markdown table
+(a measurement, not a verdict); exits 1 only if a case cannot be run.
 
 backends: core     the reference backend of sam-core (default)
           ndarray  sam-ndarray (CPU; each param is its own tensor)
@@ -21,6 +29,7 @@ backends: core     the reference backend of sam-core (default)
 
 fn main() -> ExitCode {
     let mut backend = String::from("core");
+    let mut storage = None;
     let mut paths = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -34,12 +43,22 @@ fn main() -> ExitCode {
                 None => return usage("--backend needs a value"),
             },
             s if s.starts_with("--backend=") => backend = s["--backend=".len()..].to_string(),
+            "--storage" => match args.next() {
+                Some(s) => storage = Some(s),
+                None => return usage("--storage needs a value"),
+            },
             s if s.starts_with('-') => return usage(&format!("unknown option {s}")),
             _ => paths.push(PathBuf::from(a)),
         }
     }
     if paths.is_empty() {
         return usage("no case file or directory given");
+    }
+    if let Some(storage) = storage {
+        if !matches!(storage.as_str(), "bf16" | "f16") {
+            return usage(&format!("unknown storage `{storage}`"));
+        }
+        return deviations(&storage, &paths);
     }
     match backend.as_str() {
         "core" => run(&CoreBackend, &paths),
@@ -54,6 +73,51 @@ fn main() -> ExitCode {
 fn usage(msg: &str) -> ExitCode {
     eprintln!("sam-conform: {msg}\n\n{USAGE}");
     ExitCode::from(2)
+}
+
+fn deviations(storage: &str, paths: &[PathBuf]) -> ExitCode {
+    let files = match collect_cases(paths) {
+        Ok(f) => f,
+        Err(e) => return usage(&e),
+    };
+    println!(
+        "| case | dtype | steps | elements | max ‖Δθ‖∞/‖θ‖∞ | final ‖Δθ‖∞/‖θ‖∞ | max \\|Δθ\\| | max \\|ΔL\\|/\\|L\\| |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut failed = 0;
+    for f in &files {
+        let parsed = std::fs::read(f)
+            .map_err(|e| e.to_string())
+            .and_then(|b| parse_case(&b).map_err(|e| e.to_string()));
+        let name = f
+            .file_stem()
+            .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+        match parsed.and_then(|c| {
+            measure_named(storage, &c)
+                .map(|d| (c.dtype, d))
+                .map_err(|e| e.to_string())
+        }) {
+            Ok((dtype, d)) => println!(
+                "| {name} | {} | {} | {} | {:.2e} | {:.2e} | {:.2e} | {:.2e} |",
+                if dtype == Dtype::F32 { "f32" } else { "f64" },
+                d.steps,
+                d.elements,
+                d.params_rel,
+                d.final_rel,
+                d.params_abs,
+                d.loss_rel
+            ),
+            Err(e) => {
+                failed += 1;
+                println!("| {name} | cannot run: {e} | | | | | | |");
+            }
+        }
+    }
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn run<K: ReplayBackend>(backend: &K, paths: &[PathBuf]) -> ExitCode {
