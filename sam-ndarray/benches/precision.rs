@@ -11,9 +11,7 @@
 //!
 //! `cargo bench -p sam-ndarray --features half --bench precision [-- --warm-up-time 1 --measurement-time 3]`
 
-use std::cell::RefCell;
 use std::hint::black_box;
-use std::time::Instant;
 
 use criterion::Criterion;
 use half::{bf16, f16};
@@ -22,10 +20,13 @@ use sam_core::backend::Real;
 use sam_core::{BaseRule, Group, Sam, SamConfig, SamOptimizer as _, SgdConfig};
 use sam_ndarray::NdGroup;
 
+use crate::measure::measure;
 use crate::shapes::resnet18;
 use crate::stream::stream_len;
 use crate::triad::{threads, triad};
 
+#[path = "common/measure.rs"]
+mod measure;
 #[path = "common/shapes.rs"]
 mod shapes;
 #[path = "common/stream.rs"]
@@ -37,8 +38,6 @@ mod triad;
 const MODEL_VALUES: f64 = 10.0;
 /// With the finiteness check of the second gradient.
 const ACTUAL_VALUES: f64 = 11.0;
-/// Samples criterion takes per case (the summary uses their median).
-const SAMPLES: usize = 10;
 
 /// Groups of the ResNet-18 shapes in storage type `T`, weights and gradients drawn in f32
 /// (as a model converted from f32 would hold them).
@@ -66,26 +65,6 @@ fn groups<T: Real>() -> [Group<NdGroup<T>>; 1] {
     })
     .expect("sgd");
     [Group::new(NdGroup::with_grads(w, g).expect("group"), base)]
-}
-
-/// Measures `routine` with criterion; the median of its samples' per-iteration times.
-fn measure(c: &mut Criterion, name: &str, mut routine: impl FnMut()) -> f64 {
-    let times = RefCell::new(Vec::new());
-    c.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            let t = Instant::now();
-            for _ in 0..iters {
-                routine();
-            }
-            let d = t.elapsed();
-            times.borrow_mut().push(d.as_secs_f64() / iters as f64);
-            d
-        })
-    });
-    let mut t = times.into_inner();
-    let mut last: Vec<f64> = t.split_off(t.len().saturating_sub(SAMPLES));
-    last.sort_by(f64::total_cmp);
-    last.get(last.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// The median time of one SAM step in storage type `T`.

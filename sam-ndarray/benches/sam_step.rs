@@ -13,7 +13,6 @@
 //!
 //! `cargo bench -p sam-ndarray [--features rayon] -- --warm-up-time 1 --measurement-time 3`
 
-use std::cell::RefCell;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -28,10 +27,13 @@ use sam_core::{BaseRule, Group, Sam, SamConfig, SgdConfig};
 use sam_ndarray::NdGroup;
 use sam_ndarray::isa::{self, Isa};
 
+use crate::measure::{SAMPLES, measure};
 use crate::shapes::resnet18;
 use crate::stream::stream_len;
 use crate::triad::{threads, triad};
 
+#[path = "common/measure.rs"]
+mod measure;
 #[path = "common/shapes.rs"]
 mod shapes;
 #[path = "common/stream.rs"]
@@ -45,8 +47,6 @@ const MODEL_BYTES: f64 = 40.0;
 const ACTUAL_BYTES: f64 = 44.0;
 /// Bytes per element of the triad.
 const TRIAD_BYTES: f64 = 12.0;
-/// Samples criterion takes per case (the summary uses their median).
-const SAMPLES: usize = 10;
 
 /// A group of these shapes with deterministic weights and gradients, slots prepared.
 fn group(shapes: &[Vec<usize>]) -> NdGroup<f32> {
@@ -115,27 +115,6 @@ fn step(g: &mut NdGroup<f32>) {
         unscale: 1.0,
     };
     g.update(&spec).expect("update");
-}
-
-/// Measures `routine` with criterion, keeping the per-iteration times of the samples.
-fn measure(c: &mut Criterion, name: &str, mut routine: impl FnMut()) -> f64 {
-    let times = RefCell::new(Vec::new());
-    c.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            let t = Instant::now();
-            for _ in 0..iters {
-                routine();
-            }
-            let d = t.elapsed();
-            times.borrow_mut().push(d.as_secs_f64() / iters as f64);
-            d
-        })
-    });
-    // The last SAMPLES entries are criterion's samples (earlier ones are its warm-up).
-    let mut t = times.into_inner();
-    let mut last: Vec<f64> = t.split_off(t.len().saturating_sub(SAMPLES));
-    last.sort_by(f64::total_cmp);
-    last.get(last.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn bench(c: &mut Criterion) {
