@@ -33,6 +33,8 @@ mod mlp;
 mod optimizers;
 #[path = "digits/plot.rs"]
 mod plot;
+#[path = "digits/precision.rs"]
+mod precision;
 #[path = "digits/report.rs"]
 mod report;
 #[path = "digits/rng.rs"]
@@ -52,7 +54,7 @@ use crate::analysis::SharpnessConfig;
 use crate::args::{Command, Config};
 use crate::data::Dataset;
 use crate::mlp::Mlp;
-use crate::report::{Run, Study};
+use crate::report::{Arm, Run, Study};
 use crate::rng::Rng;
 
 fn main() -> ExitCode {
@@ -200,9 +202,14 @@ fn run(cfg: &Config) -> Result<(), Box<dyn std::error::Error>> {
     let h = &cfg.hyper;
     let (inputs, hidden, classes) = (mlp.inputs, mlp.hidden, mlp.classes);
     println!(
-        "model: {inputs}-{hidden}-{classes} {} MLP, {} parameters (f64)",
+        "model: {inputs}-{hidden}-{classes} {} MLP, {} parameters, stored in {}",
         mlp.activation.name(),
-        mlp.num_params()
+        mlp.num_params(),
+        cfg.precisions
+            .iter()
+            .map(|p| p.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!(
         "training: {} epochs, batch {}, SGD lr {} (cosine to 0), momentum {}, weight decay {}; {} seed{}{}",
@@ -245,11 +252,12 @@ fn run(cfg: &Config) -> Result<(), Box<dyn std::error::Error>> {
     let tty = std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
     let (bars, log_lines) = (!cfg.quiet && tty, !cfg.quiet && !tty);
     let mut runs = Vec::new();
-    for &kind in &cfg.optimizers {
+    for arm in Arm::all(cfg) {
+        let label = arm.label(cfg);
         for s in 0..cfg.seeds {
-            let pb = progress_bar(cfg, bars, kind.label(), s);
-            let out = train::train(kind, h, &mlp, train, eval, s as u64, &pb)?;
-            let who = format!("{} seed {s}", kind.label());
+            let pb = progress_bar(cfg, bars, &label, s);
+            let out = train::train(arm.kind, arm.precision, h, &mlp, train, eval, s as u64, &pb)?;
+            let who = format!("{label} seed {s}");
             if !out.weights.iter().all(|w| w.is_finite()) {
                 pb.abandon();
                 return Err(format!(
@@ -261,9 +269,20 @@ fn run(cfg: &Config) -> Result<(), Box<dyn std::error::Error>> {
             if out.skipped > 0 {
                 pb.suspend(|| {
                     eprintln!(
-                        "warning: {who}: {} of {} steps skipped (NaN/inf gradient; the optimizer left \
+                        "{}{who}: {} of {} steps skipped (NaN/inf gradient{}; the optimizer left \
                          the weights unchanged for those steps)",
-                        out.skipped, out.steps
+                        if out.final_loss_scale.is_some() {
+                            ""
+                        } else {
+                            "warning: "
+                        },
+                        out.skipped,
+                        out.steps,
+                        if out.final_loss_scale.is_some() {
+                            ": overflows of the loss-scaled gradient, each backing the scale off"
+                        } else {
+                            ""
+                        }
                     )
                 });
             }
@@ -291,7 +310,7 @@ fn run(cfg: &Config) -> Result<(), Box<dyn std::error::Error>> {
                 eprintln!("{who:<14} {msg}");
             }
             runs.push(Run {
-                kind,
+                arm,
                 seed: s,
                 out,
                 final_train,

@@ -56,6 +56,7 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `rayon` | no | every pass runs in parallel on the current rayon thread pool, with results bit-identical to the single-threaded build whatever the thread count; without it the crate has no threading dependency |
+//! | `half` | no | `bf16` and `f16` storage (`sam-core/half`): in every layout below |
 //!
 //! # Exactness and determinism
 //!
@@ -79,6 +80,13 @@
 //! slices. Slots are allocated, zeroed, by [`ParamBuffer::prepare`] when the optimizer's
 //! [`SlotSpec`] changes (normally once, at the first step); a slot kept by the new spec keeps
 //! its values, a slot it drops is freed. No pass allocates.
+//!
+//! The layouts of mixed-precision training (docs/design.md §5a): an `NdGroup<T, G>` stores its
+//! weights and slots in `T` and its gradients in `G` ([`NdGroup::mixed`], for example `f32`
+//! master weights with `bf16` gradients), and may keep a model copy of the weights in `G`
+//! ([`NdGroup::with_model_copy`]) that every weight-writing pass rounds the new weights into, so
+//! the copy is always the rounding of the master weights and a restore restores both bit for
+//! bit. Every layout computes exactly what the reference backend's `SliceBuffer<T, G>` does.
 //!
 //! # Performance
 //!
@@ -131,7 +139,8 @@ pub const DEFAULT_MIN_PARALLEL_LEN: usize = 1 << 15;
 /// One parameter group stored in `ndarray` arrays: the [`ParamBuffer`] of this crate.
 ///
 /// Holds the parameter tensors (any number, any shapes, standard layout), one gradient array
-/// per tensor (same shape), and the optimizer's slots (see the crate docs for the layout). The
+/// per tensor (same shape, element type `G`, by default the weights'), optionally a model copy
+/// of the weights in `G`, and the optimizer's slots (see the crate docs for the layout). The
 /// group's elements are the tensors' elements in order, each tensor flattened row-major.
 ///
 /// ```
@@ -148,9 +157,11 @@ pub const DEFAULT_MIN_PARALLEL_LEN: usize = 1 << 15;
 /// # Ok::<(), sam_ndarray::NdError>(())
 /// ```
 #[derive(Debug, Clone)]
-pub struct NdGroup<T: Real> {
+pub struct NdGroup<T: Real, G: Real = T> {
     weights: Vec<ArrayD<T>>,
-    grads: Vec<ArrayD<T>>,
+    grads: Vec<ArrayD<G>>,
+    /// The model copy of the weights (one array per tensor), if kept.
+    model: Option<Vec<ArrayD<G>>>,
     /// `offsets[t]..offsets[t + 1]` are tensor `t`'s elements in the flat order.
     offsets: Vec<usize>,
     /// One vector per slot role (backup, stash, 3 states, averages), `Some` iff `spec` has it.
@@ -246,15 +257,11 @@ fn take_slots<'a, T>(
 }
 
 impl<T: Real> NdGroup<T> {
-    /// A group of these parameter tensors, with zero gradients of the same shapes.
+    /// A group of these parameter tensors, with zero gradients of the same shapes and type.
     ///
     /// Errors: [`NdError::NotContiguous`] if an array is not in standard layout.
     pub fn new(weights: Vec<ArrayD<T>>) -> Result<Self, NdError> {
-        let grads = weights
-            .iter()
-            .map(|w| ArrayD::from_elem(w.raw_dim(), T::from_f64(0.0)))
-            .collect();
-        Self::with_grads(weights, grads)
+        Self::mixed(weights)
     }
 
     /// A group of these parameter tensors and their gradients (same number, same shapes).
@@ -262,6 +269,45 @@ impl<T: Real> NdGroup<T> {
     /// Errors: [`NdError::TensorCountMismatch`], [`NdError::ShapeMismatch`],
     /// [`NdError::NotContiguous`].
     pub fn with_grads(weights: Vec<ArrayD<T>>, grads: Vec<ArrayD<T>>) -> Result<Self, NdError> {
+        Self::mixed_with_grads(weights, grads)
+    }
+}
+
+impl<T: Real, G: Real> NdGroup<T, G> {
+    /// A group of these parameter tensors with zero gradients of the same shapes in `G`: for
+    /// example `f32` (master) weights and slots with `bf16` gradients. Every pass widens the
+    /// gradient exactly and computes as for [`new`](NdGroup::new); only the storage differs.
+    ///
+    /// ```
+    /// use half::bf16;
+    /// use ndarray::{ArrayD, IxDyn};
+    /// use sam_ndarray::NdGroup;
+    ///
+    /// let master = vec![ArrayD::from_elem(IxDyn(&[3]), 0.1_f32)];
+    /// let group = NdGroup::<f32, bf16>::mixed(master)?.with_model_copy()?;
+    /// assert_eq!(group.model().unwrap()[0][0], bf16::from_f32(0.1));
+    /// assert_eq!(group.grads()[0][0], bf16::ZERO);
+    /// # Ok::<(), sam_ndarray::NdError>(())
+    /// ```
+    ///
+    /// Errors: [`NdError::NotContiguous`] if an array is not in standard layout.
+    pub fn mixed(weights: Vec<ArrayD<T>>) -> Result<Self, NdError> {
+        let grads = weights
+            .iter()
+            .map(|w| ArrayD::from_elem(w.raw_dim(), G::from_f64(0.0)))
+            .collect();
+        Self::mixed_with_grads(weights, grads)
+    }
+
+    /// [`with_grads`](NdGroup::with_grads) with the gradients in `G`, as
+    /// [`mixed`](Self::mixed) stores them.
+    ///
+    /// Errors: [`NdError::TensorCountMismatch`], [`NdError::ShapeMismatch`],
+    /// [`NdError::NotContiguous`].
+    pub fn mixed_with_grads(
+        weights: Vec<ArrayD<T>>,
+        grads: Vec<ArrayD<G>>,
+    ) -> Result<Self, NdError> {
         if weights.len() != grads.len() {
             return Err(NdError::TensorCountMismatch {
                 weights: weights.len(),
@@ -297,6 +343,7 @@ impl<T: Real> NdGroup<T> {
         Ok(NdGroup {
             weights,
             grads,
+            model: None,
             offsets,
             slots: Default::default(),
             spec: None,
@@ -325,42 +372,83 @@ impl<T: Real> NdGroup<T> {
         Some(*self.offsets.get(i)?..*self.offsets.get(i + 1)?)
     }
 
-    /// The parameter tensors.
+    /// Keeps a model copy of the weights in the gradient's type `G`, set now to the rounding
+    /// of the (master) weights: the copy a model computing in `G` reads. From then on every
+    /// pass that writes the weights (perturb, restore, the update, swapping an average in or
+    /// out) rounds them into the copy in the same sweep, so the copy is always the rounding of
+    /// the weights, and restoring restores it bit for bit. Calling it again re-rounds the copy.
+    pub fn with_model_copy(mut self) -> Result<Self, NdError> {
+        self.model = Some(self.weights.iter().map(|w| w.mapv(round)).collect());
+        self.check_layout()?;
+        Ok(self)
+    }
+
+    /// The model copy of the weights, if the group keeps one ([`with_model_copy`]).
+    ///
+    /// [`with_model_copy`]: NdGroup::with_model_copy
+    pub fn model(&self) -> Option<&[ArrayD<G>]> {
+        self.model.as_deref()
+    }
+
+    /// Rounds the weights into the model copy again, if there is one (after changing the
+    /// weights through [`weight_mut`](Self::weight_mut) or [`weights_mut`](Self::weights_mut)).
+    pub fn refresh_model(&mut self) {
+        if let Some(model) = &mut self.model {
+            for (m, w) in model.iter_mut().zip(&self.weights) {
+                m.zip_mut_with(w, |m, &w| *m = round(w));
+            }
+        }
+    }
+
+    /// The parameter tensors (the master weights when there is a model copy).
     pub fn weights(&self) -> &[ArrayD<T>] {
         &self.weights
     }
 
-    /// Parameter tensor `i`, mutably (to initialise or load it; its shape cannot change).
+    /// Parameter tensor `i`, mutably (to initialise or load it; its shape cannot change). With
+    /// a model copy, call [`refresh_model`](Self::refresh_model) afterwards.
     pub fn weight_mut(&mut self, i: usize) -> Option<ArrayViewMutD<'_, T>> {
         self.weights.get_mut(i).map(ArrayD::view_mut)
     }
 
-    /// Every parameter tensor, mutably, in order.
+    /// Every parameter tensor, mutably, in order. With a model copy, call
+    /// [`refresh_model`](Self::refresh_model) afterwards.
     pub fn weights_mut(&mut self) -> impl ExactSizeIterator<Item = ArrayViewMutD<'_, T>> {
         self.weights.iter_mut().map(ArrayD::view_mut)
     }
 
     /// The gradient arrays.
-    pub fn grads(&self) -> &[ArrayD<T>] {
+    pub fn grads(&self) -> &[ArrayD<G>] {
         &self.grads
     }
 
     /// The gradient arrays, mutably: the backward pass writes `∇L(w)` here.
-    pub fn grads_mut(&mut self) -> GradsMut<'_, T> {
+    pub fn grads_mut(&mut self) -> GradsMut<'_, G> {
         GradsMut {
             grads: &mut self.grads,
         }
     }
 
     /// The gradient of tensor `i`, mutably.
-    pub fn grad_mut(&mut self, i: usize) -> Option<ArrayViewMutD<'_, T>> {
+    pub fn grad_mut(&mut self, i: usize) -> Option<ArrayViewMutD<'_, G>> {
         self.grads.get_mut(i).map(ArrayD::view_mut)
     }
 
     /// The weights (read) and the gradients (write) at once, for a backward pass.
-    pub fn weights_and_grads_mut(&mut self) -> (&[ArrayD<T>], GradsMut<'_, T>) {
+    pub fn weights_and_grads_mut(&mut self) -> (&[ArrayD<T>], GradsMut<'_, G>) {
         (
             &self.weights,
+            GradsMut {
+                grads: &mut self.grads,
+            },
+        )
+    }
+
+    /// The model copy (read, if kept) and the gradients (write) at once, for a backward pass
+    /// of a model that computes in `G`.
+    pub fn model_and_grads_mut(&mut self) -> (Option<&[ArrayD<G>]>, GradsMut<'_, G>) {
+        (
+            self.model.as_deref(),
             GradsMut {
                 grads: &mut self.grads,
             },
@@ -370,7 +458,7 @@ impl<T: Real> NdGroup<T> {
     /// Sets every gradient to zero (before accumulating a new one).
     pub fn zero_grads(&mut self) {
         for g in &mut self.grads {
-            g.fill(T::from_f64(0.0));
+            g.fill(G::from_f64(0.0));
         }
     }
 
@@ -398,8 +486,8 @@ impl<T: Real> NdGroup<T> {
         ArrayViewD::from_shape(self.weights[i].raw_dim(), values).ok()
     }
 
-    /// Gives the arrays back: `(weights, grads)`.
-    pub fn into_parts(self) -> (Vec<ArrayD<T>>, Vec<ArrayD<T>>) {
+    /// Gives the arrays back: `(weights, grads)` (a model copy is dropped).
+    pub fn into_parts(self) -> (Vec<ArrayD<T>>, Vec<ArrayD<G>>) {
         (self.weights, self.grads)
     }
 
@@ -427,6 +515,14 @@ impl<T: Real> NdGroup<T> {
     /// Every array still in standard layout (always true: the arrays are only handed out as
     /// views, which cannot change the owner's layout). Checked so that no pass can panic.
     fn check_layout(&self) -> Result<(), NdError> {
+        for (t, m) in self.model.iter().flatten().enumerate() {
+            if !m.is_standard_layout() {
+                return Err(NdError::NotContiguous {
+                    tensor: t,
+                    array: "model copy",
+                });
+            }
+        }
         for (t, (w, g)) in self.weights.iter().zip(&self.grads).enumerate() {
             if !w.is_standard_layout() {
                 return Err(NdError::NotContiguous {
@@ -444,20 +540,27 @@ impl<T: Real> NdGroup<T> {
         Ok(())
     }
 
-    /// Runs an element-wise pass over every tensor with the slots in `need`.
-    fn each<F>(&mut self, need: [bool; NSLOTS], f: F) -> Result<(), NdError>
+    /// Runs an element-wise pass over every tensor with the slots in `need`; a pass that
+    /// writes the weights keeps the model copy (if any) their rounding ([`span::with_model`]).
+    fn each<F>(&mut self, need: [bool; NSLOTS], writes_weights: bool, f: F) -> Result<(), NdError>
     where
-        F: Fn(Span<'_, T>) + Sync,
+        F: Fn(Span<'_, T, G>) + Sync,
     {
         self.check_layout()?;
         let slots = take_slots(&mut self.slots, self.spec, need)?;
         let tensors = Tensors {
             w: &mut self.weights,
             g: &mut self.grads,
+            m: if writes_weights {
+                self.model.as_deref_mut()
+            } else {
+                None
+            },
             offsets: &self.offsets,
             first: 0,
             slots,
         };
+        let f = move |span: Span<'_, T, G>| span::with_model(span, &f);
         #[cfg(feature = "rayon")]
         {
             span::for_each_par(tensors, self.min_par, &f)
@@ -478,7 +581,12 @@ fn mask(roles: &[usize]) -> [bool; NSLOTS] {
     m
 }
 
-impl<T: Real> sam_core::checkpoint::SlotAccess for NdGroup<T> {
+/// One rounding from `T` to `G` (exact widening first).
+fn round<T: Real, G: Real>(x: T) -> G {
+    G::from_f64(x.to_f64())
+}
+
+impl<T: Real, G: Real> sam_core::checkpoint::SlotAccess for NdGroup<T, G> {
     fn prepared(&self) -> Option<SlotSpec> {
         self.slot_spec()
     }
@@ -494,7 +602,7 @@ impl<T: Real> sam_core::checkpoint::SlotAccess for NdGroup<T> {
     }
 }
 
-impl<T: Real> ParamBuffer for NdGroup<T> {
+impl<T: Real, G: Real> ParamBuffer for NdGroup<T, G> {
     type Scalar = T;
     type Error = NdError;
 
@@ -565,18 +673,18 @@ impl<T: Real> ParamBuffer for NdGroup<T> {
 
     fn perturb(&mut self, spec: &PerturbSpec) -> Result<(), NdError> {
         let spec = *spec;
-        self.each(passes::perturb_needs(&spec), move |span| {
+        self.each(passes::perturb_needs(&spec), true, move |span| {
             passes::perturb(&spec, span)
         })
     }
 
     fn restore(&mut self) -> Result<(), NdError> {
-        self.each(passes::restore_needs(), passes::restore)
+        self.each(passes::restore_needs(), true, passes::restore)
     }
 
     fn update(&mut self, spec: &UpdateSpec) -> Result<(), NdError> {
         let k = passes::UpdateScalars::new(spec);
-        self.each(passes::update_needs(spec), move |span| {
+        self.each(passes::update_needs(spec), true, move |span| {
             passes::update(&k, span)
         })
     }
@@ -587,13 +695,13 @@ impl<T: Real> ParamBuffer for NdGroup<T> {
             return Ok(());
         }
         let fold = *fold;
-        self.each(need, move |span| passes::fold(&fold, span))
+        self.each(need, false, move |span| passes::fold(&fold, span))
     }
 
     fn swap_average(&mut self, k: u8) -> Result<(), NdError> {
         let slot = Slot::Average(k);
         let r = role(slot).ok_or(NdError::MissingSlot(slot))?;
-        self.each(mask(&[r]), move |span| passes::swap(r - AVG0, span))
+        self.each(mask(&[r]), true, move |span| passes::swap(r - AVG0, span))
     }
 }
 

@@ -77,20 +77,20 @@ pub(crate) fn fold_needs(fold: &AverageFold) -> [bool; NSLOTS] {
 // perturb
 
 /// The perturb pass on one span.
-pub(crate) fn perturb<T: Real>(spec: &PerturbSpec, span: Span<'_, T>) {
+pub(crate) fn perturb<T: Real, G: Real>(spec: &PerturbSpec, span: Span<'_, T, G>) {
     match (spec.stash, spec.weighting) {
-        (false, Weighting::Plain) => perturb_loop::<T, false, false>(spec, 0.0, span),
-        (true, Weighting::Plain) => perturb_loop::<T, true, false>(spec, 0.0, span),
-        (false, Weighting::Adaptive { eta }) => perturb_loop::<T, false, true>(spec, eta, span),
-        (true, Weighting::Adaptive { eta }) => perturb_loop::<T, true, true>(spec, eta, span),
+        (false, Weighting::Plain) => perturb_loop::<T, G, false, false>(spec, 0.0, span),
+        (true, Weighting::Plain) => perturb_loop::<T, G, true, false>(spec, 0.0, span),
+        (false, Weighting::Adaptive { eta }) => perturb_loop::<T, G, false, true>(spec, eta, span),
+        (true, Weighting::Adaptive { eta }) => perturb_loop::<T, G, true, true>(spec, eta, span),
     }
 }
 
 #[inline(never)]
-fn perturb_loop<T: Real, const S: bool, const A: bool>(
+fn perturb_loop<T: Real, G: Real, const S: bool, const A: bool>(
     spec: &PerturbSpec,
     eta: f64,
-    mut span: Span<'_, T>,
+    mut span: Span<'_, T, G>,
 ) {
     // The same spec with constant discriminants (its scalars unchanged).
     let spec = PerturbSpec {
@@ -122,13 +122,13 @@ fn perturb_loop<T: Real, const S: bool, const A: bool>(
 // restore, swap, fold
 
 /// Copies the backup into the weights.
-pub(crate) fn restore<T: Real>(mut span: Span<'_, T>) {
+pub(crate) fn restore<T: Real, G: Real>(mut span: Span<'_, T, G>) {
     let b = take(&mut span.s[BACKUP]);
     span.w.copy_from_slice(&b[..span.w.len()]);
 }
 
 /// Exchanges the weights with average `k`.
-pub(crate) fn swap<T: Real>(k: usize, mut span: Span<'_, T>) {
+pub(crate) fn swap<T: Real, G: Real>(k: usize, mut span: Span<'_, T, G>) {
     let a = take(&mut span.s[AVG0 + k]);
     let n = span.w.len();
     span.w.swap_with_slice(&mut a[..n]);
@@ -143,7 +143,7 @@ fn fold_loop<T: Real>(avg: &mut [T], w: &[T], weight: f64) {
 }
 
 /// Folds the weights into the averages named in `fold`.
-pub(crate) fn fold<T: Real>(fold: &AverageFold, mut span: Span<'_, T>) {
+pub(crate) fn fold<T: Real, G: Real>(fold: &AverageFold, mut span: Span<'_, T, G>) {
     for (k, wgt) in fold.weights.iter().enumerate() {
         if let Some(wgt) = *wgt {
             let a = take(&mut span.s[AVG0 + k]);
@@ -282,49 +282,49 @@ impl UpdateScalars {
 }
 
 /// The update pass on one span.
-pub(crate) fn update<T: Real>(k: &UpdateScalars, span: Span<'_, T>) {
+pub(crate) fn update<T: Real, G: Real>(k: &UpdateScalars, span: Span<'_, T, G>) {
     if k.base == SGD_MOMENTUM && k.mix.is_none() && k.post.is_none() {
         let flags = u8::from(k.sgd.first)
             | u8::from(k.sgd.nesterov) << 1
             | u8::from(k.sgd.weight_decay != 0.0) << 2;
         return match flags {
-            0 => update_r::<T, { SGD_FLAGS }>(k, span),
-            1 => update_r::<T, { SGD_FLAGS | 1 }>(k, span),
-            2 => update_r::<T, { SGD_FLAGS | 2 }>(k, span),
-            3 => update_r::<T, { SGD_FLAGS | 3 }>(k, span),
-            4 => update_r::<T, { SGD_FLAGS | 4 }>(k, span),
-            5 => update_r::<T, { SGD_FLAGS | 5 }>(k, span),
-            6 => update_r::<T, { SGD_FLAGS | 6 }>(k, span),
-            _ => update_r::<T, { SGD_FLAGS | 7 }>(k, span),
+            0 => update_r::<T, G, { SGD_FLAGS }>(k, span),
+            1 => update_r::<T, G, { SGD_FLAGS | 1 }>(k, span),
+            2 => update_r::<T, G, { SGD_FLAGS | 2 }>(k, span),
+            3 => update_r::<T, G, { SGD_FLAGS | 3 }>(k, span),
+            4 => update_r::<T, G, { SGD_FLAGS | 4 }>(k, span),
+            5 => update_r::<T, G, { SGD_FLAGS | 5 }>(k, span),
+            6 => update_r::<T, G, { SGD_FLAGS | 6 }>(k, span),
+            _ => update_r::<T, G, { SGD_FLAGS | 7 }>(k, span),
         };
     }
     match k.base {
-        EXTERNAL => update_rmp::<T, EXTERNAL>(k, span),
-        SGD_PLAIN => update_rmp::<T, SGD_PLAIN>(k, span),
-        SGD_MOMENTUM => update_rmp::<T, SGD_MOMENTUM>(k, span),
-        ADAM => update_rmp::<T, ADAM>(k, span),
-        _ => update_rmp::<T, ADAM_AMSGRAD>(k, span),
+        EXTERNAL => update_rmp::<T, G, EXTERNAL>(k, span),
+        SGD_PLAIN => update_rmp::<T, G, SGD_PLAIN>(k, span),
+        SGD_MOMENTUM => update_rmp::<T, G, SGD_MOMENTUM>(k, span),
+        ADAM => update_rmp::<T, G, ADAM>(k, span),
+        _ => update_rmp::<T, G, ADAM_AMSGRAD>(k, span),
     }
 }
 
-fn update_rmp<T: Real, const BK: u8>(k: &UpdateScalars, span: Span<'_, T>) {
+fn update_rmp<T: Real, G: Real, const BK: u8>(k: &UpdateScalars, span: Span<'_, T, G>) {
     match (k.restore, k.mix.is_some(), k.post.is_some()) {
-        (false, false, false) => update_span::<T, false, false, false, BK>(k, span),
-        (false, false, true) => update_span::<T, false, false, true, BK>(k, span),
-        (false, true, false) => update_span::<T, false, true, false, BK>(k, span),
-        (false, true, true) => update_span::<T, false, true, true, BK>(k, span),
-        (true, false, false) => update_span::<T, true, false, false, BK>(k, span),
-        (true, false, true) => update_span::<T, true, false, true, BK>(k, span),
-        (true, true, false) => update_span::<T, true, true, false, BK>(k, span),
-        (true, true, true) => update_span::<T, true, true, true, BK>(k, span),
+        (false, false, false) => update_span::<T, G, false, false, false, BK>(k, span),
+        (false, false, true) => update_span::<T, G, false, false, true, BK>(k, span),
+        (false, true, false) => update_span::<T, G, false, true, false, BK>(k, span),
+        (false, true, true) => update_span::<T, G, false, true, true, BK>(k, span),
+        (true, false, false) => update_span::<T, G, true, false, false, BK>(k, span),
+        (true, false, true) => update_span::<T, G, true, false, true, BK>(k, span),
+        (true, true, false) => update_span::<T, G, true, true, false, BK>(k, span),
+        (true, true, true) => update_span::<T, G, true, true, true, BK>(k, span),
     }
 }
 
-fn update_r<T: Real, const BK: u8>(k: &UpdateScalars, span: Span<'_, T>) {
+fn update_r<T: Real, G: Real, const BK: u8>(k: &UpdateScalars, span: Span<'_, T, G>) {
     if k.restore {
-        update_span::<T, true, false, false, BK>(k, span)
+        update_span::<T, G, true, false, false, BK>(k, span)
     } else {
-        update_span::<T, false, false, false, BK>(k, span)
+        update_span::<T, G, false, false, false, BK>(k, span)
     }
 }
 
@@ -339,9 +339,9 @@ const fn state_count(bk: u8) -> usize {
 }
 
 #[inline(never)]
-fn update_span<T: Real, const R: bool, const M: bool, const P: bool, const BK: u8>(
+fn update_span<T: Real, G: Real, const R: bool, const M: bool, const P: bool, const BK: u8>(
     k: &UpdateScalars,
-    mut span: Span<'_, T>,
+    mut span: Span<'_, T, G>,
 ) {
     let spec = k.spec::<R, M, P, BK>();
     let w = span.w;
@@ -352,7 +352,7 @@ fn update_span<T: Real, const R: bool, const M: bool, const P: bool, const BK: u
     let s1 = take(&mut span.s[STATE0 + 1]);
     let s2 = take(&mut span.s[STATE0 + 2]);
     if !k.average.iter().any(Option::is_some) && k.restash.is_none() {
-        update_loop::<T, R, M, P, BK>(&spec, w, g, backup, stash, s0, s1, s2);
+        update_loop::<T, G, R, M, P, BK>(&spec, w, g, backup, stash, s0, s1, s2);
         return;
     }
     // Averages and the new stash: chunk by chunk while the chunk is in cache. The new stash is
@@ -373,7 +373,7 @@ fn update_span<T: Real, const R: bool, const M: bool, const P: bool, const BK: u
         let r = |s: &[T]| if s.is_empty() { 0..0 } else { start..end };
         let (rb, rs) = (r(backup), r(stash));
         let (r0, r1, r2) = (r(s0), r(s1), r(s2));
-        update_loop::<T, R, M, P, BK>(
+        update_loop::<T, G, R, M, P, BK>(
             &spec,
             &mut w[start..end],
             &mut g[start..end],
@@ -397,10 +397,10 @@ fn update_span<T: Real, const R: bool, const M: bool, const P: bool, const BK: u
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn update_loop<T: Real, const R: bool, const M: bool, const P: bool, const BK: u8>(
+fn update_loop<T: Real, G: Real, const R: bool, const M: bool, const P: bool, const BK: u8>(
     spec: &UpdateSpec,
     w: &mut [T],
-    g: &mut [T],
+    g: &mut [G],
     backup: &mut [T],
     stash: &mut [T],
     s0: &mut [T],
@@ -434,7 +434,7 @@ fn update_loop<T: Real, const R: bool, const M: bool, const P: bool, const BK: u
         let out = kernel::update(spec, wi, b, g[i].to_f64(), s, &mut st);
         w[i] = T::from_f64(out.w);
         if BK == EXTERNAL {
-            g[i] = T::from_f64(out.d);
+            g[i] = G::from_f64(out.d);
         }
         if ns >= 1 {
             s0[i] = T::from_f64(st[0]);

@@ -21,33 +21,34 @@ use core::marker::PhantomData;
 use crate::isa::{self, Isa, WithLanes};
 
 /// Where a block reads tensor `t`'s elements `lo..hi` from (an empty slice for an operand that
-/// is absent or not in standard layout: checked by the caller).
-pub(crate) trait Source<T>: Sync {
+/// is absent or not in standard layout: checked by the caller): weights and stash in `T`, the
+/// gradient in `Gr`.
+pub(crate) trait Source<T, Gr>: Sync {
     /// Weights.
     fn w(&self, t: usize, lo: usize, hi: usize) -> &[T];
     /// Gradient.
-    fn g(&self, t: usize, lo: usize, hi: usize) -> &[T];
+    fn g(&self, t: usize, lo: usize, hi: usize) -> &[Gr];
     /// Stash (empty when the spec does not read it).
     fn stash(&self, t: usize, lo: usize, hi: usize) -> &[T];
 }
 
 /// An `NdGroup`'s arrays and its group-wide stash slot.
-pub(crate) struct Arrays<'a, T> {
+pub(crate) struct Arrays<'a, T, Gr> {
     /// Parameter arrays.
     pub w: &'a [ArrayD<T>],
     /// Gradient arrays.
-    pub g: &'a [ArrayD<T>],
+    pub g: &'a [ArrayD<Gr>],
     /// The stash slot over the whole group (empty when the spec does not read it).
     pub stash: &'a [T],
     /// Tensor offsets (`w.len() + 1` values).
     pub offsets: &'a [usize],
 }
 
-impl<T: Real> Source<T> for Arrays<'_, T> {
+impl<T: Real, Gr: Real> Source<T, Gr> for Arrays<'_, T, Gr> {
     fn w(&self, t: usize, lo: usize, hi: usize) -> &[T] {
         part(self.w.get(t), lo, hi)
     }
-    fn g(&self, t: usize, lo: usize, hi: usize) -> &[T] {
+    fn g(&self, t: usize, lo: usize, hi: usize) -> &[Gr] {
         part(self.g.get(t), lo, hi)
     }
     fn stash(&self, t: usize, lo: usize, hi: usize) -> &[T] {
@@ -57,17 +58,17 @@ impl<T: Real> Source<T> for Arrays<'_, T> {
 }
 
 /// One slice per tensor for each operand (`stash` empty when not read).
-pub(crate) struct Slices<'a, T> {
+pub(crate) struct Slices<'a, T, Gr = T> {
     pub w: &'a [&'a [T]],
-    pub g: &'a [&'a [T]],
+    pub g: &'a [&'a [Gr]],
     pub stash: &'a [&'a [T]],
 }
 
-impl<T: Real> Source<T> for Slices<'_, T> {
+impl<T: Real, Gr: Real> Source<T, Gr> for Slices<'_, T, Gr> {
     fn w(&self, t: usize, lo: usize, hi: usize) -> &[T] {
         self.w.get(t).and_then(|s| s.get(lo..hi)).unwrap_or(&[])
     }
-    fn g(&self, t: usize, lo: usize, hi: usize) -> &[T] {
+    fn g(&self, t: usize, lo: usize, hi: usize) -> &[Gr] {
         self.g.get(t).and_then(|s| s.get(lo..hi)).unwrap_or(&[])
     }
     fn stash(&self, t: usize, lo: usize, hi: usize) -> &[T] {
@@ -92,8 +93,11 @@ pub(crate) struct ReduceCtx<'a, S> {
 pub(crate) type BlockFn<S> = fn(&ReduceCtx<'_, S>, usize) -> Reduction;
 
 /// The whole reduction: the canonical pairwise tree over the blocks.
-pub(crate) fn run<T: Real, S: Source<T>>(ctx: &ReduceCtx<'_, S>, _min_blocks: usize) -> Reduction {
-    let f = select::<T, S>(&ctx.spec, isa::active());
+pub(crate) fn run<T: Real, Gr: Real, S: Source<T, Gr>>(
+    ctx: &ReduceCtx<'_, S>,
+    _min_blocks: usize,
+) -> Reduction {
+    let f = select::<T, Gr, S>(&ctx.spec, isa::active());
     let n = kernel::block_count(ctx.len);
     #[cfg(feature = "rayon")]
     {
@@ -126,33 +130,35 @@ where
 }
 
 /// Picks the block function for a spec's discriminants and the instruction-set level.
-fn select<T: Real, S: Source<T>>(spec: &ReduceSpec, level: Isa) -> BlockFn<S> {
+fn select<T: Real, Gr: Real, S: Source<T, Gr>>(spec: &ReduceSpec, level: Isa) -> BlockFn<S> {
     match level {
-        Isa::Baseline => select_p::<T, S, { isa::BASELINE }>(spec),
-        Isa::Avx2 => select_p::<T, S, { isa::AVX2 }>(spec),
-        Isa::Avx512 => select_p::<T, S, { isa::AVX512 }>(spec),
+        Isa::Baseline => select_p::<T, Gr, S, { isa::BASELINE }>(spec),
+        Isa::Avx2 => select_p::<T, Gr, S, { isa::AVX2 }>(spec),
+        Isa::Avx512 => select_p::<T, Gr, S, { isa::AVX512 }>(spec),
     }
 }
 
-fn select_p<T: Real, S: Source<T>, const I: u8>(spec: &ReduceSpec) -> BlockFn<S> {
+fn select_p<T: Real, Gr: Real, S: Source<T, Gr>, const I: u8>(spec: &ReduceSpec) -> BlockFn<S> {
     let computes = spec.perturb.is_some() || spec.grad || spec.stash || spec.dot;
     if !computes {
         // The AVX-512 version of the check measured slower than the AVX2 one (module doc of
         // `isa`): the AVX-512 level runs the AVX2 code for it.
         return if I == isa::BASELINE {
-            finite_block::<T, S, { isa::BASELINE }>
+            finite_block::<T, Gr, S, { isa::BASELINE }>
         } else {
-            finite_block::<T, S, { isa::AVX2 }>
+            finite_block::<T, Gr, S, { isa::AVX2 }>
         };
     }
     match spec.perturb {
-        None => select_gsd::<T, S, 0, I>(spec),
-        Some(Weighting::Plain) => select_gsd::<T, S, 1, I>(spec),
-        Some(Weighting::Adaptive { .. }) => select_gsd::<T, S, 2, I>(spec),
+        None => select_gsd::<T, Gr, S, 0, I>(spec),
+        Some(Weighting::Plain) => select_gsd::<T, Gr, S, 1, I>(spec),
+        Some(Weighting::Adaptive { .. }) => select_gsd::<T, Gr, S, 2, I>(spec),
     }
 }
 
-fn select_gsd<T: Real, S: Source<T>, const P: u8, const I: u8>(spec: &ReduceSpec) -> BlockFn<S> {
+fn select_gsd<T: Real, Gr: Real, S: Source<T, Gr>, const P: u8, const I: u8>(
+    spec: &ReduceSpec,
+) -> BlockFn<S> {
     // Unit scales (every first try without a loss scale) as constants: the compiler drops the
     // multiplications by 1 (exact: `x · 1 = x`).
     let unit = spec.scale_perturb == 1.0
@@ -160,29 +166,30 @@ fn select_gsd<T: Real, S: Source<T>, const P: u8, const I: u8>(spec: &ReduceSpec
         && spec.scale_stash == 1.0
         && spec.unscale == 1.0;
     match (spec.grad, spec.stash, spec.dot, unit) {
-        (false, false, false, false) => block::<T, S, P, false, false, false, false, I>,
-        (false, false, true, false) => block::<T, S, P, false, false, true, false, I>,
-        (false, true, false, false) => block::<T, S, P, false, true, false, false, I>,
-        (false, true, true, false) => block::<T, S, P, false, true, true, false, I>,
-        (true, false, false, false) => block::<T, S, P, true, false, false, false, I>,
-        (true, false, true, false) => block::<T, S, P, true, false, true, false, I>,
-        (true, true, false, false) => block::<T, S, P, true, true, false, false, I>,
-        (true, true, true, false) => block::<T, S, P, true, true, true, false, I>,
-        (false, false, false, true) => block::<T, S, P, false, false, false, true, I>,
-        (false, false, true, true) => block::<T, S, P, false, false, true, true, I>,
-        (false, true, false, true) => block::<T, S, P, false, true, false, true, I>,
-        (false, true, true, true) => block::<T, S, P, false, true, true, true, I>,
-        (true, false, false, true) => block::<T, S, P, true, false, false, true, I>,
-        (true, false, true, true) => block::<T, S, P, true, false, true, true, I>,
-        (true, true, false, true) => block::<T, S, P, true, true, false, true, I>,
-        (true, true, true, true) => block::<T, S, P, true, true, true, true, I>,
+        (false, false, false, false) => block::<T, Gr, S, P, false, false, false, false, I>,
+        (false, false, true, false) => block::<T, Gr, S, P, false, false, true, false, I>,
+        (false, true, false, false) => block::<T, Gr, S, P, false, true, false, false, I>,
+        (false, true, true, false) => block::<T, Gr, S, P, false, true, true, false, I>,
+        (true, false, false, false) => block::<T, Gr, S, P, true, false, false, false, I>,
+        (true, false, true, false) => block::<T, Gr, S, P, true, false, true, false, I>,
+        (true, true, false, false) => block::<T, Gr, S, P, true, true, false, false, I>,
+        (true, true, true, false) => block::<T, Gr, S, P, true, true, true, false, I>,
+        (false, false, false, true) => block::<T, Gr, S, P, false, false, false, true, I>,
+        (false, false, true, true) => block::<T, Gr, S, P, false, false, true, true, I>,
+        (false, true, false, true) => block::<T, Gr, S, P, false, true, false, true, I>,
+        (false, true, true, true) => block::<T, Gr, S, P, false, true, true, true, I>,
+        (true, false, false, true) => block::<T, Gr, S, P, true, false, false, true, I>,
+        (true, false, true, true) => block::<T, Gr, S, P, true, false, true, true, I>,
+        (true, true, false, true) => block::<T, Gr, S, P, true, true, false, true, I>,
+        (true, true, true, true) => block::<T, Gr, S, P, true, true, true, true, I>,
     }
 }
 
 /// Block `b` at instruction-set level `I`.
 fn block<
     T: Real,
-    Src: Source<T>,
+    Gr: Real,
+    Src: Source<T, Gr>,
     const P: u8,
     const G: bool,
     const S: bool,
@@ -193,7 +200,7 @@ fn block<
     ctx: &ReduceCtx<'_, Src>,
     b: usize,
 ) -> Reduction {
-    isa::dispatch::<I, _>(Block::<T, Src, P, G, S, D, U> {
+    isa::dispatch::<I, _>(Block::<T, Gr, Src, P, G, S, D, U> {
         ctx,
         b,
         _storage: PhantomData,
@@ -205,6 +212,7 @@ struct Block<
     'r,
     'c,
     T,
+    Gr,
     Src,
     const P: u8,
     const G: bool,
@@ -214,25 +222,26 @@ struct Block<
 > {
     ctx: &'r ReduceCtx<'c, Src>,
     b: usize,
-    _storage: PhantomData<T>,
+    _storage: PhantomData<(T, Gr)>,
 }
 
 impl<
     T: Real,
-    Src: Source<T>,
+    Gr: Real,
+    Src: Source<T, Gr>,
     const P: u8,
     const G: bool,
     const S: bool,
     const D: bool,
     const U: bool,
-> WithLanes for Block<'_, '_, T, Src, P, G, S, D, U>
+> WithLanes for Block<'_, '_, T, Gr, Src, P, G, S, D, U>
 {
     type Output = Reduction;
 
     #[inline(always)]
     fn with<V: Lanes>(self) -> Reduction {
         let spec = const_spec::<P, G, S, D, U>(&self.ctx.spec);
-        one_block::<T, Src, V, P, S, D>(self.ctx, &spec, self.b)
+        one_block::<T, Gr, Src, V, P, S, D>(self.ctx, &spec, self.b)
     }
 }
 
@@ -266,7 +275,15 @@ fn const_spec<const P: u8, const G: bool, const S: bool, const D: bool, const U:
 /// Block `b`, which may span tensors: whole chunks of [`LANES`] elements in the lanes `V`, the
 /// elements of a segment before its first and after its last whole chunk one at a time.
 #[inline(always)]
-fn one_block<T: Real, Src: Source<T>, V: Lanes, const P: u8, const S: bool, const D: bool>(
+fn one_block<
+    T: Real,
+    Gr: Real,
+    Src: Source<T, Gr>,
+    V: Lanes,
+    const P: u8,
+    const S: bool,
+    const D: bool,
+>(
     ctx: &ReduceCtx<'_, Src>,
     spec: &ReduceSpec,
     b: usize,
@@ -277,9 +294,11 @@ fn one_block<T: Real, Src: Source<T>, V: Lanes, const P: u8, const S: bool, cons
         b,
         #[inline(always)]
         |t, lo, hi, lane0| {
+            // Operands the spec does not read stand in as the weights (same type and length,
+            // never loaded).
             let g = ctx.src.g(t, lo, hi);
-            let w = if P == 2 { ctx.src.w(t, lo, hi) } else { g };
-            let s = if S || D { ctx.src.stash(t, lo, hi) } else { g };
+            let w = ctx.src.w(t, lo, hi);
+            let s = if S || D { ctx.src.stash(t, lo, hi) } else { w };
             let n = g.len().min(w.len()).min(s.len());
             let head = ((LANES - lane0 % LANES) % LANES).min(n);
             let full = head + (n - head) / LANES * LANES;
@@ -290,7 +309,7 @@ fn one_block<T: Real, Src: Source<T>, V: Lanes, const P: u8, const S: bool, cons
                 s[head..full].as_chunks::<LANES>().0,
             );
             for ((w, g), s) in wc.iter().zip(gc).zip(sc) {
-                push::<T, V, P, S, D>(&mut acc, spec, w, g, s);
+                push::<T, Gr, V, P, S, D>(&mut acc, spec, w, g, s);
             }
             one_at_a_time(
                 &mut acc,
@@ -307,28 +326,28 @@ fn one_block<T: Real, Src: Source<T>, V: Lanes, const P: u8, const S: bool, cons
 
 /// One chunk of [`LANES`] elements, widened; operands the spec does not read are not loaded.
 #[inline(always)]
-fn push<T: Real, V: Lanes, const P: u8, const S: bool, const D: bool>(
+fn push<T: Real, Gr: Real, V: Lanes, const P: u8, const S: bool, const D: bool>(
     acc: &mut Accumulators<V>,
     spec: &ReduceSpec,
     w: &[T; LANES],
-    g: &[T; LANES],
+    g: &[Gr; LANES],
     s: &[T; LANES],
 ) {
     let load = |x: &[T; LANES]| V::from_array(x.map(T::to_f64));
     let zero = V::splat(0.0);
     let w = if P == 2 { load(w) } else { zero };
     let s = if S || D { load(s) } else { zero };
-    acc.push(spec, w, load(g), s);
+    acc.push(spec, w, V::from_array(g.map(Gr::to_f64)), s);
 }
 
 /// Consecutive elements, the first in lane `lane0`, pushed one at a time into `acc`'s lanes.
 #[inline(always)]
-fn one_at_a_time<T: Real, V: Lanes>(
+fn one_at_a_time<T: Real, Gr: Real, V: Lanes>(
     acc: &mut Accumulators<V>,
     spec: &ReduceSpec,
     lane0: usize,
     w: &[T],
-    g: &[T],
+    g: &[Gr],
     s: &[T],
 ) {
     if g.is_empty() {
@@ -345,7 +364,7 @@ fn one_at_a_time<T: Real, V: Lanes>(
 /// compiled for instruction-set level `I`: whether every gradient value is finite, read in the
 /// storage type with no widening. The sums and maxima are the zeros a [`BlockReducer`] with
 /// nothing to accumulate returns, so the result is bit-identical to it.
-fn finite_block<T: Real, Src: Source<T>, const I: u8>(
+fn finite_block<T: Real, Gr: Real, Src: Source<T, Gr>, const I: u8>(
     ctx: &ReduceCtx<'_, Src>,
     b: usize,
 ) -> Reduction {

@@ -77,7 +77,12 @@ fn span<'a, T>(
             }
         }
     }
-    Ok(Span { w: t.w, g: t.g, s })
+    Ok(Span {
+        w: t.w,
+        g: t.g,
+        m: None,
+        s,
+    })
 }
 
 /// [`ParamBuffer::perturb`](sam_core::backend::ParamBuffer::perturb) on one tensor.

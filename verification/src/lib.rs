@@ -5,8 +5,9 @@
 //! chosen storage backend, and compares every element with the case's tolerance.
 //!
 //! Command line: `sam-conform [--backend core] PATH...` where each path is a case file or a
-//! directory of `*.json` cases; `sam-conform --storage bf16|f16 PATH...` replays the cases with
-//! 16-bit storage and prints how far each trajectory moves ([`deviation`]).
+//! directory of `*.json` cases; `sam-conform --storage bf16|f16|bf16-master|f16-master PATH...`
+//! replays the cases with 16-bit storage (pure, or with `f32` master weights) and prints how far
+//! each trajectory moves ([`deviation`]).
 
 #![forbid(unsafe_code)]
 

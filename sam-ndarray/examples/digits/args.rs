@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::cli;
 use crate::mlp::Activation;
+use crate::precision::Precision;
 use crate::train::{Hyper, Kind};
 
 /// Everything a run needs, with defaults resolved.
@@ -26,6 +27,8 @@ pub struct Config {
     pub activation: Activation,
     /// `--optimizers`, in table order.
     pub optimizers: Vec<Kind>,
+    /// `--precision`: storage types, in table order.
+    pub precisions: Vec<Precision>,
     /// `--seeds`: runs per optimizer.
     pub seeds: usize,
     /// Training hyperparameters.
@@ -88,6 +91,13 @@ MODEL:
 TRAINING:
     --optimizers LIST     comma-separated subset of sgd,sam,asam,gsam,wsam,wasam,sam-every-k,looksam
                           [default: all]
+    --precision LIST      comma-separated subset of f64,f32,bf16,f16,bf16-mixed,f16-mixed:
+                          every optimizer runs in each. f64..f16: weights, gradients and
+                          optimizer state stored in that type; bf16-mixed, f16-mixed: f32
+                          master weights and optimizer state, a 16-bit model copy of the
+                          weights and 16-bit gradients. Forward and backward compute in f64
+                          from the weights the network uses; f16 gradients are loss-scaled
+                          (torch's GradScaler defaults) [default: f64]
     --seeds N             runs per optimizer; seed s fixes the initialisation and the
                           mini-batch order, the same for every optimizer [default: 5]
     --epochs N            epochs [default: 100]
@@ -140,6 +150,7 @@ const VALUE_FLAGS: &[&str] = &[
     "--hidden",
     "--activation",
     "--optimizers",
+    "--precision",
     "--seeds",
     "--epochs",
     "--batch-size",
@@ -174,6 +185,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         hidden: 64,
         activation: Activation::Relu,
         optimizers: Kind::ALL.to_vec(),
+        precisions: vec![Precision::F64],
         seeds: 5,
         hyper: Hyper {
             epochs: 100,
@@ -239,6 +251,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
                 }
             }
             "--optimizers" => c.optimizers = cli::optimizers(&flag, &value()?)?,
+            "--precision" => c.precisions = Precision::parse_list(&flag, &value()?)?,
             "--seeds" => seeds = Some(cli::count(&flag, &value()?, 1, 1000)?),
             "--epochs" => epochs = Some(cli::count(&flag, &value()?, 1, 100_000)?),
             "--batch-size" => c.hyper.batch = cli::count(&flag, &value()?, 1, 1 << 20)?,
@@ -313,6 +326,10 @@ mod tests {
         .unwrap();
         assert_eq!((q.seeds, q.label_noise), (2, 0.4));
         assert_eq!(q.optimizers, vec![Kind::Sgd, Kind::Wasam]);
+        assert_eq!(c.precisions, vec![Precision::F64]);
+        let p = run(&["--precision", "f16,bf16-mixed,f32"]).unwrap();
+        let want = [Precision::F32, Precision::F16, Precision::Bf16Mixed];
+        assert_eq!(p.precisions, want);
         assert_eq!((c.hyper.looksam_k, c.hyper.looksam_alpha), (5, 0.3));
         let l = run(&[
             "--optimizers",
@@ -352,6 +369,8 @@ mod tests {
             &["stray"],
             &["--optimizers", "sgd,adam"],
             &["--activation", "gelu"],
+            &["--precision", "f8"],
+            &["--precision"],
             &["--data="],
             &["--looksam-k", "0"],
             &["--looksam-alpha", "-0.1"],

@@ -5,6 +5,7 @@
 //! `NdGroup`'s flat vector): `W1 [h, d]`, `b1 [h]`, `W2 [classes, h]`, `b2 [classes]`.
 
 use ndarray::{Array1, Array2, ArrayD, ArrayView1, ArrayView2, Axis, Ix1, Ix2, IxDyn};
+use sam_core::backend::Real;
 use sam_ndarray::GradsMut;
 
 use crate::rng::Rng;
@@ -237,13 +238,16 @@ impl Mlp {
         ))
     }
 
-    /// Loss and gradient on `(x, y)`, the gradient written into an `NdGroup`'s gradient arrays.
-    pub fn backward_into(
+    /// Loss and gradient on `(x, y)` at weights `w`, the gradient times `scale` (the loss
+    /// scale; 1 for none) written into an `NdGroup`'s gradient arrays, rounded to their type
+    /// `G`. The loss returned is unscaled.
+    pub fn backward_into<G: Real>(
         &self,
         w: &[ArrayD<f64>],
         x: ArrayView2<'_, f64>,
         y: &[usize],
-        out: &mut GradsMut<'_, f64>,
+        scale: f64,
+        out: &mut GradsMut<'_, G>,
     ) -> Result<f64, String> {
         let (eval, g) = self.forward(w, x, y, true)?;
         let g = g.ok_or("no gradient computed")?;
@@ -254,7 +258,7 @@ impl Mlp {
             }
             // Logical (row-major) order whatever the memory layout `dot` chose.
             for (d, &s) in dst.iter_mut().zip(part.iter()) {
-                *d = s;
+                *d = G::from_f64(s * scale);
             }
         }
         Ok(eval.loss)
@@ -309,9 +313,21 @@ impl Mlp {
     }
 }
 
-/// Flattens tensors into one vector (row-major, in order).
-pub fn flatten(w: &[ArrayD<f64>]) -> Vec<f64> {
-    w.iter().flat_map(|t| t.iter().copied()).collect()
+/// Flattens tensors into one `f64` vector (row-major, in order).
+pub fn flatten<T: Real>(w: &[ArrayD<T>]) -> Vec<f64> {
+    w.iter()
+        .flat_map(|t| t.iter().map(|x| x.to_f64()))
+        .collect()
+}
+
+/// The tensors widened to `f64` (exact for every storage type).
+pub fn widen<T: Real>(w: &[ArrayD<T>]) -> Vec<ArrayD<f64>> {
+    w.iter().map(|t| t.mapv(|x| x.to_f64())).collect()
+}
+
+/// `f64` tensors rounded to `T`.
+pub fn narrow<T: Real>(w: &[ArrayD<f64>]) -> Vec<ArrayD<T>> {
+    w.iter().map(|t| t.mapv(T::from_f64)).collect()
 }
 
 #[cfg(test)]

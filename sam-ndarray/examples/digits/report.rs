@@ -10,12 +10,62 @@ use crate::args::Config;
 use crate::data::Dataset;
 use crate::mlp::{Eval, Mlp};
 use crate::plot::{self, COLORS, Curve};
+use crate::precision::Precision;
 use crate::stats::{mean, median, std};
 use crate::train::{Kind, RunOutput};
 
+/// A row of the table: an optimizer in a storage precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arm {
+    pub kind: Kind,
+    pub precision: Precision,
+}
+
+impl Arm {
+    /// The rows of a study, precision by precision, optimizers in table order.
+    pub fn all(cfg: &Config) -> impl Iterator<Item = Arm> + '_ {
+        cfg.precisions.iter().flat_map(|&precision| {
+            cfg.optimizers
+                .iter()
+                .map(move |&kind| Arm { kind, precision })
+        })
+    }
+
+    /// Whether a study names precisions in its labels (it does unless it only runs `f64`).
+    fn shows_precision(cfg: &Config) -> bool {
+        cfg.precisions != [Precision::F64]
+    }
+
+    /// Display name: the optimizer's, followed by the precision when the study shows it.
+    pub fn label(self, cfg: &Config) -> String {
+        if Self::shows_precision(cfg) {
+            format!("{} {}", self.kind.label(), self.precision.name())
+        } else {
+            self.kind.label().to_string()
+        }
+    }
+
+    /// Key in `results.json`: the optimizer's name, with `-precision` when the study shows it.
+    fn key(self, cfg: &Config) -> String {
+        if Self::shows_precision(cfg) {
+            format!("{}-{}", self.kind.name(), self.precision.name())
+        } else {
+            self.kind.name().to_string()
+        }
+    }
+
+    /// SGD in the same precision (the paired baseline of the row).
+    fn baseline(self) -> Arm {
+        Arm {
+            kind: Kind::Sgd,
+            ..self
+        }
+    }
+}
+
 /// One finished run.
 pub struct Run {
-    pub kind: Kind,
+    pub arm: Arm,
     pub seed: usize,
     pub out: RunOutput,
     pub final_train: Eval,
@@ -49,11 +99,12 @@ fn sig(x: f64) -> String {
     format!("{x:.digits$}")
 }
 
-/// Per-optimizer summary.
+/// Per-row summary.
 pub struct Summary {
-    pub kind: Kind,
+    pub arm: Arm,
     pub acc: Vec<f64>,
-    /// Paired (same seed) difference to SGD, in accuracy points, if SGD ran.
+    /// Paired (same seed) difference to SGD in the same precision, in accuracy points, if SGD
+    /// ran.
     pub delta: Option<Vec<f64>>,
     pub train_loss: Vec<f64>,
     pub train_acc: Vec<f64>,
@@ -64,33 +115,27 @@ pub struct Summary {
 }
 
 impl Study<'_> {
-    fn of(&self, kind: Kind) -> impl Iterator<Item = &Run> {
-        self.runs.iter().filter(move |r| r.kind == kind)
+    fn of(&self, arm: Arm) -> impl Iterator<Item = &Run> {
+        self.runs.iter().filter(move |r| r.arm == arm)
     }
 
     /// Summaries in table order.
     pub fn summaries(&self) -> Vec<Summary> {
         // Median epoch time over every epoch of every seed.
-        let spe = |k: Kind| {
+        let spe = |a: Arm| {
             let all: Vec<f64> = self
-                .of(k)
+                .of(a)
                 .flat_map(|r| r.out.epoch_seconds.iter().copied())
                 .collect();
             median(&all)
         };
-        let sgd_acc: Vec<f64> = self
-            .of(Kind::Sgd)
-            .map(|r| 100.0 * r.final_eval.accuracy())
-            .collect();
-        let sgd_spe = if sgd_acc.is_empty() {
-            None
-        } else {
-            Some(spe(Kind::Sgd))
-        };
-        self.cfg
-            .optimizers
-            .iter()
-            .map(|&kind| {
+        Arm::all(self.cfg)
+            .map(|kind| {
+                let sgd_acc: Vec<f64> = self
+                    .of(kind.baseline())
+                    .map(|r| 100.0 * r.final_eval.accuracy())
+                    .collect();
+                let sgd_spe = (!sgd_acc.is_empty()).then(|| spe(kind.baseline()));
                 let acc: Vec<f64> = self
                     .of(kind)
                     .map(|r| 100.0 * r.final_eval.accuracy())
@@ -99,7 +144,7 @@ impl Study<'_> {
                     .then(|| acc.iter().zip(&sgd_acc).map(|(a, b)| a - b).collect());
                 let s = spe(kind);
                 Summary {
-                    kind,
+                    arm: kind,
                     delta,
                     train_loss: self.of(kind).map(|r| r.final_train.loss).collect(),
                     train_acc: self
@@ -129,7 +174,7 @@ impl Study<'_> {
         let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|");
         for s in self.summaries() {
             let delta = match &s.delta {
-                Some(_) if s.kind == Kind::Sgd => "—".to_string(),
+                Some(_) if s.arm.kind == Kind::Sgd => "—".to_string(),
                 Some(d) if d.len() > 1 => {
                     format!("{:+.2} ± {:.2}", mean(d), std(d) / (d.len() as f64).sqrt())
                 }
@@ -139,7 +184,7 @@ impl Study<'_> {
             let _ = writeln!(
                 t,
                 "| {} | {:.2} ± {:.2} | {} | {} | {:.2} | {} ± {} | {} | {:.2} | {} |",
-                s.kind.label(),
+                s.arm.label(self.cfg),
                 mean(&s.acc),
                 std(&s.acc),
                 delta,
@@ -157,13 +202,21 @@ impl Study<'_> {
         } else {
             ""
         };
+        let precision = if Arm::shows_precision(self.cfg) {
+            " Each row names its storage precision (f64 … f16: weights, gradients and optimizer state in that type; -mixed: f32 \
+             master weights and optimizer state, 16-bit model copy and gradients; forward and backward in f64 from the weights the \
+             network uses, the model copy where there is one; f16 gradients loss-scaled); Δ and cost are against SGD in the same \
+             precision."
+        } else {
+            ""
+        };
         let _ = writeln!(
             t,
             "\n{n} seed{} per optimizer ({}). {} accuracy at the last epoch. Train loss and accuracy: full pass over the \
              training split at the final weights, on the labels trained on{}. λ_max: largest Hessian eigenvalue of the training loss \
              ({} Lanczos iterations on finite-difference Hessian-vector products). ρ-ball Δloss: max of L(w+δ) − L(w) over ‖δ‖₂ ≤ {rho} \
              (projected gradient ascent, {} steps). ms/epoch: median over epochs and seeds of the wall time of an epoch's training steps (no \
-             evaluation), one thread; cost ×SGD: its ratio to SGD's.{wasam}",
+             evaluation), one thread; cost ×SGD: its ratio to SGD's.{wasam}{precision}",
             if n == 1 { "" } else { "s" },
             if n == 1 {
                 "one seed: no spread; rerun with --seeds N to see the noise".to_string()
@@ -189,7 +242,8 @@ impl Study<'_> {
             .iter()
             .map(|r| {
                 json!({
-                    "optimizer": r.kind.name(),
+                    "optimizer": r.arm.kind.name(),
+                    "precision": r.arm.precision.name(),
                     "seed": r.seed,
                     "eval_accuracy": r.final_eval.accuracy(),
                     "eval_loss": r.final_eval.loss,
@@ -203,6 +257,7 @@ impl Study<'_> {
                     "seconds_per_epoch_median": median(&r.out.epoch_seconds),
                     "steps": r.out.steps,
                     "skipped_steps": r.out.skipped,
+                    "final_loss_scale": r.out.final_loss_scale,
                     "per_epoch": {
                         "eval_accuracy": r.out.epochs.iter().map(|e| e.eval.accuracy()).collect::<Vec<_>>(),
                         "eval_loss": r.out.epochs.iter().map(|e| e.eval.loss).collect::<Vec<_>>(),
@@ -217,7 +272,8 @@ impl Study<'_> {
             .iter()
             .map(|s| {
                 json!({
-                    "optimizer": s.kind.name(),
+                    "optimizer": s.arm.kind.name(),
+                    "precision": s.arm.precision.name(),
                     "eval_accuracy_pct_mean": mean(&s.acc),
                     "eval_accuracy_pct_std": std(&s.acc),
                     "delta_vs_sgd_pts_mean": s.delta.as_ref().map(|d| mean(d)),
@@ -238,7 +294,7 @@ impl Study<'_> {
             .filter_map(|r| {
                 r.landscape.as_ref().map(|(tr, ev)| {
                     (
-                        r.kind.name().to_string(),
+                        r.arm.key(self.cfg),
                         json!({"train_loss": tr, "eval_loss": ev}),
                     )
                 })
@@ -262,7 +318,8 @@ impl Study<'_> {
                 "layers": [self.mlp.inputs, self.mlp.hidden, self.mlp.classes],
                 "activation": self.mlp.activation.name(),
                 "parameters": self.mlp.num_params(),
-                "dtype": "f64",
+                "storage": self.cfg.precisions.iter().map(|p| p.name()).collect::<Vec<_>>(),
+                "compute": "f64 forward and backward from the weights the network uses (the 16-bit model copy in the -mixed layouts, which keep f32 master weights and optimizer state); gradients rounded to their storage type; f16 gradients loss-scaled (GradScaler defaults)",
             },
             "training": {
                 "seeds": self.cfg.seeds,
@@ -317,9 +374,19 @@ impl Study<'_> {
             .map_err(|e| format!("cannot write {}: {e}", path.display()))
     }
 
-    fn color(kind: Kind) -> plotters::style::RGBColor {
-        let i = Kind::ALL.iter().position(|&k| k == kind).unwrap_or(0);
-        COLORS[i % COLORS.len()]
+    /// The optimizer's colour, lightened towards white for each later precision of the study.
+    fn color(&self, arm: Arm) -> plotters::style::RGBColor {
+        let i = Kind::ALL.iter().position(|&k| k == arm.kind).unwrap_or(0);
+        let p = self
+            .cfg
+            .precisions
+            .iter()
+            .position(|&p| p == arm.precision)
+            .unwrap_or(0);
+        let c = COLORS[i % COLORS.len()];
+        let t = 0.55 * p as f64 / self.cfg.precisions.len().max(1) as f64;
+        let mix = |v: u8| (f64::from(v) + t * (255.0 - f64::from(v))).round() as u8;
+        plotters::style::RGBColor(mix(c.0), mix(c.1), mix(c.2))
     }
 
     fn setting(&self) -> String {
@@ -342,11 +409,8 @@ impl Study<'_> {
     /// `accuracy.svg`: mean evaluation accuracy per epoch.
     pub fn plot_accuracy(&self, path: &Path) -> Result<(), String> {
         let epochs = self.cfg.hyper.epochs;
-        let series: Vec<(Kind, Vec<(f64, f64)>)> = self
-            .cfg
-            .optimizers
-            .iter()
-            .map(|&k| {
+        let series: Vec<(Arm, Vec<(f64, f64)>)> = Arm::all(self.cfg)
+            .map(|k| {
                 let pts = (0..epochs)
                     .map(|e| {
                         let v: Vec<f64> = self
@@ -360,7 +424,7 @@ impl Study<'_> {
                 (k, pts)
             })
             .collect();
-        let curves = curves(&series);
+        let curves = self.curves(&series);
         let seeds = if self.cfg.seeds == 1 {
             "1 seed".to_string()
         } else {
@@ -381,14 +445,14 @@ impl Study<'_> {
 
     /// `landscape.svg`: the seed-0 loss slices.
     pub fn plot_landscape(&self, path: &Path) -> Result<(), String> {
-        let pick = |which: usize| -> Vec<(Kind, Vec<(f64, f64)>)> {
+        let pick = |which: usize| -> Vec<(Arm, Vec<(f64, f64)>)> {
             self.runs
                 .iter()
                 .filter_map(|r| {
                     let (tr, ev) = r.landscape.as_ref()?;
                     let ys = if which == 0 { tr } else { ev };
                     Some((
-                        r.kind,
+                        r.arm,
                         self.alphas
                             .iter()
                             .copied()
@@ -399,7 +463,7 @@ impl Study<'_> {
                 .collect()
         };
         let (tr, ev) = (pick(0), pick(1));
-        let (ct, ce) = (curves(&tr), curves(&ev));
+        let (ct, ce) = (self.curves(&tr), self.curves(&ev));
         let title = format!(
             "Loss along a filter-normalised random direction, seed-0 solutions ({})",
             self.setting()
@@ -412,17 +476,17 @@ impl Study<'_> {
         let eval_name = format!("{} loss", self.eval_name);
         plot::landscape(path, &title, [(train_name, &ct), (&eval_name, &ce)])
     }
-}
 
-fn curves(series: &[(Kind, Vec<(f64, f64)>)]) -> Vec<Curve<'_>> {
-    series
-        .iter()
-        .map(|(k, pts)| Curve {
-            label: k.label().to_string(),
-            color: Study::color(*k),
-            points: pts,
-        })
-        .collect()
+    fn curves<'s>(&self, series: &'s [(Arm, Vec<(f64, f64)>)]) -> Vec<Curve<'s>> {
+        series
+            .iter()
+            .map(|(a, pts)| Curve {
+                label: a.label(self.cfg),
+                color: self.color(*a),
+                points: pts,
+            })
+            .collect()
+    }
 }
 
 fn capitalise(s: &str) -> String {

@@ -3,14 +3,17 @@
 use std::error::Error;
 use std::time::Instant;
 
+use half::{bf16, f16};
 use indicatif::ProgressBar;
 use ndarray::{Axis, s};
+use sam_core::backend::Real;
 use sam_core::{BaseRule, Group, Optimizer, Schedule, SgdConfig, StepStatus, Wasam};
 use sam_ndarray::NdGroup;
 
 use crate::data::Dataset;
-use crate::mlp::{Eval, Mlp, flatten};
+use crate::mlp::{Eval, Mlp, flatten, narrow, widen};
 use crate::optimizers::{self, Built};
+use crate::precision::Precision;
 use crate::rng::Rng;
 
 pub use crate::optimizers::{Hyper, Kind};
@@ -37,34 +40,47 @@ impl RunOutput {
 pub struct RunOutput {
     /// Per epoch.
     pub epochs: Vec<EpochLog>,
-    /// Final weights, flat (WASAM: the running average).
+    /// Final weights the network computes with (the model copy in the `-mixed` layouts), flat
+    /// (WASAM: the running average).
     pub weights: Vec<f64>,
     /// Seconds spent in the training steps of each epoch (no evaluation).
     pub epoch_seconds: Vec<f64>,
     /// Steps attempted.
     pub steps: u64,
-    /// Steps the optimizer skipped (NaN/∞ gradient; weights left unchanged).
+    /// Steps the optimizer skipped (NaN/∞ gradient, or an overflow of the loss-scaled
+    /// gradient; weights left unchanged).
     pub skipped: u64,
+    /// The loss scale at the end (loss-scaled precisions only).
+    pub final_loss_scale: Option<f64>,
 }
 
-type Groups = [Group<NdGroup<f64>>; 1];
+type Groups<W, G> = [Group<NdGroup<W, G>>; 1];
 type BoxErr = Box<dyn Error>;
 
 /// Evaluates the live weights.
-fn evaluate(
-    groups: &[Group<NdGroup<f64>>],
+fn evaluate<W: Real, G: Real>(
+    groups: &[Group<NdGroup<W, G>>],
     mlp: &Mlp,
     eval: &Dataset,
 ) -> Result<(Eval, Vec<f64>), BoxErr> {
-    let weights = groups[0].buffer.weights();
-    let (e, _) = mlp.forward(weights, eval.x.view(), &eval.y, false)?;
-    Ok((e, flatten(weights)))
+    let weights = network_weights(&groups[0].buffer);
+    let (e, _) = mlp.forward(&weights, eval.x.view(), &eval.y, false)?;
+    Ok((e, flatten(&weights)))
+}
+
+/// The weights the network computes with, widened: the model copy if the group keeps one, the
+/// weights otherwise.
+fn network_weights<W: Real, G: Real>(b: &NdGroup<W, G>) -> Vec<ndarray::ArrayD<f64>> {
+    match b.model() {
+        Some(m) => widen(m),
+        None => widen(b.weights()),
+    }
 }
 
 /// Evaluates WASAM's average once it holds a snapshot (the live weights before that).
-fn evaluate_average(
+fn evaluate_average<W: Real, G: Real>(
     w: &mut Wasam,
-    groups: &mut Groups,
+    groups: &mut Groups<W, G>,
     mlp: &Mlp,
     eval: &Dataset,
 ) -> Result<(Eval, Vec<f64>), BoxErr> {
@@ -77,10 +93,13 @@ fn evaluate_average(
     out
 }
 
-/// Trains `mlp` on `train` with optimizer `kind`; `seed` fixes the initialisation and the
-/// mini-batch order (the same for every optimizer, so runs with the same seed are paired).
+/// Trains `mlp` on `train` with optimizer `kind` in storage `precision`; `seed` fixes the
+/// initialisation and the mini-batch order (the same for every optimizer and precision, so
+/// runs with the same seed are paired).
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     kind: Kind,
+    precision: Precision,
     h: &Hyper,
     mlp: &Mlp,
     train: &Dataset,
@@ -89,21 +108,41 @@ pub fn train(
     pb: &ProgressBar,
 ) -> Result<RunOutput, BoxErr> {
     let run = Run::new(h, mlp, train, eval, seed, pb)?;
-    match optimizers::build(kind, h, run.total)? {
-        Built::Base(mut o) => run.fit(&mut o, evaluate_live),
-        Built::Sam(mut o) => run.fit(&mut o, evaluate_live),
-        Built::Gsam(mut o) => run.fit(&mut o, evaluate_live),
-        Built::Wsam(mut o) => run.fit(&mut o, evaluate_live),
-        Built::Wasam(mut o) => run.fit(&mut o, evaluate_average),
-        Built::Interval(mut o) => run.fit(&mut o, evaluate_live),
-        Built::LookSam(mut o) => run.fit(&mut o, evaluate_live),
+    match precision {
+        Precision::F64 => run.train_in::<f64, f64>(kind, precision),
+        Precision::F32 => run.train_in::<f32, f32>(kind, precision),
+        Precision::Bf16 => run.train_in::<bf16, bf16>(kind, precision),
+        Precision::F16 => run.train_in::<f16, f16>(kind, precision),
+        Precision::Bf16Mixed => run.train_in::<f32, bf16>(kind, precision),
+        Precision::F16Mixed => run.train_in::<f32, f16>(kind, precision),
+    }
+}
+
+impl Run<'_> {
+    /// [`train`] with the weights and slots stored in `W`, the gradients (and the model copy,
+    /// if `precision` keeps one) in `G`.
+    fn train_in<W: Real, G: Real>(
+        &self,
+        kind: Kind,
+        precision: Precision,
+    ) -> Result<RunOutput, BoxErr> {
+        let run = self;
+        match optimizers::build(kind, run.h, run.total)? {
+            Built::Base(mut o) => run.fit::<W, G, _>(&mut o, precision, evaluate_live),
+            Built::Sam(mut o) => run.fit::<W, G, _>(&mut o, precision, evaluate_live),
+            Built::Gsam(mut o) => run.fit::<W, G, _>(&mut o, precision, evaluate_live),
+            Built::Wsam(mut o) => run.fit::<W, G, _>(&mut o, precision, evaluate_live),
+            Built::Wasam(mut o) => run.fit::<W, G, _>(&mut o, precision, evaluate_average),
+            Built::Interval(mut o) => run.fit::<W, G, _>(&mut o, precision, evaluate_live),
+            Built::LookSam(mut o) => run.fit::<W, G, _>(&mut o, precision, evaluate_live),
+        }
     }
 }
 
 /// [`evaluate`] with the optimizer's signature of [`Run::fit`].
-fn evaluate_live<O>(
+fn evaluate_live<W: Real, G: Real, O>(
     _: &mut O,
-    groups: &mut Groups,
+    groups: &mut Groups<W, G>,
     mlp: &Mlp,
     eval: &Dataset,
 ) -> Result<(Eval, Vec<f64>), BoxErr> {
@@ -148,10 +187,11 @@ impl<'a> Run<'a> {
     }
 
     /// The training loop, the same for every optimizer of the family.
-    fn fit<O: Optimizer>(
+    fn fit<W: Real, G: Real, O: Optimizer>(
         &self,
         opt: &mut O,
-        evaluate: impl Fn(&mut O, &mut Groups, &Mlp, &Dataset) -> Result<(Eval, Vec<f64>), BoxErr>,
+        precision: Precision,
+        evaluate: impl Fn(&mut O, &mut Groups<W, G>, &Mlp, &Dataset) -> Result<(Eval, Vec<f64>), BoxErr>,
     ) -> Result<RunOutput, BoxErr> {
         let (h, mlp, train) = (self.h, self.mlp, self.train);
         let mut init_rng = Rng::new("init", self.seed);
@@ -159,8 +199,12 @@ impl<'a> Run<'a> {
         let n = train.len();
         let batch = h.batch.clamp(1, n);
         let per_epoch = n.div_ceil(batch);
-        let mut groups: Groups = [Group::new(
-            NdGroup::new(mlp.init(&mut init_rng))?,
+        let mut buffer = NdGroup::<W, G>::mixed(narrow(&mlp.init(&mut init_rng)))?;
+        if precision.master_weights() {
+            buffer = buffer.with_model_copy()?;
+        }
+        let mut groups: Groups<W, G> = [Group::new(
+            buffer,
             BaseRule::sgd(SgdConfig {
                 lr: h.lr,
                 momentum: h.momentum,
@@ -171,12 +215,13 @@ impl<'a> Run<'a> {
         if opt.lr_schedule().is_none() {
             opt.set_lr_schedule(Some(self.lr_schedule))?;
         }
+        let mut scaler = precision.loss_scaler()?;
 
         let mut logs = Vec::with_capacity(h.epochs);
         let mut order: Vec<usize> = (0..n).collect();
         let (mut t, mut skipped) = (0u64, 0u64);
         let mut epoch_seconds = Vec::with_capacity(h.epochs);
-        let mut last_weights = flatten(groups[0].buffer.weights());
+        let mut last_weights = flatten(&network_weights(&groups[0].buffer));
         for _epoch in 0..h.epochs {
             let start = Instant::now();
             order_rng.shuffle(&mut order);
@@ -187,10 +232,17 @@ impl<'a> Run<'a> {
                 let (lo, hi) = (b * batch, ((b + 1) * batch).min(n));
                 let xb = xs.slice(s![lo..hi, ..]);
                 let yb = &ys[lo..hi];
+                let scale = scaler.as_ref().map_or(1.0, |s| s.scale());
+                if scaler.is_some() {
+                    opt.set_grad_scale(scale)?;
+                }
                 let report = opt.step(&mut groups, |gs| -> Result<f64, BoxErr> {
-                    let (w, mut g) = gs[0].buffer.weights_and_grads_mut();
-                    Ok(mlp.backward_into(w, xb, yb, &mut g)?)
+                    let w = network_weights(&gs[0].buffer);
+                    Ok(mlp.backward_into(&w, xb, yb, scale, &mut gs[0].buffer.grads_mut())?)
                 })?;
+                if let Some(s) = &mut scaler {
+                    s.update(report.status.is_skipped());
+                }
                 if report.status != StepStatus::Applied {
                     skipped += 1;
                 }
@@ -214,6 +266,7 @@ impl<'a> Run<'a> {
             epoch_seconds,
             steps: t,
             skipped,
+            final_loss_scale: scaler.map(|s| s.scale()),
         })
     }
 }

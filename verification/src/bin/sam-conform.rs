@@ -5,21 +5,24 @@ use std::process::ExitCode;
 
 use sam_verification::backend::{CoreBackend, CudaBackend, NdarrayBackend, ReplayBackend};
 use sam_verification::case::{Dtype, parse_case};
-use sam_verification::deviation::measure_named;
+use sam_verification::deviation::{STORAGE_NAMES, measure_named};
 use sam_verification::{collect_cases, run_file};
 
 const USAGE: &str = "usage: sam-conform [--backend core|ndarray|candle|cuda] PATH...
-       sam-conform --storage bf16|f16 PATH...
+       sam-conform --storage bf16|f16|bf16-master|f16-master PATH...
 
 Replays every conformance case (a .json file, or a directory of them) through sam-core on the
 chosen storage backend and compares the trajectory with the case's tolerance.
 Prints `PASS name` or `FAIL name: reason` per case, then `N passed, M failed`;
 exits 1 if any case failed, 2 on a usage error.
 
-With --storage, replays every case on the reference backend with weights, gradients and
-optimizer state stored in bf16 or f16 (the objective computing in the case's dtype at the
-16-bit weights) and prints the deviation from the expected trajectory as a Markdown table
-(a measurement, not a verdict); exits 1 only if a case cannot be run.
+With --storage, replays every case with 16-bit storage (the objective computing in the case's
+dtype at the 16-bit weights) and prints the deviation from the expected trajectory as a
+Markdown table (a measurement, not a verdict); exits 1 only if a case cannot be run.
+  bf16, f16                 the reference backend, weights, gradients and optimizer state in it
+  bf16-master, f16-master   sam-ndarray with f32 master weights and optimizer state, gradients
+                            and a model copy of the weights in 16 bits (the trajectory is the
+                            model copy's)
 
 backends: core     the reference backend of sam-core (default)
           ndarray  sam-ndarray (CPU; each param is its own tensor)
@@ -55,7 +58,7 @@ fn main() -> ExitCode {
         return usage("no case file or directory given");
     }
     if let Some(storage) = storage {
-        if !matches!(storage.as_str(), "bf16" | "f16") {
+        if !STORAGE_NAMES.contains(&storage.as_str()) {
             return usage(&format!("unknown storage `{storage}`"));
         }
         return deviations(&storage, &paths);
