@@ -11,7 +11,7 @@ mod lanes;
 
 pub use crate::base::{AdamStep, BaseStep, SgdStep, add, lerp};
 pub use crate::buffer::{
-    AverageFold, GradMix, MAX_AVERAGES, ParamBuffer, PerturbSpec, PostMix, ReduceSpec, Reduction,
-    Slot, SlotSpec, UpdateSpec, Weighting,
+    AverageFold, GradMix, MAX_AVERAGES, ParamBuffer, PerturbSpec, PostMix, ReduceSpec, ReduceStage,
+    Reduction, Slot, SlotSpec, UpdateSpec, Weighting,
 };
 pub use crate::real::Real;

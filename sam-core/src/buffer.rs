@@ -204,6 +204,18 @@ pub(crate) fn max(a: f64, b: f64) -> f64 {
     if b > a { b } else { a }
 }
 
+/// Which reduction of a norm computation a [`ParamBuffer::across_workers`] call combines: the
+/// first one (unit scales), or the one repeated at power-of-two scales when the first
+/// overflowed or underflowed (the repeat depends on the combined first result).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceStage {
+    /// The first reduction, at unit scales: every worker makes it.
+    First,
+    /// The repeat at the scales of [`kernel::scale_for`](crate::backend::kernel::scale_for): a
+    /// worker makes it when its combined first result needs it.
+    Rescaled,
+}
+
 /// The perturb pass: back up `w` exactly, optionally stash `g`, then
 /// `w ← w + T·(((T·g)·s)·c)`, with `g` the stored gradient times [`unscale`](Self::unscale).
 ///
@@ -360,4 +372,17 @@ pub trait ParamBuffer {
 
     /// Exchanges the weights with average slot `k` (bit-exact; twice is the identity).
     fn swap_average(&mut self, k: u8) -> Result<(), Self::Error>;
+
+    /// Combines `r`, this group's [`reduce`](Self::reduce) result, with the matching results of
+    /// the other workers of a data-parallel run ([`Distributed`](crate::collective::Distributed));
+    /// the core calls it right after every `reduce`, on every group, in group order. The
+    /// default (one process holds the whole group) returns `r`.
+    fn across_workers(
+        &mut self,
+        r: Reduction,
+        stage: ReduceStage,
+    ) -> Result<Reduction, Self::Error> {
+        let _ = stage;
+        Ok(r)
+    }
 }

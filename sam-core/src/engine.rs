@@ -4,7 +4,7 @@
 use core::fmt;
 
 use crate::backend::{
-    ParamBuffer, PerturbSpec, ReduceSpec, Reduction, SlotSpec, UpdateSpec, kernel,
+    ParamBuffer, PerturbSpec, ReduceSpec, ReduceStage, Reduction, SlotSpec, UpdateSpec, kernel,
 };
 use crate::error::Error;
 use crate::group::{Group, GroupOptions};
@@ -248,13 +248,14 @@ impl Engine {
         Ok(())
     }
 
-    /// One reduce pass over all groups (combined in group order), reading the gradients times
-    /// `unscale`.
+    /// One reduce pass over all groups (each combined across workers, then in group order),
+    /// reading the gradients times `unscale`.
     fn reduce_once<B: ParamBuffer>(
         groups: &mut [Group<B>],
         unscale: f64,
         spec: &impl Fn(&GroupOptions, [f64; 3]) -> ReduceSpec,
         scales: [f64; 3],
+        stage: ReduceStage,
     ) -> Result<Reduction, Error<B::Error>> {
         let mut total = Reduction::ZERO;
         for g in groups.iter_mut() {
@@ -263,6 +264,7 @@ impl Engine {
                 ..spec(&g.options, scales)
             };
             let r = g.buffer.reduce(&s).map_err(Error::Backend)?;
+            let r = g.buffer.across_workers(r, stage).map_err(Error::Backend)?;
             total = total.combine(r);
         }
         Ok(total)
@@ -276,7 +278,7 @@ impl Engine {
         unscale: f64,
         spec: impl Fn(&GroupOptions, [f64; 3]) -> ReduceSpec,
     ) -> Result<Norms, Error<B::Error>> {
-        let mut r = Self::reduce_once(groups, unscale, &spec, [1.0; 3])?;
+        let mut r = Self::reduce_once(groups, unscale, &spec, [1.0; 3], ReduceStage::First)?;
         let mut scales = [1.0; 3];
         if r.finite
             && (kernel::needs_rescale(r.perturb_sq, r.perturb_max)
@@ -289,7 +291,7 @@ impl Engine {
                 kernel::scale_for(r.grad_max),
                 kernel::scale_for(r.stash_max),
             ];
-            r = Self::reduce_once(groups, unscale, &spec, scales)?;
+            r = Self::reduce_once(groups, unscale, &spec, scales, ReduceStage::Rescaled)?;
         }
         Ok(Norms {
             perturb_scaled: libm::sqrt(r.perturb_sq),

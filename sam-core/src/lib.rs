@@ -117,6 +117,7 @@ mod base;
 mod buffer;
 #[cfg(feature = "alloc")]
 pub mod checkpoint;
+pub mod collective;
 mod engine;
 mod error;
 mod group;
