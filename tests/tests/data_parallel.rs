@@ -89,6 +89,20 @@ impl Collective for ThreadComm<'_> {
     }
 }
 
+/// Runs `work` on `n` threads, each with its end of one collective; the results in rank order.
+fn on_workers<R: Send>(n: usize, work: impl Fn(&ThreadComm<'_>) -> R + Sync) -> Vec<R> {
+    let shared = Shared::new(n);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|rank| {
+                let (shared, work) = (&shared, &work);
+                s.spawn(move || work(&ThreadComm { rank, n, shared }))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// Group sizes: 2 and 4 blocks of 4096 elements, so that halves are whole blocks.
 const SIZES: [usize; 2] = [8192, 16384];
 const STEPS: usize = 5;
@@ -195,55 +209,42 @@ fn single<O: Optimizer + Clone>(opt: &O, map: MapOptions) -> Run {
 
 /// `workers` threads, worker `k` holding elements `cuts[k]..cuts[k + 1]` (fractions of each
 /// group, in `SIZES` units of 1/`den`); returns each worker's statuses and weights per step.
-fn sharded<O: Optimizer + Clone + Send>(
+fn sharded<O: Optimizer + Clone + Send + Sync>(
     opt: &O,
     map: MapOptions,
     cuts: &[usize],
     den: usize,
 ) -> Vec<Run> {
     let workers = cuts.len() - 1;
-    let shared = Shared::new(workers);
     let opts = options(map);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers)
-            .map(|k| {
-                let (shared, opts, mut opt) = (&shared, &opts, opt.clone());
-                s.spawn(move || {
-                    let comm = ThreadComm {
-                        rank: k,
-                        n: workers,
-                        shared,
-                    };
-                    let range = |n: usize| n * cuts[k] / den..n * cuts[k + 1] / den;
-                    let mut groups = worker_groups(&comm, opts, Layout::Sharded, range);
-                    let (mut statuses, mut weights) = (vec![], vec![]);
-                    for step in 0..STEPS {
-                        let mut call = 0;
-                        let r = opt.step(&mut groups, |gs: &mut [Group<Dist<'_>>]| {
-                            for (gk, g) in gs.iter_mut().enumerate() {
-                                let start = range(SIZES[gk]).start;
-                                let (w, grad) = g.buffer.inner_mut().weights_and_grad();
-                                for (i, (gi, wi)) in grad.iter_mut().zip(w).enumerate() {
-                                    let x = f64::from(*wi);
-                                    *gi = grad_at(start + i, x, 2 * step + call, None) as f32;
-                                }
-                            }
-                            call += 1;
-                            Ok::<_, DistError<'_>>(0.0)
-                        });
-                        statuses.push(r.unwrap().status);
-                        weights.push(
-                            groups
-                                .iter()
-                                .map(|g| g.buffer.inner().weights().to_vec())
-                                .collect(),
-                        );
+    on_workers(workers, |comm| {
+        let (k, mut opt) = (comm.rank, opt.clone());
+        let range = |n: usize| n * cuts[k] / den..n * cuts[k + 1] / den;
+        let mut groups = worker_groups(comm, &opts, Layout::Sharded, range);
+        let (mut statuses, mut weights) = (vec![], vec![]);
+        for step in 0..STEPS {
+            let mut call = 0;
+            let r = opt.step(&mut groups, |gs: &mut [Group<Dist<'_>>]| {
+                for (gk, g) in gs.iter_mut().enumerate() {
+                    let start = range(SIZES[gk]).start;
+                    let (w, grad) = g.buffer.inner_mut().weights_and_grad();
+                    for (i, (gi, wi)) in grad.iter_mut().zip(w).enumerate() {
+                        let x = f64::from(*wi);
+                        *gi = grad_at(start + i, x, 2 * step + call, None) as f32;
                     }
-                    (statuses, weights)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+                }
+                call += 1;
+                Ok::<_, DistError<'_>>(0.0)
+            });
+            statuses.push(r.unwrap().status);
+            weights.push(
+                groups
+                    .iter()
+                    .map(|g| g.buffer.inner().weights().to_vec())
+                    .collect(),
+            );
+        }
+        (statuses, weights)
     })
 }
 
@@ -320,75 +321,62 @@ struct Seen {
 
 /// `workers` replicas under `policy`; worker `k`'s gradients are `grad_at(.., Some(k))`, with
 /// a NaN in worker `nan.1`'s first gradient of step `nan.0` if given.
-fn replicated<O: Optimizer + Clone + Send>(
+fn replicated<O: Optimizer + Clone + Send + Sync>(
     opt: &O,
     map: MapOptions,
     workers: usize,
     policy: SyncPolicy,
     nan: Option<(usize, usize)>,
 ) -> Vec<Seen> {
-    let shared = Shared::new(workers);
     let opts = options(map);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers)
-            .map(|k| {
-                let (shared, opts, mut opt) = (&shared, &opts, opt.clone());
-                s.spawn(move || {
-                    let comm = ThreadComm {
-                        rank: k,
-                        n: workers,
-                        shared,
-                    };
-                    let mut groups = worker_groups(&comm, opts, Layout::Replicated, |n| 0..n);
-                    let mut seen = Seen {
-                        statuses: vec![],
-                        weights: vec![],
-                        perturbed: vec![],
-                        second: vec![],
-                        calls: 0,
-                    };
-                    for step in 0..STEPS {
-                        let mut call = 0;
-                        let (mut at, mut second) = (vec![], vec![]);
-                        let r = opt.step(&mut groups, |gs: &mut [Group<Dist<'_>>]| {
-                            for g in gs.iter_mut() {
-                                let b = g.buffer.inner_mut();
-                                let (w, grad) = b.weights_and_grad();
-                                for (i, (gi, wi)) in grad.iter_mut().zip(w).enumerate() {
-                                    let x = f64::from(*wi);
-                                    let salt = 2 * step + call;
-                                    *gi = grad_at(i, x, salt, Some((k, workers))) as f32;
-                                }
-                                if nan == Some((step, k)) && call == 0 {
-                                    grad[17] = f32::NAN;
-                                }
-                                if policy.averages(call, true) {
-                                    comm.average(grad);
-                                }
-                                if call == 1 {
-                                    at.push(b.weights().to_vec());
-                                    second.push(b.grad().to_vec());
-                                }
-                            }
-                            call += 1;
-                            Ok::<_, DistError<'_>>(0.0)
-                        });
-                        seen.calls += call;
-                        seen.statuses.push(r.unwrap().status);
-                        seen.weights.push(
-                            groups
-                                .iter()
-                                .map(|g| g.buffer.inner().weights().to_vec())
-                                .collect(),
-                        );
-                        seen.perturbed.push(at);
-                        seen.second.push(second);
+    on_workers(workers, |comm| {
+        let (k, mut opt) = (comm.rank, opt.clone());
+        let mut groups = worker_groups(comm, &opts, Layout::Replicated, |n| 0..n);
+        let mut seen = Seen {
+            statuses: vec![],
+            weights: vec![],
+            perturbed: vec![],
+            second: vec![],
+            calls: 0,
+        };
+        for step in 0..STEPS {
+            let mut call = 0;
+            let (mut at, mut second) = (vec![], vec![]);
+            let r = opt.step(&mut groups, |gs: &mut [Group<Dist<'_>>]| {
+                for g in gs.iter_mut() {
+                    let b = g.buffer.inner_mut();
+                    let (w, grad) = b.weights_and_grad();
+                    for (i, (gi, wi)) in grad.iter_mut().zip(w).enumerate() {
+                        let x = f64::from(*wi);
+                        let salt = 2 * step + call;
+                        *gi = grad_at(i, x, salt, Some((k, workers))) as f32;
                     }
-                    seen
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+                    if nan == Some((step, k)) && call == 0 {
+                        grad[17] = f32::NAN;
+                    }
+                    if policy.averages(call, true) {
+                        comm.average(grad);
+                    }
+                    if call == 1 {
+                        at.push(b.weights().to_vec());
+                        second.push(b.grad().to_vec());
+                    }
+                }
+                call += 1;
+                Ok::<_, DistError<'_>>(0.0)
+            });
+            seen.calls += call;
+            seen.statuses.push(r.unwrap().status);
+            seen.weights.push(
+                groups
+                    .iter()
+                    .map(|g| g.buffer.inner().weights().to_vec())
+                    .collect(),
+            );
+            seen.perturbed.push(at);
+            seen.second.push(second);
+        }
+        seen
     })
 }
 
@@ -565,57 +553,48 @@ fn local_directions_averaged_after_the_variant_keep_replicas_equal() {
     local_directions_averaged("WSAM", &wsam, NAMES[4].1);
 }
 
-fn local_directions_averaged<O: SamOptimizer + Clone + Send>(name: &str, opt: &O, map: MapOptions) {
-    let shared = Shared::new(2);
+fn local_directions_averaged<O: SamOptimizer + Clone + Send + Sync>(
+    name: &str,
+    opt: &O,
+    map: MapOptions,
+) {
     let opts = options(map);
-    let runs: Vec<(Vec<Snapshot>, Vec<Snapshot>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..2)
-            .map(|k| {
-                let (shared, opts, mut opt) = (&shared, &opts, opt.clone());
-                s.spawn(move || {
-                    let comm = ThreadComm {
-                        rank: k,
-                        n: 2,
-                        shared,
-                    };
-                    let mut groups = worker_groups(&comm, opts, Layout::Replicated, |n| 0..n);
-                    let mut base = BaseOptimizer::new();
-                    let write = |gs: &mut [Group<Dist<'_>>], salt: usize| {
-                        for g in gs.iter_mut() {
-                            let (w, grad) = g.buffer.inner_mut().weights_and_grad();
-                            for (i, (gi, wi)) in grad.iter_mut().zip(w).enumerate() {
-                                let x = f64::from(*wi);
-                                *gi = grad_at(i, x, salt, Some((k, 2))) as f32;
-                            }
-                        }
-                    };
-                    let (mut directions, mut weights) = (vec![], vec![]);
-                    for step in 0..STEPS {
-                        write(&mut groups, 2 * step);
-                        let mut p = opt.first_step(&mut groups).unwrap();
-                        write(p.groups_mut(), 2 * step + 1);
-                        assert_eq!(p.restore_with_gradient().unwrap(), StepStatus::Applied);
-                        let d: Vec<Vec<f32>> = groups
-                            .iter()
-                            .map(|g| g.buffer.inner().grad().to_vec())
-                            .collect();
-                        directions.push(d);
-                        for g in groups.iter_mut() {
-                            comm.average(g.buffer.inner_mut().grad_mut());
-                        }
-                        assert_eq!(base.apply(&mut groups).unwrap(), StepStatus::Applied);
-                        weights.push(
-                            groups
-                                .iter()
-                                .map(|g| g.buffer.inner().weights().to_vec())
-                                .collect(),
-                        );
-                    }
-                    (directions, weights)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let runs: Vec<(Vec<Snapshot>, Vec<Snapshot>)> = on_workers(2, |comm| {
+        let (k, mut opt) = (comm.rank, opt.clone());
+        let mut groups = worker_groups(comm, &opts, Layout::Replicated, |n| 0..n);
+        let mut base = BaseOptimizer::new();
+        let write = |gs: &mut [Group<Dist<'_>>], salt: usize| {
+            for g in gs.iter_mut() {
+                let (w, grad) = g.buffer.inner_mut().weights_and_grad();
+                for (i, (gi, wi)) in grad.iter_mut().zip(w).enumerate() {
+                    let x = f64::from(*wi);
+                    *gi = grad_at(i, x, salt, Some((k, 2))) as f32;
+                }
+            }
+        };
+        let (mut directions, mut weights) = (vec![], vec![]);
+        for step in 0..STEPS {
+            write(&mut groups, 2 * step);
+            let mut p = opt.first_step(&mut groups).unwrap();
+            write(p.groups_mut(), 2 * step + 1);
+            assert_eq!(p.restore_with_gradient().unwrap(), StepStatus::Applied);
+            let d: Vec<Vec<f32>> = groups
+                .iter()
+                .map(|g| g.buffer.inner().grad().to_vec())
+                .collect();
+            directions.push(d);
+            for g in groups.iter_mut() {
+                comm.average(g.buffer.inner_mut().grad_mut());
+            }
+            assert_eq!(base.apply(&mut groups).unwrap(), StepStatus::Applied);
+            weights.push(
+                groups
+                    .iter()
+                    .map(|g| g.buffer.inner().weights().to_vec())
+                    .collect(),
+            );
+        }
+        (directions, weights)
     });
     for step in 0..STEPS {
         assert_ne!(
