@@ -17,7 +17,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 seconds="${FUZZ_SECONDS:-75}"
-targets="${FUZZ_TARGETS:-config step ndarray_step case_json checkpoint interval looksam}"
+targets="${FUZZ_TARGETS:-config step ndarray_step case_json checkpoint interval looksam loss_scale}"
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
     echo "fuzz: no nightly toolchain (cargo +nightly --version failed); fuzzing is skipped"

@@ -15,6 +15,7 @@
 //! | `case_json` | [`check_case_json`] | arbitrary bytes and mutations of valid case files into `sam_verification::run_bytes`: a result or a clear error, never a panic |
 //! | `interval` | [`check_interval`] | SAM every k steps of every variant against a composition of the base optimizer and the variant, with hostile gradients and checkpoint resumes: same outcomes, same bits |
 //! | `looksam` | [`check_looksam`] | LookSAM with hostile gradients and checkpoint resumes: a resumed run equals the uninterrupted one bit for bit; α = 0 and `k = 1` equal a composition of SAM and the base optimizer; skips change nothing; the stored direction is orthogonal to the clean gradient |
+//! | `loss_scale` | [`check_loss_scale`] | every variant under a loss scale driven by `LossScaler` against an unscaled twin: for a power of two `S` the same outcomes and bits, an overflow of `S·ĝ` skips with nothing persistent changed; `set_grad_scale` refuses exactly the invalid scales |
 //! | `checkpoint` | [`check_checkpoint`] | mutated checkpoint files into `Checkpoint::load`: never a panic; a refusal changes nothing; an accepted load saves back to itself |
 //!
 //! # The finiteness class
@@ -58,6 +59,7 @@ pub mod config;
 pub mod inspect;
 pub mod interval;
 pub mod looksam;
+pub mod loss_scale;
 pub mod palette;
 pub mod src;
 pub mod step;
@@ -244,6 +246,7 @@ pub fn check_with(target: &str) -> Option<fn(&[u8], &Policy)> {
         "checkpoint" => checkpoint::check,
         "interval" => interval::check,
         "looksam" => looksam::check,
+        "loss_scale" => loss_scale::check,
         _ => return None,
     })
 }
@@ -283,8 +286,13 @@ pub fn check_looksam(data: &[u8]) {
     looksam::check(data, &Policy::from_env());
 }
 
+/// The `loss_scale` target: see [`loss_scale`].
+pub fn check_loss_scale(data: &[u8]) {
+    loss_scale::check(data, &Policy::from_env());
+}
+
 /// The check of a target by name (`config`, `step`, `ndarray_step`, `case_json`,
-/// `checkpoint`, `interval`, `looksam`).
+/// `checkpoint`, `interval`, `looksam`, `loss_scale`).
 pub fn check_for(target: &str) -> Option<fn(&[u8])> {
     Some(match target {
         "config" => check_config,
@@ -294,6 +302,7 @@ pub fn check_for(target: &str) -> Option<fn(&[u8])> {
         "checkpoint" => check_checkpoint,
         "interval" => check_interval,
         "looksam" => check_looksam,
+        "loss_scale" => check_loss_scale,
         _ => return None,
     })
 }
@@ -307,4 +316,5 @@ pub const TARGETS: &[&str] = &[
     "checkpoint",
     "interval",
     "looksam",
+    "loss_scale",
 ];

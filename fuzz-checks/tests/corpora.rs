@@ -129,6 +129,16 @@ fn random_looksam() {
 }
 
 #[test]
+fn corpus_loss_scale() {
+    replay("loss_scale");
+}
+
+#[test]
+fn random_loss_scale() {
+    smoke("loss_scale", 0x5eed_0008, 1500, 256);
+}
+
+#[test]
 fn random_checkpoint() {
     smoke("checkpoint", 0x5eed_0005, 600, 96);
 }

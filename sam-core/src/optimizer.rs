@@ -137,8 +137,11 @@ pub trait Optimizer: sealed::Core {
     /// ([`Perturbed::restore_with_gradient`]) hold unscaled values. For a power of two `S` the
     /// unscaling is exact: the step is then bit for bit the step on gradients `g/S` with scale
     /// `1`. A gradient that overflowed (NaN or ±∞ in either gradient of a step) skips the step
-    /// with every buffer as it was ([`StepStatus::Skipped`] from [`step`](Self::step), or
-    /// [`Error::NonFiniteGradient`] from the first half of the two-call form).
+    /// with the weights, a model copy, the base state and the averages as they were (the
+    /// backup and the stash are scratch: after an overflow in the second gradient they hold
+    /// the skipped climb's copies, docs/design.md §5a) — [`StepStatus::Skipped`] from
+    /// [`step`](Self::step), or [`Error::NonFiniteGradient`] from the first half of the
+    /// two-call form.
     ///
     /// Only between steps; `scale` finite and positive with a normal reciprocal; nothing
     /// changes on error. Not part of [`state`](Self::state): the scaler that chooses `S` is
