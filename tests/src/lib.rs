@@ -18,6 +18,7 @@ use sam_core::reference::{SliceError, VecBuffer};
 use sam_core::{Error, Group, GroupOptions, Optimizer, StepStatus};
 use sam_ndarray::NdGroup;
 
+pub mod dp;
 pub mod strategy;
 pub mod variants;
 

@@ -15,12 +15,12 @@
 
 use std::sync::{Barrier, Mutex};
 
-use sam_core::backend::ParamBuffer;
-use sam_core::collective::{Collective, Distributed, Layout, SyncPolicy};
-use sam_core::reference::{SliceError, VecBuffer};
-use sam_core::{
-    AdamConfig, BaseOptimizer, BaseRule, Error, Group, GroupOptions, Optimizer, SamOptimizer,
-    SgdConfig, StepStatus, Wsam, WsamConfig,
+use sam_core::collective::{Collective, Layout, SyncPolicy};
+use sam_core::reference::VecBuffer;
+use sam_core::{BaseOptimizer, Group, Optimizer, SamOptimizer, StepStatus, Wsam, WsamConfig};
+use sam_tests::dp::{
+    self, Run, SIZES, STEPS, Snapshot, Workers, bits, grad_at, initial, options, whole_groups,
+    worker_groups,
 };
 use sam_tests::variants::{ALL_NAMES, MapOptions, NAMES};
 use sam_tests::with_variant;
@@ -60,8 +60,10 @@ impl ThreadComm<'_> {
         }
         self.shared.barrier.wait();
     }
+}
 
-    /// The mean over the workers of an `f32` gradient (summed in f64 in rank order, rounded once).
+impl Workers for ThreadComm<'_> {
+    /// The mean over the workers (summed in f64 in rank order, rounded once).
     fn average(&self, g: &mut [f32]) {
         let mut x: Vec<f64> = g.iter().map(|&v| f64::from(v)).collect();
         self.combine(&mut x, |a, b| a + b);
@@ -103,148 +105,16 @@ fn on_workers<R: Send>(n: usize, work: impl Fn(&ThreadComm<'_>) -> R + Sync) -> 
     })
 }
 
-/// Group sizes: 2 and 4 blocks of 4096 elements, so that halves are whole blocks.
-const SIZES: [usize; 2] = [8192, 16384];
-const STEPS: usize = 5;
-
-fn options(map: MapOptions) -> Vec<GroupOptions> {
-    let sgd = BaseRule::sgd(SgdConfig {
-        lr: 0.05,
-        momentum: 0.9,
-        weight_decay: 5e-4,
-        ..Default::default()
-    })
-    .unwrap();
-    let adam = BaseRule::adam(AdamConfig {
-        lr: 0.01,
-        ..Default::default()
-    })
-    .unwrap();
-    vec![
-        map(GroupOptions::new(sgd)),
-        map(GroupOptions::new(adam).with_adaptive(true)),
-    ]
-}
-
-fn initial(group: usize, i: usize) -> f64 {
-    (((i * 7 + group * 13) % 23) as f64 - 11.0) / 16.0
-}
-
-/// The gradient of element `i` (of the whole group) at weight `w`, for gradient `salt` of a
-/// run and data shard `worker` (`None`: their mean over `workers`).
-fn grad_at(i: usize, w: f64, salt: usize, worker: Option<(usize, usize)>) -> f64 {
-    let c = 0.5 + ((i + salt) % 7) as f64 * 0.25;
-    let base = c * (w - 0.3) + w * w * w / 8.0;
-    match worker {
-        Some((k, _)) => base + ((i + 3 * k + salt) % 5) as f64 * 0.125 - 0.25,
-        None => base,
-    }
-}
-
-type Dist<'s> = Distributed<'s, VecBuffer<f32>, ThreadComm<'s>>;
-type DistError<'s> = Error<<Dist<'s> as ParamBuffer>::Error>;
-
-/// Each group's values at one point of a run.
-type Snapshot = Vec<Vec<f32>>;
-/// A worker's statuses and weights, step by step.
-type Run = (Vec<StepStatus>, Vec<Snapshot>);
-
-/// The whole groups, as one process holds them.
-fn whole_groups(opts: &[GroupOptions]) -> Vec<Group<VecBuffer<f32>>> {
-    SIZES
-        .iter()
-        .zip(opts)
-        .enumerate()
-        .map(|(gk, (&n, o))| {
-            let w = (0..n).map(|i| initial(gk, i) as f32).collect();
-            Group::with_options(VecBuffer::new(w, vec![0.0; n]).unwrap(), *o)
-        })
-        .collect()
-}
-
-/// A worker's groups: elements `part(n)` of each group of `n` elements, on `comm`.
-fn worker_groups<'s>(
-    comm: &'s ThreadComm<'s>,
-    opts: &[GroupOptions],
-    layout: Layout,
-    part: impl Fn(usize) -> std::ops::Range<usize>,
-) -> Vec<Group<Dist<'s>>> {
-    SIZES
-        .iter()
-        .zip(opts)
-        .enumerate()
-        .map(|(gk, (&n, o))| {
-            let w: Vec<f32> = part(n).map(|i| initial(gk, i) as f32).collect();
-            let len = w.len();
-            let b = VecBuffer::new(w, vec![0.0; len]).unwrap();
-            Group::with_options(Distributed::new(b, comm, layout), *o)
-        })
-        .collect()
-}
-
-/// One process holding the whole groups, gradients from `grad_at(.., None)`: the statuses and
-/// the weights of each group after every step.
-fn single<O: Optimizer + Clone>(opt: &O, map: MapOptions) -> Run {
-    let opts = options(map);
-    let mut groups = whole_groups(&opts);
-    let mut opt = opt.clone();
-    let (mut statuses, mut weights) = (vec![], vec![]);
-    for step in 0..STEPS {
-        let mut call = 0;
-        let r = opt.step(&mut groups, |gs: &mut [Group<VecBuffer<f32>>]| {
-            for g in gs.iter_mut() {
-                let (w, grad) = g.buffer.weights_and_grad();
-                for (i, (gi, wi)) in grad.iter_mut().zip(w).enumerate() {
-                    *gi = grad_at(i, f64::from(*wi), 2 * step + call, None) as f32;
-                }
-            }
-            call += 1;
-            Ok::<_, Error<SliceError>>(0.0)
-        });
-        statuses.push(r.unwrap().status);
-        weights.push(groups.iter().map(|g| g.buffer.weights().to_vec()).collect());
-    }
-    (statuses, weights)
-}
-
-/// `workers` threads, worker `k` holding elements `cuts[k]..cuts[k + 1]` (fractions of each
-/// group, in `SIZES` units of 1/`den`); returns each worker's statuses and weights per step.
+/// `workers` threads, worker `k` holding elements `cuts[k]..cuts[k + 1]` of every group (in
+/// units of 1/`den`): each worker's statuses and weights per step.
 fn sharded<O: Optimizer + Clone + Send + Sync>(
     opt: &O,
     map: MapOptions,
     cuts: &[usize],
     den: usize,
 ) -> Vec<Run> {
-    let workers = cuts.len() - 1;
-    let opts = options(map);
-    on_workers(workers, |comm| {
-        let (k, mut opt) = (comm.rank, opt.clone());
-        let range = |n: usize| n * cuts[k] / den..n * cuts[k + 1] / den;
-        let mut groups = worker_groups(comm, &opts, Layout::Sharded, range);
-        let (mut statuses, mut weights) = (vec![], vec![]);
-        for step in 0..STEPS {
-            let mut call = 0;
-            let r = opt.step(&mut groups, |gs: &mut [Group<Dist<'_>>]| {
-                for (gk, g) in gs.iter_mut().enumerate() {
-                    let start = range(SIZES[gk]).start;
-                    let (w, grad) = g.buffer.inner_mut().weights_and_grad();
-                    for (i, (gi, wi)) in grad.iter_mut().zip(w).enumerate() {
-                        let x = f64::from(*wi);
-                        *gi = grad_at(start + i, x, 2 * step + call, None) as f32;
-                    }
-                }
-                call += 1;
-                Ok::<_, DistError<'_>>(0.0)
-            });
-            statuses.push(r.unwrap().status);
-            weights.push(
-                groups
-                    .iter()
-                    .map(|g| g.buffer.inner().weights().to_vec())
-                    .collect(),
-            );
-        }
-        (statuses, weights)
+    on_workers(cuts.len() - 1, |comm| {
+        dp::sharded_worker(comm, opt, map, cuts, den)
     })
 }
 
@@ -268,7 +138,7 @@ fn concatenated(parts: &[Run]) -> Vec<Snapshot> {
 fn sharded_halves_at_a_block_boundary_give_the_unsharded_bits() {
     for (name, map) in ALL_NAMES {
         with_variant!(name, |opt| {
-            let (statuses, want) = single(&opt, map);
+            let (statuses, want) = dp::single(&opt, map);
             let parts = sharded(&opt, map, &[0, 1, 2], 2);
             for p in &parts {
                 assert_eq!(p.0, statuses, "{name}: statuses");
@@ -290,7 +160,7 @@ fn sharded_halves_at_a_block_boundary_give_the_unsharded_bits() {
 fn sharded_uneven_thirds_differ_from_unsharded_by_reassociation_only() {
     for (name, map) in ALL_NAMES {
         with_variant!(name, |opt| {
-            let (statuses, want) = single(&opt, map);
+            let (statuses, want) = dp::single(&opt, map);
             let parts = sharded(&opt, map, &[0, 3, 4, 10], 10);
             let got = concatenated(&parts);
             let mut worst = 0.0_f64;
@@ -309,81 +179,17 @@ fn sharded_uneven_thirds_differ_from_unsharded_by_reassociation_only() {
     }
 }
 
-/// What one replicated worker saw: per step, its status, its weights after the step, the
-/// weights its second gradient was taken at, and the (averaged) second gradient.
-struct Seen {
-    statuses: Vec<StepStatus>,
-    weights: Vec<Snapshot>,
-    perturbed: Vec<Snapshot>,
-    second: Vec<Snapshot>,
-    calls: usize,
-}
-
-/// `workers` replicas under `policy`; worker `k`'s gradients are `grad_at(.., Some(k))`, with
-/// a NaN in worker `nan.1`'s first gradient of step `nan.0` if given.
+/// `workers` replicas under `policy` (see [`dp::replicated_worker`]).
 fn replicated<O: Optimizer + Clone + Send + Sync>(
     opt: &O,
     map: MapOptions,
     workers: usize,
     policy: SyncPolicy,
     nan: Option<(usize, usize)>,
-) -> Vec<Seen> {
-    let opts = options(map);
+) -> Vec<dp::Seen> {
     on_workers(workers, |comm| {
-        let (k, mut opt) = (comm.rank, opt.clone());
-        let mut groups = worker_groups(comm, &opts, Layout::Replicated, |n| 0..n);
-        let mut seen = Seen {
-            statuses: vec![],
-            weights: vec![],
-            perturbed: vec![],
-            second: vec![],
-            calls: 0,
-        };
-        for step in 0..STEPS {
-            let mut call = 0;
-            let (mut at, mut second) = (vec![], vec![]);
-            let r = opt.step(&mut groups, |gs: &mut [Group<Dist<'_>>]| {
-                for g in gs.iter_mut() {
-                    let b = g.buffer.inner_mut();
-                    let (w, grad) = b.weights_and_grad();
-                    for (i, (gi, wi)) in grad.iter_mut().zip(w).enumerate() {
-                        let x = f64::from(*wi);
-                        let salt = 2 * step + call;
-                        *gi = grad_at(i, x, salt, Some((k, workers))) as f32;
-                    }
-                    if nan == Some((step, k)) && call == 0 {
-                        grad[17] = f32::NAN;
-                    }
-                    if policy.averages(call, true) {
-                        comm.average(grad);
-                    }
-                    if call == 1 {
-                        at.push(b.weights().to_vec());
-                        second.push(b.grad().to_vec());
-                    }
-                }
-                call += 1;
-                Ok::<_, DistError<'_>>(0.0)
-            });
-            seen.calls += call;
-            seen.statuses.push(r.unwrap().status);
-            seen.weights.push(
-                groups
-                    .iter()
-                    .map(|g| g.buffer.inner().weights().to_vec())
-                    .collect(),
-            );
-            seen.perturbed.push(at);
-            seen.second.push(second);
-        }
-        seen
+        dp::replicated_worker(comm, opt, map, policy, nan)
     })
-}
-
-fn bits(v: &[Vec<f32>]) -> Vec<Vec<u32>> {
-    v.iter()
-        .map(|x| x.iter().map(|y| y.to_bits()).collect())
-        .collect()
 }
 
 #[test]
@@ -392,36 +198,11 @@ fn global_replicas_take_the_single_process_step_on_the_averaged_gradients() {
         with_variant!(name, |opt| {
             let seen = replicated(&opt, map, 2, SyncPolicy::Global, None);
             // The single process: the same averaging of the two shards' gradients.
-            let opts = options(map);
-            let mut groups = whole_groups(&opts);
-            let mut single = opt.clone();
-            for step in 0..STEPS {
-                let mut call = 0;
-                let r = single.step(&mut groups, |gs: &mut [Group<VecBuffer<f32>>]| {
-                    for g in gs.iter_mut() {
-                        let (w, grad) = g.buffer.weights_and_grad();
-                        for (i, (gi, wi)) in grad.iter_mut().zip(w).enumerate() {
-                            let x = f64::from(*wi);
-                            let salt = 2 * step + call;
-                            let sum = grad_at(i, x, salt, Some((0, 2))) as f32;
-                            let sum = f64::from(sum)
-                                + f64::from(grad_at(i, x, salt, Some((1, 2))) as f32);
-                            *gi = (sum / 2.0) as f32;
-                        }
-                    }
-                    call += 1;
-                    Ok::<_, Error<SliceError>>(0.0)
-                });
-                let status = r.unwrap().status;
-                let want: Vec<Vec<f32>> =
-                    groups.iter().map(|g| g.buffer.weights().to_vec()).collect();
-                for (k, s) in seen.iter().enumerate() {
-                    assert_eq!(s.statuses[step], status, "{name} worker {k} step {step}");
-                    assert_eq!(
-                        bits(&s.weights[step]),
-                        bits(&want),
-                        "{name} worker {k} step {step}"
-                    );
+            let (statuses, want) = dp::single_with(&opt, map, Some(2));
+            for (k, s) in seen.iter().enumerate() {
+                assert_eq!(s.statuses, statuses, "{name} worker {k}");
+                for (t, (got, want)) in s.weights.iter().zip(&want).enumerate() {
+                    assert_eq!(bits(got), bits(want), "{name} worker {k} step {t}");
                 }
             }
         });
@@ -563,7 +344,7 @@ fn local_directions_averaged<O: SamOptimizer + Clone + Send + Sync>(
         let (k, mut opt) = (comm.rank, opt.clone());
         let mut groups = worker_groups(comm, &opts, Layout::Replicated, |n| 0..n);
         let mut base = BaseOptimizer::new();
-        let write = |gs: &mut [Group<Dist<'_>>], salt: usize| {
+        let write = |gs: &mut [Group<dp::Dist<'_, ThreadComm<'_>>>], salt: usize| {
             for g in gs.iter_mut() {
                 let (w, grad) = g.buffer.inner_mut().weights_and_grad();
                 for (i, (gi, wi)) in grad.iter_mut().zip(w).enumerate() {
