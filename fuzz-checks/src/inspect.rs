@@ -37,6 +37,13 @@ pub trait Inspect: SlotAccess {
     fn refresh(&mut self, fill: f64);
 }
 
+/// The bits of `x` widened to `f64`, every NaN as `u64::MAX` (NaN payloads are not
+/// reproducible).
+pub fn canonical_bits<T: Real>(x: T) -> u64 {
+    let v = x.to_f64();
+    if v.is_nan() { u64::MAX } else { v.to_bits() }
+}
+
 fn widen<T: Real>(v: &[T]) -> Vec<f64> {
     v.iter().map(|x| x.to_f64()).collect()
 }

@@ -26,6 +26,7 @@ use sam_core::{
 };
 
 use crate::checkpoint::sgd_adam_groups;
+use crate::inspect::canonical_bits;
 use crate::palette;
 use crate::src::Src;
 use crate::{Policy, Violation};
@@ -61,7 +62,8 @@ where
     }
 }
 
-fn gsam() -> Result<Gsam, sam_core::Error> {
+/// The GSAM every check of this kind runs: ρ = 0.05 constant, α = 0.3.
+pub(crate) fn gsam() -> Result<Gsam, sam_core::Error> {
     let rho = RhoSchedule::Schedule(Schedule::constant(0.05)?);
     Gsam::new(GsamConfig {
         alpha: 0.3,
@@ -169,10 +171,7 @@ pub(crate) fn state_bits<T: Real>(gs: &Groups<T>) -> Vec<Vec<u64>> {
 /// Weights, the stash when `stash` (and prepared), and the base-state slots, as bits (NaNs all
 /// alike).
 pub(crate) fn slot_bits<T: Real>(gs: &Groups<T>, stash: bool) -> Vec<Vec<u64>> {
-    let canon = |x: &T| {
-        let v = x.to_f64();
-        if v.is_nan() { u64::MAX } else { v.to_bits() }
-    };
+    let canon = |x: &T| canonical_bits(*x);
     gs.iter()
         .map(|g| {
             let b = &g.buffer;

@@ -32,14 +32,13 @@
 
 use sam_core::reference::{SliceError, VecBuffer};
 use sam_core::{
-    BaseOptimizer, Error, Group, Gsam, GsamConfig, Interval, LookSam, LookSamConfig, LossScaler,
-    LossScalerConfig, Optimizer, Perturbation, RhoSchedule, Sam, SamConfig, SamOptimizer, Schedule,
-    Wasam, Wsam, WsamConfig,
+    BaseOptimizer, Error, Group, Interval, LookSam, LookSamConfig, LossScaler, LossScalerConfig,
+    Optimizer, Perturbation, Sam, SamConfig, SamOptimizer, Wasam, Wsam, WsamConfig,
     backend::{Real, Slot},
 };
 
-use crate::inspect::kept;
-use crate::interval::{Grad, Groups, draw_grad, groups};
+use crate::inspect::{canonical_bits, kept};
+use crate::interval::{Grad, Groups, draw_grad, groups, gsam};
 use crate::palette;
 use crate::src::Src;
 use crate::step::{BOUND_SLOT, BOUND_VALUE};
@@ -70,14 +69,6 @@ pub fn check(data: &[u8], policy: &Policy) {
     if let Err(v) = r {
         policy.report(v);
     }
-}
-
-fn gsam() -> Result<Gsam, Error> {
-    let rho = RhoSchedule::Schedule(Schedule::constant(0.05)?);
-    Gsam::new(GsamConfig {
-        alpha: 0.3,
-        ..GsamConfig::new(rho)
-    })
 }
 
 /// The variant, or (sometimes) SAM every `k` steps of it.
@@ -189,13 +180,7 @@ fn power_of_two(x: f64) -> bool {
 /// Weights and the slots `keep` selects (`None` while not prepared), per group, as bits (NaNs
 /// all alike).
 fn bits<T: Real>(gs: &Groups<T>, keep: impl Fn(Slot) -> bool) -> Vec<Option<Vec<u64>>> {
-    let canon = |v: &[T]| {
-        let one = |x: &T| {
-            let v = x.to_f64();
-            if v.is_nan() { u64::MAX } else { v.to_bits() }
-        };
-        v.iter().map(one).collect::<Vec<u64>>()
-    };
+    let canon = |v: &[T]| v.iter().map(|x| canonical_bits(*x)).collect::<Vec<u64>>();
     let mut out = Vec::new();
     for g in gs {
         let b = &g.buffer;
