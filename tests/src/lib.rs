@@ -111,6 +111,48 @@ pub fn flat<T: Real>(arrays: &[ArrayD<T>]) -> Vec<T> {
     arrays.iter().flat_map(|a| a.iter().copied()).collect()
 }
 
+/// The owned storage of one reference-backend group in the master-weight layouts: `f32` master
+/// weights, an optional model copy and a gradient in `G`, `f32` slots (room for every slot any
+/// variant uses).
+#[derive(Debug, Clone)]
+pub struct MasterStore<G> {
+    /// The master weights.
+    pub master: Vec<f32>,
+    /// The model copy (the rounding of `master` when made by [`new`](Self::new)).
+    pub model: Option<Vec<G>>,
+    /// The gradient.
+    pub grad: Vec<G>,
+    /// Slot memory.
+    pub slots: Vec<f32>,
+}
+
+impl<G: Real> MasterStore<G> {
+    /// These master weights, a zero gradient, and a model copy if `model_copy`.
+    pub fn new(master: Vec<f32>, model_copy: bool) -> Self {
+        let n = master.len();
+        MasterStore {
+            model: model_copy.then(|| master.iter().map(|&w| G::from_f64(w.into())).collect()),
+            grad: vec![G::default(); n],
+            slots: vec![0.0; 9 * n],
+            master,
+        }
+    }
+
+    /// The reference buffer over this memory (`SliceBuffer::mixed`, with the model copy).
+    pub fn buffer(&mut self) -> sam_core::reference::SliceBuffer<'_, f32, G> {
+        let b = sam_core::reference::SliceBuffer::mixed(
+            &mut self.master,
+            &mut self.grad,
+            &mut self.slots,
+        )
+        .expect("consistent lengths");
+        match self.model.as_mut() {
+            Some(m) => b.with_model_copy(m).expect("model copy length"),
+            None => b,
+        }
+    }
+}
+
 /// Checks that an [`NdGroup`] and a reference buffer hold the same bits: weights, gradients,
 /// and every slot (present in both with the same values, or absent in both).
 pub fn check_same_bits<T: Bits>(nd: &NdGroup<T>, reference: &VecBuffer<T>) -> Result<(), String> {

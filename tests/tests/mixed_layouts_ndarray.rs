@@ -17,25 +17,7 @@ use sam_core::reference::{SliceBuffer, SliceError};
 use sam_core::{Error, Group, GroupOptions, Optimizer};
 use sam_ndarray::{NdError, NdGroup};
 use sam_tests::variants::ALL_NAMES;
-use sam_tests::{Bits, flat, standard_groups, with_variant};
-
-/// The owned storage of one reference group (room for every slot any variant uses).
-struct Store<G> {
-    master: Vec<f32>,
-    model: Option<Vec<G>>,
-    grad: Vec<G>,
-    slots: Vec<f32>,
-}
-
-impl<G: Real> Store<G> {
-    fn buffer(&mut self) -> SliceBuffer<'_, f32, G> {
-        let b = SliceBuffer::mixed(&mut self.master, &mut self.grad, &mut self.slots).unwrap();
-        match self.model.as_mut() {
-            Some(m) => b.with_model_copy(m).unwrap(),
-            None => b,
-        }
-    }
-}
+use sam_tests::{Bits, MasterStore, flat, standard_groups, with_variant};
 
 /// `∂L/∂w = c·(w − t) + w³/20` at element `i` (in the group's flat order) of step `salt`.
 fn grad_at(i: usize, salt: usize, w: f64) -> f64 {
@@ -114,18 +96,9 @@ fn runs_as_reference<G: Bits, O: Optimizer + Clone>(
 ) {
     let (nds, _, opts) = standard_groups::<f32>();
     let opts: Vec<GroupOptions> = opts.into_iter().map(map).collect();
-    let mut stores: Vec<Store<G>> = nds
+    let mut stores: Vec<MasterStore<G>> = nds
         .iter()
-        .map(|nd| {
-            let master = flat(nd.weights());
-            let n = master.len();
-            Store {
-                model: model_copy.then(|| master.iter().map(|&w| G::from_f64(w.into())).collect()),
-                grad: vec![G::default(); n],
-                slots: vec![0.0; 9 * n],
-                master,
-            }
-        })
+        .map(|nd| MasterStore::new(flat(nd.weights()), model_copy))
         .collect();
     let mut a: Vec<Group<NdGroup<f32, G>>> = nds
         .iter()

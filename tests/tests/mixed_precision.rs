@@ -21,42 +21,12 @@ use sam_core::{
     SkipReason, StepStatus,
 };
 use sam_tests::variants::{ALL_NAMES, MapOptions, NAMES};
-use sam_tests::{Bits, SplitMix, assert_nd_runs_as_reference_in, with_variant};
+use sam_tests::{Bits, MasterStore, SplitMix, assert_nd_runs_as_reference_in, with_variant};
 
 type StepError = Error<SliceError>;
 
-/// The owned storage of one group: `f32` master weights, an optional model copy and a
-/// gradient in `G`, `f32` slots (room for every slot any variant uses).
-#[derive(Debug, Clone)]
-struct Store<G> {
-    master: Vec<f32>,
-    model: Option<Vec<G>>,
-    grad: Vec<G>,
-    slots: Vec<f32>,
-}
-
-impl<G: Bits> Store<G> {
-    fn new(master: Vec<f32>, model_copy: bool) -> Self {
-        let n = master.len();
-        Store {
-            model: model_copy.then(|| master.iter().map(|&w| G::from_f64(w.into())).collect()),
-            grad: vec![G::default(); n],
-            slots: vec![0.0; 9 * n],
-            master,
-        }
-    }
-
-    fn buffer(&mut self) -> SliceBuffer<'_, f32, G> {
-        let b = SliceBuffer::mixed(&mut self.master, &mut self.grad, &mut self.slots).unwrap();
-        match self.model.as_mut() {
-            Some(m) => b.with_model_copy(m).unwrap(),
-            None => b,
-        }
-    }
-}
-
 fn groups<'a, G: Bits>(
-    stores: &'a mut [Store<G>],
+    stores: &'a mut [MasterStore<G>],
     opts: &[GroupOptions],
 ) -> Vec<Group<SliceBuffer<'a, f32, G>>> {
     stores
@@ -129,13 +99,13 @@ fn write_scaled<G: Bits>(gs: &mut [Group<SliceBuffer<'_, f32, G>>], scale: f64) 
     }
 }
 
-fn stores<G: Bits>(model_copy: bool) -> Vec<Store<G>> {
+fn stores<G: Bits>(model_copy: bool) -> Vec<MasterStore<G>> {
     let mut rng = SplitMix(17);
     [13usize, 6]
         .iter()
         .map(|&n| {
             let w = (0..n).map(|_| rng.signed() as f32).collect();
-            Store::new(w, model_copy)
+            MasterStore::new(w, model_copy)
         })
         .collect()
 }
@@ -364,7 +334,7 @@ proptest! {
             BaseRule::sgd(SgdConfig { lr: 0.05, momentum: 0.9, ..Default::default() }).unwrap()
         };
         let opts = [GroupOptions::new(base).with_adaptive(adaptive)];
-        let mut sa = vec![Store::<bf16>::new(w.clone(), true)];
+        let mut sa = vec![MasterStore::<bf16>::new(w.clone(), true)];
         let mut sb = sa.clone();
         let mut a = groups(&mut sa, &opts);
         let mut b = groups(&mut sb, &opts);
