@@ -268,3 +268,24 @@ pub fn bits(v: &[Vec<f32>]) -> Vec<Vec<u32>> {
         .map(|x| x.iter().map(|y| y.to_bits()).collect())
         .collect()
 }
+
+/// What the reassociated norm sums of uneven shards can move a weight by: 4 `f32` ulps,
+/// relative to `max(1, |w|)`.
+pub const REASSOCIATED: f64 = 4.0 * f32::EPSILON as f64;
+
+/// `got` equals `want` bit for bit (`tol = None`), or every value lies within `tol` of it,
+/// relative to `max(1, |want|)`; `ctx` names the comparison in the panic message.
+pub fn assert_matches(got: &[Vec<f32>], want: &[Vec<f32>], tol: Option<f64>, ctx: &str) {
+    match tol {
+        None => assert_eq!(bits(got), bits(want), "{ctx}"),
+        Some(tol) => {
+            let worst = got
+                .iter()
+                .flatten()
+                .zip(want.iter().flatten())
+                .map(|(a, b)| f64::from(a - b).abs() / f64::from(b.abs()).max(1.0))
+                .fold(0.0, f64::max);
+            assert!(worst <= tol, "{ctx}: {worst:e} > {tol:e}");
+        }
+    }
+}
