@@ -107,6 +107,22 @@ pub(crate) fn convert_into<A: Real, B: Real>(out: &mut [B], src: &[A]) -> Result
     Ok(())
 }
 
+/// A group's flat values cut into 1-D tensors of lengths `lens` (which sum to at most
+/// `flat.len()`).
+pub(crate) fn tensors<X: Clone>(flat: &[X], lens: &[usize]) -> Result<Vec<ArrayD<X>>, String> {
+    let mut out = Vec::with_capacity(lens.len());
+    let mut at = 0;
+    for &l in lens {
+        let part = flat
+            .get(at..at + l)
+            .ok_or("tensor lengths exceed the group")?
+            .to_vec();
+        out.push(ArrayD::from_shape_vec(IxDyn(&[l]), part).map_err(|e| e.to_string())?);
+        at += l;
+    }
+    Ok(out)
+}
+
 /// The CPU backend `sam-ndarray`: each param of a group is its own tensor.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NdarrayBackend;
@@ -119,17 +135,7 @@ impl ReplayBackend for NdarrayBackend {
     }
 
     fn make<T: Element>(&self, init: Vec<T>, lens: &[usize]) -> Result<NdGroup<T>, String> {
-        let mut tensors = Vec::with_capacity(lens.len());
-        let mut at = 0;
-        for &l in lens {
-            let part = init
-                .get(at..at + l)
-                .ok_or("tensor lengths exceed the group")?
-                .to_vec();
-            tensors.push(ArrayD::from_shape_vec(IxDyn(&[l]), part).map_err(|e| e.to_string())?);
-            at += l;
-        }
-        NdGroup::new(tensors).map_err(|e| e.to_string())
+        NdGroup::new(tensors(&init, lens)?).map_err(|e| e.to_string())
     }
 
     fn read_weights<T: Element>(&self, buf: &NdGroup<T>, out: &mut [T]) -> Result<(), String> {

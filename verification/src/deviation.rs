@@ -5,12 +5,12 @@
 //! measurement, not a verdict: the cases' tolerances are for their own dtype.
 
 use half::{bf16, f16};
-use ndarray::{ArrayD, IxDyn};
+use ndarray::ArrayD;
 use sam_core::backend::Real;
 use sam_core::reference::VecBuffer;
 use sam_ndarray::NdGroup;
 
-use crate::backend::{Element, ReplayBackend, average_of, convert_into};
+use crate::backend::{Element, ReplayBackend, average_of, convert_into, tensors};
 use crate::case::{Case, Dtype};
 use crate::replay::{ReplayError, Trajectory, replay};
 
@@ -91,18 +91,7 @@ impl<H: Real> ReplayBackend for Master16<H> {
 
     fn make<T: Element>(&self, init: Vec<T>, lens: &[usize]) -> Result<NdGroup<f32, H>, String> {
         let master: Vec<f32> = narrow(&init);
-        let mut tensors = Vec::with_capacity(lens.len());
-        let mut at = 0;
-        for &n in lens {
-            let part = master
-                .get(at..at + n)
-                .ok_or("tensor lengths exceed the weights")?;
-            tensors.push(
-                ArrayD::from_shape_vec(IxDyn(&[n]), part.to_vec()).map_err(|e| e.to_string())?,
-            );
-            at += n;
-        }
-        NdGroup::mixed(tensors)
+        NdGroup::mixed(tensors(&master, lens)?)
             .and_then(NdGroup::with_model_copy)
             .map_err(|e| e.to_string())
     }
@@ -115,12 +104,10 @@ impl<H: Real> ReplayBackend for Master16<H> {
     fn write_grad<T: Element>(&self, buf: &mut NdGroup<f32, H>, grad: &[T]) -> Result<(), String> {
         let mut grads = buf.grads_mut();
         let mut at = 0;
-        for mut g in grads.iter_mut() {
+        for i in 0..grads.len() {
+            let g = grads.slice_mut(i).ok_or("non-contiguous gradient")?;
             let n = g.len();
-            let src = grad.get(at..at + n).ok_or("gradient too short")?;
-            for (d, s) in g.iter_mut().zip(src) {
-                *d = H::from_f64(Real::to_f64(*s));
-            }
+            convert_into(g, grad.get(at..at + n).ok_or("gradient too short")?)?;
             at += n;
         }
         Ok(())
